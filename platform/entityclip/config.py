@@ -1,0 +1,201 @@
+"""Typed run configuration: dataclasses, loaded from YAML and `section.field=value` overrides.
+
+A pipeline run is fully described by one `PipelineConfig`; every stage reads its own section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from entityclip.errors import ConfigError
+
+
+@dataclass
+class StorageConfig:
+    # Root of every artifact of a run: a local path, file:// or s3://bucket/prefix URI.
+    root: str = "runs/default"
+
+
+@dataclass
+class DataConfig:
+    num_entities: int = 24
+    samples_per_entity: int = 12
+    # Fraction of entities held out of training: the "unseen" test set.
+    unseen_entity_fraction: float = 0.25
+    # Fraction of each seen entity's samples kept for the "seen" test set.
+    seen_test_fraction: float = 0.2
+    image_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class ExplainConfig:
+    engine: str = "knowledge"  # knowledge | vllm
+    model: str = ""  # LLM name or local path for the vllm engine
+    num_actors: int = 1
+    batch_size: int = 32
+    chunk_size: int = 256  # samples per resumable chunk written to storage
+    max_tokens: int = 96
+    num_gpus_per_actor: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    # entityclip | clip_finetune | clip_zeroshot | entityclip_noexpl
+    variant: str = "entityclip"
+    # open_clip model name from its registry (e.g. ViT-B-32) or "tiny" for the built-in test size.
+    backbone: str = "tiny"
+    image_size: int = 64
+    embed_dim: int = 64
+    width: int = 64
+    layers: int = 2
+    heads: int = 2
+    patch_size: int = 8
+    context_length: int = 77
+    n_vision_experts: int = 2
+    n_shared_experts: int = 2
+    n_text_experts: int = 2
+    # Local or s3:// checkpoint to initialise from; empty = random init (nothing is downloaded).
+    init_checkpoint: str = ""
+
+
+@dataclass
+class TrainConfig:
+    num_workers: int = 2
+    epochs: int = 30
+    batch_size: int = 32  # per worker
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    aux_weight: float = 0.1  # λ: contrastive loss on gated expert features
+    itm_weight: float = 0.1  # η: GI-ITM matching loss
+    seed: int = 0
+    log_every_steps: int = 5
+
+
+@dataclass
+class TrackingConfig:
+    # MLflow tracking URI; empty = a local sqlite store under the storage root's runs folder.
+    uri: str = ""
+    experiment: str = "entityclip"
+    registered_model: str = "entityclip"
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    min_replicas: int = 1
+    max_replicas: int = 2
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.01
+    max_text_chars: int = 1000
+    max_image_bytes: int = 8_000_000
+
+
+@dataclass
+class PipelineConfig:
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return from_dict(typ, value, where)
+    if typ is bool:
+        if isinstance(value, str):
+            if value.lower() in ("true", "1", "yes"):
+                return True
+            if value.lower() in ("false", "0", "no"):
+                return False
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if typ in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return typ(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}") from None
+    if typ is str:
+        return "" if value is None else str(value)
+    return value
+
+
+def from_dict(cls: type, values: dict, where: str = "config") -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Apply `section.field=value` strings (values parsed as YAML scalars) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = values
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    return values
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Defaults, then the YAML file at `path` (if any), then the overrides."""
+    values: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        values = loaded
+    values = apply_overrides(values, overrides or [])
+    return from_dict(PipelineConfig, values)
+
+
+def dump_config(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"train.lr": 0.001, ...}`: the form MLflow params take."""
+    out: dict[str, Any] = {}
+    for key, value in (to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+

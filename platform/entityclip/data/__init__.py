@@ -1,0 +1,1 @@
+"""Data: the synthetic entity benchmark, image decoding, and the samples table contract."""

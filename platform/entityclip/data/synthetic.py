@@ -1,0 +1,195 @@
+"""The bundled synthetic entity benchmark (DESIGN.md §4).
+
+A world of fictional entities whose invented names say nothing about how they look. Each has a
+knowledge record of visual attributes; images are drawn from those attributes, texts only name
+the entities. Test entities are held out of training, so matching them needs knowledge of what
+they look like: the explanation stage's job.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from entityclip import storage
+from entityclip.config import DataConfig
+from entityclip.data.images import encode_png
+
+COLOURS = {
+    "red": (220, 40, 40), "blue": (40, 70, 220), "green": (40, 170, 60), "yellow": (235, 210, 40),
+    "purple": (140, 50, 180), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20),
+}
+SHAPES = ["circle", "square", "triangle", "diamond", "cross", "bar"]
+PATTERNS = ["solid", "stripes", "dots", "checks"]
+SETTINGS = {  # background colour of the scene
+    "a grass field": (70, 120, 60), "a grey city street": (120, 120, 125), "a sandy beach": (215, 195, 150),
+    "a snowy slope": (225, 230, 240), "a night arena": (25, 30, 70),
+}
+KINDS = ["football club", "cycling team", "company", "band", "racing team", "festival"]
+EVENTS = [
+    "lift the cup after a tense final", "announce a surprise merger", "open their new season",
+    "draw record crowds on Saturday", "unveil plans for next year", "celebrate a late comeback",
+    "face questions from the press", "return home after the tour",
+]
+CITIES = ["Arlen", "Doveport", "Kestrel Bay", "Marrow Hill", "Ostwick", "Quillon", "Sarn", "Tolvane"]
+SYLLABLES = ["vel", "mor", "ra", "tak", "zen", "qui", "lor", "bar", "sha", "nim", "dro", "fex", "ul", "pa", "gor", "thi"]
+SUFFIXES = ["Rovers", "United", "Collective", "Works", "Syndicate", "Union", "Riders", "Ensemble"]
+
+
+@dataclass(frozen=True)
+class Entity:
+    entity_id: str
+    name: str
+    kind: str
+    primary: str
+    secondary: str
+    shape: str
+    pattern: str
+    setting: str
+
+
+def make_world(num_entities: int, seed: int) -> list[Entity]:
+    """Entities with unique names and unique (primary, shape, pattern) looks."""
+    rng = random.Random(seed)
+    looks = [(c, s, p) for c in COLOURS for s in SHAPES for p in PATTERNS]
+    if num_entities > len(looks):
+        raise ValueError(f"at most {len(looks)} entities have distinct looks")
+    rng.shuffle(looks)
+    names: set[str] = set()
+    world = []
+    for i in range(num_entities):
+        while True:
+            stem = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+            name = f"{stem} {rng.choice(SUFFIXES)}"
+            if name not in names:
+                names.add(name)
+                break
+        primary, shape, pattern = looks[i]
+        secondary = rng.choice([c for c in COLOURS if c != primary])
+        world.append(Entity(f"e{i:04d}", name, rng.choice(KINDS), primary, secondary, shape, pattern,
+                            rng.choice(list(SETTINGS))))
+    return world
+
+
+def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    if shape == "triangle":
+        return [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]
+    if shape == "cross":
+        w = r / 3
+        return [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w), (cx + r, cy + w),
+                (cx + w, cy + w), (cx + w, cy + r), (cx - w, cy + r), (cx - w, cy + w), (cx - r, cy + w),
+                (cx - r, cy - w), (cx - w, cy - w)]
+    if shape == "bar":
+        return [(cx - r, cy - r / 2.5), (cx + r, cy - r / 2.5), (cx + r, cy + r / 2.5), (cx - r, cy + r / 2.5)]
+    return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]  # square
+
+
+def _emblem(entity: Entity, size: int) -> Image.Image:
+    """The entity's emblem on a transparent canvas: shape in primary colour, pattern in secondary."""
+    fill = Image.new("RGBA", (size, size), COLOURS[entity.primary] + (255,))
+    draw = ImageDraw.Draw(fill)
+    sec = COLOURS[entity.secondary] + (255,)
+    step = max(size // 5, 2)
+    if entity.pattern == "stripes":
+        for x in range(0, size, step * 2):
+            draw.rectangle([x, 0, x + step - 1, size], fill=sec)
+    elif entity.pattern == "dots":
+        for y in range(step // 2, size, step * 2):
+            for x in range(step // 2, size, step * 2):
+                draw.ellipse([x, y, x + step, y + step], fill=sec)
+    elif entity.pattern == "checks":
+        for y in range(0, size, step):
+            for x in range(0, size, step):
+                if (x // step + y // step) % 2:
+                    draw.rectangle([x, y, x + step - 1, y + step - 1], fill=sec)
+    mask = Image.new("L", (size, size), 0)
+    mdraw = ImageDraw.Draw(mask)
+    r = size / 2 - 1
+    if entity.shape == "circle":
+        mdraw.ellipse([1, 1, size - 2, size - 2], fill=255)
+    else:
+        mdraw.polygon(_shape_polygon(entity.shape, size / 2, size / 2, r), fill=255)
+    fill.putalpha(mask)
+    return fill
+
+
+def draw_scene(entities: list[Entity], size: int, rng: random.Random) -> Image.Image:
+    """A noisy scene in the first entity's setting with each entity's emblem and distractors."""
+    bg = np.array(SETTINGS[entities[0].setting], dtype=np.float32)
+    np_rng = np.random.default_rng(rng.getrandbits(32))
+    pixels = np.clip(bg + np_rng.normal(0, 12, (size, size, 3)), 0, 255).astype(np.uint8)
+    img = Image.fromarray(pixels, "RGB")
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.randint(1, 3)):  # grey distractor blobs carry no entity information
+        r = rng.uniform(0.05, 0.12) * size
+        x, y = rng.uniform(r, size - r), rng.uniform(r, size - r)
+        g = rng.randint(90, 170)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=(g, g, g))
+    for i, entity in enumerate(entities):
+        scale = rng.uniform(0.45, 0.7) if i == 0 else rng.uniform(0.25, 0.35)
+        esize = max(int(size * scale), 6)
+        x, y = rng.randint(0, size - esize), rng.randint(0, size - esize)
+        emblem = _emblem(entity, esize)
+        img.paste(emblem, (x, y), emblem)
+    return img
+
+
+def caption(entities: list[Entity], rng: random.Random) -> str:
+    """A news-style sentence naming the entities and an event, never their looks."""
+    names = " and ".join(e.name for e in entities)
+    return f"{names} {rng.choice(EVENTS)} in {rng.choice(CITIES)}."
+
+
+def generate(cfg: DataConfig, root: str, progress: bool = True) -> dict[str, str]:
+    """Write entities.parquet, samples.parquet and the images under `root`; return their URIs."""
+    rng = random.Random(cfg.seed)
+    world = make_world(cfg.num_entities, cfg.seed)
+    order = list(world)
+    rng.shuffle(order)
+    n_unseen = max(1, round(cfg.num_entities * cfg.unseen_entity_fraction))
+    unseen = {e.entity_id for e in order[:n_unseen]}
+    seen = [e for e in world if e.entity_id not in unseen]
+
+    rows = []
+    bar = tqdm(total=cfg.num_entities * cfg.samples_per_entity, desc="synthetic images", disable=not progress)
+    for entity in world:
+        n_test_seen = max(1, round(cfg.samples_per_entity * cfg.seen_test_fraction))
+        for j in range(cfg.samples_per_entity):
+            # A quarter of the scenes also show a second, smaller, *seen* entity.
+            others = [e for e in seen if e.entity_id != entity.entity_id]
+            in_scene = [entity] + ([rng.choice(others)] if others and rng.random() < 0.25 else [])
+            if entity.entity_id in unseen:
+                split = "test_unseen"
+            else:
+                split = "test_seen" if j < n_test_seen else "train"
+            sample_id = f"{entity.entity_id}-{j:03d}"
+            image_uri = storage.join(root, "images", f"{sample_id}.png")
+            storage.write_bytes(image_uri, encode_png(draw_scene(in_scene, cfg.image_size, rng)))
+            rows.append({
+                "sample_id": sample_id, "image_uri": image_uri, "text": caption(in_scene, rng),
+                "entities": [e.name for e in in_scene], "split": split, "source": "synthetic",
+            })
+            bar.update()
+    bar.close()
+    entities_uri = storage.join(root, "entities.parquet")
+    samples_uri = storage.join(root, "samples.parquet")
+    storage.write_parquet(entities_uri, pa.Table.from_pylist([asdict(e) for e in world]))
+    storage.write_parquet(samples_uri, samples_table(rows))
+    return {"entities": entities_uri, "samples": samples_uri}
+
+
+SAMPLES_SCHEMA = pa.schema([
+    ("sample_id", pa.string()), ("image_uri", pa.string()), ("text", pa.string()),
+    ("entities", pa.list_(pa.string())), ("split", pa.string()), ("source", pa.string()),
+])
+
+
+def samples_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA)

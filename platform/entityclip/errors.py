@@ -1,0 +1,25 @@
+"""User-facing errors.
+
+Everything raised as an `EntityClipError` is shown to the user as one clear line by the CLI
+(no traceback); anything else is a bug and keeps its traceback.
+"""
+
+
+class EntityClipError(Exception):
+    """Base class for errors caused by input, configuration or environment."""
+
+
+class ConfigError(EntityClipError):
+    """A config file or override is malformed or names an unknown field."""
+
+
+class StorageError(EntityClipError):
+    """A path or URI cannot be read or written (missing file, unreachable S3, ...)."""
+
+
+class InputError(EntityClipError):
+    """A user-supplied image, text or request is invalid."""
+
+
+class TrackingError(EntityClipError):
+    """The MLflow tracking server cannot be reached or refused a request."""

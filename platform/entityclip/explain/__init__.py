@@ -1,0 +1,1 @@
+"""Explain: LLM-written explanations of the entities a text names (prompts, engines, pipeline)."""

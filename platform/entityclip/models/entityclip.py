@@ -1,0 +1,151 @@
+"""EntityCLIP and its baselines as one module with a `variant` switch, so every variant runs
+through the same trainer, evaluator, index and server.
+
+Variants:
+- `entityclip`: MMAE experts + GI-ITM; text features are enriched with explanation tokens.
+- `entityclip_noexpl`: the same architecture, but the shared experts attend to the text itself
+  (ablation: no external knowledge).
+- `clip_finetune`: plain CLIP features, contrastive loss only.
+- `clip_zeroshot`: plain CLIP features, never trained.
+
+Retrieval embeddings. The paper scores with plain CLIP features at inference; here the gated
+features are the retrieval embeddings, so the explanation of a query still helps when matching
+entities never seen in training (DESIGN.md §4). The image side uses no explanation, which keeps
+the gallery indexable independently of any query.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+from entityclip.config import ModelConfig
+from entityclip.errors import ConfigError
+from entityclip.models import backbone
+from entityclip.models.mmae import MMAE, Gate
+
+VARIANTS = ("entityclip", "entityclip_noexpl", "clip_finetune", "clip_zeroshot")
+
+
+@dataclass
+class ImageFeatures:
+    cls: torch.Tensor  # [B, D] plain CLIP image embedding
+    tokens: torch.Tensor  # [B, T, D]
+
+    def select(self, index: torch.Tensor) -> "ImageFeatures":
+        return ImageFeatures(*(getattr(self, f.name)[index] for f in fields(self)))
+
+
+@dataclass
+class TextFeatures:
+    eot: torch.Tensor  # [B, D] plain CLIP text embedding
+    tokens: torch.Tensor  # [B, L, D]
+    padding: torch.Tensor  # [B, L]
+    eot_index: torch.Tensor  # [B]
+    expl_tokens: torch.Tensor  # [B, L, D] explanation tokens (the text's own for the ablation)
+    expl_padding: torch.Tensor  # [B, L]
+
+    def select(self, index: torch.Tensor) -> "TextFeatures":
+        return TextFeatures(*(getattr(self, f.name)[index] for f in fields(self)))
+
+
+class EntityCLIP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.variant not in VARIANTS:
+            raise ConfigError(f"unknown model variant {cfg.variant!r}; choose one of {list(VARIANTS)}")
+        self.cfg = cfg
+        self.clip = backbone.build_clip(cfg)
+        self.tokenizer = backbone.build_tokenizer(self.clip)
+        self.image_size = backbone.image_size(self.clip)
+        self.uses_experts = cfg.variant in ("entityclip", "entityclip_noexpl")
+        self.uses_explanations = cfg.variant == "entityclip"
+        if self.uses_experts:
+            dim = self.clip.text_projection.shape[-1]
+            nv, ns, nt = cfg.n_vision_experts, cfg.n_shared_experts, cfg.n_text_experts
+            self.mmae = MMAE(dim, nv, ns, nt)
+            self.image_gate = Gate(dim, 1 + nv)
+            self.text_gate = Gate(dim, 1 + nt + ns)
+            self.pair_gate = Gate(2 * dim, nv + ns + nt + ns)
+            self.itm_head = nn.Linear(dim, 2)  # class 1 = match
+
+    @property
+    def trainable(self) -> bool:
+        return self.cfg.variant != "clip_zeroshot"
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.logit_scale.exp().clamp(max=100)
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts))
+
+    def encode_images(self, images: torch.Tensor) -> ImageFeatures:
+        cls, tokens = backbone.image_tokens(self.clip, images)
+        return ImageFeatures(cls, tokens)
+
+    def encode_texts(self, ids: torch.Tensor, expl_ids: torch.Tensor | None = None) -> TextFeatures:
+        eot, tokens, padding = backbone.text_tokens(self.clip, ids)
+        if self.uses_explanations:
+            if expl_ids is None:
+                raise ValueError("the entityclip variant needs explanation token ids")
+            _, expl_tokens, expl_padding = backbone.text_tokens(self.clip, expl_ids)
+        else:
+            expl_tokens, expl_padding = tokens, padding
+        return TextFeatures(eot, tokens, padding, ids.argmax(dim=-1), expl_tokens, expl_padding)
+
+    def image_embedding(self, img: ImageFeatures) -> torch.Tensor:
+        """Unit-norm retrieval embedding: gated over [CLS, vision experts] or plain CLS."""
+        if not self.uses_experts:
+            return backbone.normalize(img.cls)
+        candidates = torch.cat([img.cls.unsqueeze(1), self.mmae.vision_experts(img.tokens)], dim=1)
+        return backbone.normalize(self.image_gate(img.cls, candidates))
+
+    def text_embedding(self, txt: TextFeatures) -> torch.Tensor:
+        """Unit-norm retrieval embedding: gated over [EOT, text experts, explanation experts]."""
+        if not self.uses_experts:
+            return backbone.normalize(txt.eot)
+        candidates = torch.cat([
+            txt.eot.unsqueeze(1),
+            self.mmae.text_experts(txt.tokens, txt.padding, txt.eot_index),
+            self.mmae.shared_experts(txt.tokens, txt.eot_index, txt.expl_tokens, txt.expl_padding),
+        ], dim=1)
+        return backbone.normalize(self.text_gate(txt.eot, candidates))
+
+    def itm_logits(self, img: ImageFeatures, txt: TextFeatures) -> torch.Tensor:
+        """GI-ITM: [B, 2] match logits for aligned (image, text+explanation) pairs."""
+        if not self.uses_experts:
+            raise ValueError(f"variant {self.cfg.variant} has no matching head")
+        experts = torch.cat([
+            self.mmae.vision_experts(img.tokens),
+            self.mmae.shared_experts(img.tokens, None, txt.expl_tokens, txt.expl_padding),
+            self.mmae.text_experts(txt.tokens, txt.padding, txt.eot_index),
+            self.mmae.shared_experts(txt.tokens, txt.eot_index, txt.expl_tokens, txt.expl_padding),
+        ], dim=1)
+        fused = self.pair_gate(torch.cat([img.cls, txt.eot], dim=-1), experts)
+        return self.itm_head(fused)
+
+    # Convenience entry points for inference (evaluation, index, serving).
+    @torch.no_grad()
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        return self.image_embedding(self.encode_images(images))
+
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str], explanations: list[str] | None = None) -> torch.Tensor:
+        expl_ids = self.tokenize(explanations) if self.uses_explanations else None
+        return self.text_embedding(self.encode_texts(self.tokenize(texts), expl_ids))
+
+    @torch.no_grad()
+    def match_probability(self, images: torch.Tensor, texts: list[str], explanations: list[str]) -> torch.Tensor:
+        """P(match) from the ITM head for aligned pairs; NaN for variants without one."""
+        if not self.uses_experts:
+            return torch.full((len(texts),), float("nan"))
+        expl_ids = self.tokenize(explanations) if self.uses_explanations else None
+        logits = self.itm_logits(self.encode_images(images), self.encode_texts(self.tokenize(texts), expl_ids))
+        return logits.softmax(dim=-1)[:, 1]
+
+
+def build_model(cfg: ModelConfig) -> EntityCLIP:
+    return EntityCLIP(cfg)
