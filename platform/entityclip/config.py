@@ -72,8 +72,10 @@ class TrainConfig:
     batch_size: int = 32  # per worker
     lr: float = 1e-3
     weight_decay: float = 0.0
-    aux_weight: float = 0.1  # λ: contrastive loss on gated expert features
+    plain_weight: float = 1.0  # contrastive loss on plain CLIP features
+    gated_weight: float = 1.0  # contrastive loss on gated expert features (retrieval embeddings)
     itm_weight: float = 0.1  # η: GI-ITM matching loss
+    checkpoint_every_epochs: int = 5  # Ray Train checkpoints: resume point after a failure
     seed: int = 0
     log_every_steps: int = 5
 
@@ -84,6 +86,21 @@ class TrackingConfig:
     uri: str = ""
     experiment: str = "entityclip"
     registered_model: str = "entityclip"
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    # entities: an item is relevant when it shows the same entities (the synthetic benchmark,
+    # where same-entity scenes differ only in layout); pair: the paper's 1:1 ground truth.
+    relevance: str = "entities"
+    splits: list[str] = field(default_factory=lambda: ["test_seen", "test_unseen"])
+
+
+@dataclass
+class IndexConfig:
+    num_actors: int = 1
+    batch_size: int = 64
 
 
 @dataclass
@@ -106,6 +123,8 @@ class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 
 

@@ -76,7 +76,7 @@ def run_explain(cfg: ExplainConfig, samples_uri: str, entities_uri: str, out_uri
             ExplainActor,
             fn_constructor_kwargs={"cfg": asdict(cfg), "entities_uri": entities_uri},
             batch_size=cfg.batch_size,
-            concurrency=cfg.num_actors,
+            compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
             num_gpus=cfg.num_gpus_per_actor or None,
         )
         with tqdm(total=len(todo), desc=f"explain ({cfg.engine})", disable=not progress) as bar:

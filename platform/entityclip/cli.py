@@ -1,0 +1,226 @@
+"""`entityclip`: one command line for every stage of the platform.
+
+Each subcommand takes --config FILE and any number of --set section.field=value overrides;
+`entityclip config` prints the full default config to start a file from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from entityclip.config import PipelineConfig, dump_config, load_config
+from entityclip.errors import EntityClipError
+from entityclip.models.entityclip import VARIANTS
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (see `entityclip config`)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override one config field, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument("--root", help="storage root: a local folder or s3://bucket/prefix (= --set storage.root=...)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _cfg(args) -> PipelineConfig:
+    overrides = list(args.overrides) + ([f"storage.root={args.root}"] if getattr(args, "root", None) else [])
+    return load_config(args.config, overrides)
+
+
+def _print(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _table(results: dict) -> str:
+    cols = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
+    lines = [f"{'variant':<18} {'split':<12} " + " ".join(f"{c:>8}" for c in cols)]
+    for variant, r in results.items():
+        for split, m in r["metrics"].items():
+            lines.append(f"{variant:<18} {split:<12} " + " ".join(f"{m.get(c, float('nan')):>8.1f}" for c in cols))
+    return "\n".join(lines)
+
+
+def cmd_config(args) -> None:
+    print(dump_config(_cfg(args)), end="")
+
+
+def cmd_data(args) -> None:
+    from entityclip.pipeline import stage_data
+
+    _print(stage_data(_cfg(args), progress=not args.no_progress))
+
+
+def cmd_explain(args) -> None:
+    from entityclip.pipeline import stage_explain
+
+    _print(stage_explain(_cfg(args), progress=not args.no_progress).__dict__)
+
+
+def cmd_train(args) -> None:
+    from entityclip.pipeline import stage_evaluate, stage_index, stage_train
+
+    cfg = _cfg(args)
+    result = stage_train(cfg)
+    out = {"train": result.__dict__}
+    if not args.no_eval:
+        stage_index(cfg)
+        out["evaluate"] = stage_evaluate(cfg, result.run_id)
+    _print(out)
+
+
+def cmd_index(args) -> None:
+    from entityclip.pipeline import stage_index
+
+    _print(stage_index(_cfg(args)).__dict__)
+
+
+def cmd_evaluate(args) -> None:
+    from entityclip.pipeline import stage_evaluate
+
+    _print(stage_evaluate(_cfg(args), args.run_id))
+
+
+def cmd_serve(args) -> None:
+    from entityclip.pipeline import start_serving
+
+    cfg = _cfg(args)
+    print(f"serving {cfg.model.variant} at http://{cfg.serve.host}:{cfg.serve.port} (Ctrl-C stops)", flush=True)
+    start_serving(cfg, blocking=True)
+
+
+def cmd_query(args) -> None:
+    import base64
+
+    import requests
+
+    if args.image:
+        with open(args.image, "rb") as fh:
+            payload, path = {"image_base64": base64.b64encode(fh.read()).decode(), "k": args.k}, "/search/image"
+    else:
+        payload, path = {"text": args.text, "k": args.k}, "/search/text"
+    try:
+        response = requests.post(args.url.rstrip("/") + path, json=payload, timeout=60)
+    except requests.RequestException as exc:
+        raise EntityClipError(f"cannot reach {args.url} ({type(exc).__name__})") from None
+    if response.status_code != 200:
+        raise EntityClipError(f"HTTP {response.status_code}: {response.json().get('detail', response.text)}")
+    _print(response.json())
+
+
+def cmd_pipeline(args) -> None:
+    from entityclip.pipeline import run_pipeline
+
+    variants = args.variants.split(",")
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise EntityClipError(f"unknown variant(s) {bad}; choose from {list(VARIANTS)}")
+    summary = run_pipeline(_cfg(args), variants, serve_query=not args.no_serve,
+                           keep_serving=args.keep_serving, progress=not args.no_progress)
+    print("\nRecall@K (%) per test split")
+    print(_table(summary["results"]))
+    print("\nStage seconds:", json.dumps(summary["seconds"]))
+    if "query" in summary:
+        q = summary["query"]
+        print(f"\nServe query {q['url']}: {q['text']!r}")
+        print(f"  explanation: {q['answer']['explanation']}")
+        for hit in q["answer"]["results"]:
+            mark = "  <- the query's own image" if hit["sample_id"] == q["expected_sample"] else ""
+            print(f"  {hit['score']:.3f} {hit['sample_id']} ({hit['split']}) {hit['text']}{mark}")
+    print(f"\nSummary written to {summary['root']}/summary.json")
+    if args.keep_serving:
+        import time
+
+        print("serving until Ctrl-C")
+        while True:
+            time.sleep(3600)
+
+
+def cmd_compare(args) -> None:
+    from entityclip.compare import compare_runs
+
+    cfg = _cfg(args)
+    table, plot = compare_runs(cfg, args.plot)
+    print(table)
+    if plot:
+        print(f"plot written to {plot}")
+
+
+def cmd_submit(args) -> None:
+    from entityclip.jobs import submit_job
+
+    _print(submit_job(args.address, args.entrypoint, args.working_dir, wait=not args.no_wait))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="entityclip", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, fn, help_text):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(fn=fn)
+        return p
+
+    _config_args(add("config", cmd_config, "print the resolved config as YAML"))
+    _config_args(add("data", cmd_data, "generate the synthetic entity dataset (samples.parquet, images)"))
+    _config_args(add("explain", cmd_explain, "write explanations.parquet with Ray Data engine actors"))
+    p = add("train", cmd_train, "train one variant with Ray Train DDP, tracked in MLflow")
+    _config_args(p)
+    p.add_argument("--no-eval", action="store_true", help="skip indexing and evaluation after training")
+    _config_args(add("index", cmd_index, "embed the gallery with a checkpoint (Ray Data) into an index"))
+    p = add("evaluate", cmd_evaluate, "Recall@1/5/10 both directions from the index")
+    _config_args(p)
+    p.add_argument("--run-id", help="MLflow run to log the metrics to")
+    _config_args(add("serve", cmd_serve, "deploy the Ray Serve retrieval app and block"))
+    p = add("query", cmd_query, "send a query to a running Serve app")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--text", help="text → image search")
+    group.add_argument("--image", help="image file → text search")
+    p.add_argument("-k", type=int, default=5)
+    p = add("pipeline", cmd_pipeline, "the whole job: data → explain → train → index → evaluate → serve")
+    _config_args(p)
+    p.add_argument("--variants", default="entityclip", help=f"comma-separated, from {','.join(VARIANTS)}")
+    p.add_argument("--no-serve", action="store_true", help="skip the Serve deployment and query")
+    p.add_argument("--keep-serving", action="store_true", help="leave the Serve app running at the end")
+    p = add("compare", cmd_compare, "compare tracked runs of the experiment (table + plot)")
+    _config_args(p)
+    p.add_argument("--plot", help="write a bar chart PNG here")
+    p = add("submit", cmd_submit, "submit a command to a Ray cluster as a Ray Job")
+    p.add_argument("--address", default="http://127.0.0.1:8265", help="Ray dashboard / Jobs API address")
+    p.add_argument("--working-dir", default=".", help="uploaded as the job's working directory")
+    p.add_argument("--no-wait", action="store_true", help="return once submitted")
+    p.add_argument("entrypoint", help="shell command the job runs, e.g. 'python jobs/pipeline.py'")
+    return parser
+
+
+def _user_error(exc: BaseException) -> EntityClipError | None:
+    """The EntityClipError behind `exc`, also when Ray wrapped it in a task or training error."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, EntityClipError):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        err = _user_error(exc)
+        if err is None:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Image-text(-explanation) pairs: the join of samples.parquet and explanations.parquet that
+training, indexing and evaluation read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+from entityclip import storage
+from entityclip.data.images import load_image_tensor
+from entityclip.errors import InputError
+
+
+@dataclass(frozen=True)
+class Pair:
+    sample_id: str
+    image_uri: str
+    text: str
+    explanation: str
+    entities: tuple[str, ...]
+    split: str
+
+
+def load_pairs(samples_uri: str, explanations_uri: str, splits: list[str] | None = None) -> list[Pair]:
+    explanations = {r["sample_id"]: r["explanation"]
+                    for r in storage.read_parquet(explanations_uri).select(["sample_id", "explanation"]).to_pylist()}
+    pairs = []
+    for s in storage.read_parquet(samples_uri).to_pylist():
+        if splits is not None and s["split"] not in splits:
+            continue
+        if s["sample_id"] not in explanations:
+            raise InputError(f"sample {s['sample_id']} has no explanation in {explanations_uri}; rerun `entityclip explain`")
+        pairs.append(Pair(s["sample_id"], s["image_uri"], s["text"], explanations[s["sample_id"]],
+                          tuple(s["entities"]), s["split"]))
+    return pairs
+
+
+class PairDataset(Dataset):
+    """Decodes every image once up front: the synthetic and test sets fit in memory easily."""
+
+    def __init__(self, pairs: list[Pair], image_size: int):
+        self.pairs = pairs
+        self.images = [load_image_tensor(storage.read_bytes(p.image_uri), image_size) for p in pairs]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str, str]:
+        return self.images[i], self.pairs[i].text, self.pairs[i].explanation

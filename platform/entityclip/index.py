@@ -1,0 +1,99 @@
+"""The embedding index: Ray Data batch-embeds every image and every text(+explanation) with a
+checkpoint, and `EmbeddingIndex` searches them exactly (inner product of unit vectors).
+
+Layout under the index URI: `images.parquet` and `texts.parquet`, each with sample_id,
+image_uri, text, entities, split and a fixed-size `embedding` column.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from entityclip import storage
+from entityclip.data.images import load_image_tensor
+from entityclip.data.pairs import load_pairs
+from entityclip.errors import InputError
+from entityclip.train.checkpoint import load_model
+
+KINDS = ("images", "texts")
+
+
+class Embedder:
+    """Ray Data callable class: loads the checkpoint once per actor, embeds batches."""
+
+    def __init__(self, checkpoint_uri: str, kind: str):
+        torch.set_num_threads(1)
+        self.model = load_model(checkpoint_uri)
+        self.kind = kind
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.kind == "images":
+            images = torch.stack([load_image_tensor(storage.read_bytes(u), self.model.image_size) for u in batch["image_uri"]])
+            emb = self.model.embed_images(images)
+        else:
+            emb = self.model.embed_texts(list(batch["text"]), list(batch["explanation"]))
+        return {**batch, "embedding": emb.numpy().astype(np.float32)}
+
+
+@dataclass
+class IndexStats:
+    uri: str
+    items: int
+    dim: int
+
+
+def build_index(checkpoint_uri: str, samples_uri: str, explanations_uri: str, out_uri: str,
+                num_actors: int = 1, batch_size: int = 64) -> IndexStats:
+    rows = [{"sample_id": p.sample_id, "image_uri": p.image_uri, "text": p.text, "explanation": p.explanation,
+             "entities": list(p.entities), "split": p.split} for p in load_pairs(samples_uri, explanations_uri)]
+    dim = 0
+    for kind in KINDS:
+        ds = ray.data.from_items(rows).map_batches(
+            Embedder, fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "kind": kind},
+            batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=num_actors), batch_format="numpy")
+        table = pa.Table.from_pylist(ds.take_all())
+        embeddings = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+        dim = embeddings.shape[1]
+        table = table.drop_columns(["embedding"]).append_column(
+            "embedding", pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), dim))
+        storage.write_parquet(storage.join(out_uri, f"{kind}.parquet"), table)
+    return IndexStats(out_uri, len(rows), dim)
+
+
+@dataclass
+class Hit:
+    sample_id: str
+    score: float
+    image_uri: str
+    text: str
+    split: str
+
+
+class EmbeddingIndex:
+    def __init__(self, tables: dict[str, pa.Table]):
+        self.meta = {k: t.drop_columns(["embedding"]).to_pylist() for k, t in tables.items()}
+        self.embeddings = {
+            k: np.asarray(t.column("embedding").combine_chunks().flatten(), dtype=np.float32).reshape(t.num_rows, -1)
+            for k, t in tables.items()
+        }
+
+    @classmethod
+    def load(cls, uri: str) -> "EmbeddingIndex":
+        return cls({k: storage.read_parquet(storage.join(uri, f"{k}.parquet")) for k in KINDS})
+
+    def __len__(self) -> int:
+        return len(self.meta["images"])
+
+    def search(self, query: np.ndarray, kind: str, k: int = 10) -> list[Hit]:
+        """Top-k items of `kind` ("images" or "texts") for one unit-norm query vector."""
+        if kind not in KINDS:
+            raise InputError(f"unknown index kind {kind!r}")
+        scores = self.embeddings[kind] @ np.asarray(query, dtype=np.float32).reshape(-1)
+        top = np.argsort(-scores)[:k]
+        return [Hit(self.meta[kind][i]["sample_id"], float(scores[i]), self.meta[kind][i]["image_uri"],
+                    self.meta[kind][i]["text"], self.meta[kind][i]["split"]) for i in top]

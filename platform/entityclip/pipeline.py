@@ -1,0 +1,220 @@
+"""The stages of a run and the whole pipeline: data → explain → train → index → evaluate → serve.
+
+Every stage reads and writes under the storage root (`RunPaths`), so stages can run one at a
+time (CLI subcommands, Ray Jobs) or all together (`run_pipeline`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from entityclip import storage
+from entityclip.config import PipelineConfig
+from entityclip.errors import StorageError
+
+log = logging.getLogger("entityclip")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: str
+    local: Path  # this machine's working folder: MLflow's sqlite store, Ray Train results
+
+    @classmethod
+    def for_config(cls, cfg: PipelineConfig) -> "RunPaths":
+        root = cfg.storage.root
+        local = Path("runs/.local") if storage.is_s3(root) else storage.local_path(root)
+        return cls(root, local.resolve())
+
+    @property
+    def samples(self) -> str:
+        return storage.join(self.root, "data", "samples.parquet")
+
+    @property
+    def entities(self) -> str:
+        return storage.join(self.root, "data", "entities.parquet")
+
+    @property
+    def explanations(self) -> str:
+        return storage.join(self.root, "explanations.parquet")
+
+    @property
+    def checkpoints(self) -> str:
+        return storage.join(self.root, "checkpoints")
+
+    def checkpoint(self, variant: str) -> str:
+        return storage.join(self.checkpoints, variant)
+
+    def index(self, variant: str) -> str:
+        return storage.join(self.root, "index", variant)
+
+    def evaluation(self, variant: str) -> str:
+        return storage.join(self.root, "eval", f"{variant}.json")
+
+    def as_dict(self) -> dict:
+        return {"samples": self.samples, "entities": self.entities, "explanations": self.explanations,
+                "checkpoints": self.checkpoints}
+
+
+def init_ray() -> None:
+    """Join RAY_ADDRESS's cluster if set (Ray Jobs set it), else start an embedded local Ray."""
+    import ray
+    from ray.data import DataContext
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING,
+                 configure_logging=True, log_to_driver=False)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # our own tqdm bars report progress per stage
+    ctx.print_on_execution_start = False
+
+
+def tracker_for(cfg: PipelineConfig, paths: RunPaths):
+    from entityclip.train.tracking import Tracker, resolve_uri
+
+    return Tracker(resolve_uri(cfg.tracking, paths.local))
+
+
+def require(uri: str, stage: str) -> str:
+    if not storage.exists(uri):
+        raise StorageError(f"{uri} does not exist: run `entityclip {stage}` first")
+    return uri
+
+
+def stage_data(cfg: PipelineConfig, progress: bool = True) -> dict:
+    from entityclip.data.synthetic import generate
+
+    paths = RunPaths.for_config(cfg)
+    return generate(cfg.data, storage.join(paths.root, "data"), progress=progress)
+
+
+def stage_explain(cfg: PipelineConfig, progress: bool = True):
+    from entityclip.explain.pipeline import run_explain
+
+    paths = RunPaths.for_config(cfg)
+    init_ray()
+    return run_explain(cfg.explain, require(paths.samples, "data"), require(paths.entities, "data"),
+                       paths.explanations, progress=progress)
+
+
+def stage_train(cfg: PipelineConfig):
+    from entityclip.train.trainer import run_training
+
+    paths = RunPaths.for_config(cfg)
+    require(paths.explanations, "explain")
+    tracker = tracker_for(cfg, paths)
+    init_ray()
+    return run_training(cfg, paths.as_dict(), tracker, paths.local / "ray_results")
+
+
+def stage_index(cfg: PipelineConfig):
+    from entityclip.index import build_index
+
+    paths = RunPaths.for_config(cfg)
+    checkpoint = paths.checkpoint(cfg.model.variant)
+    require(storage.join(checkpoint, "model.json"), "train")
+    init_ray()
+    return build_index(checkpoint, paths.samples, require(paths.explanations, "explain"),
+                       paths.index(cfg.model.variant), cfg.index.num_actors, cfg.index.batch_size)
+
+
+def stage_evaluate(cfg: PipelineConfig, run_id: str | None = None) -> dict:
+    """Recall@K per test split → eval/<variant>.json and, when given, the training MLflow run."""
+    from entityclip.evaluate import evaluate_index
+    from entityclip.index import EmbeddingIndex
+
+    paths = RunPaths.for_config(cfg)
+    index_uri = paths.index(cfg.model.variant)
+    require(storage.join(index_uri, "images.parquet"), "index")
+    results = evaluate_index(EmbeddingIndex.load(index_uri), cfg.evaluate)
+    storage.write_json(paths.evaluation(cfg.model.variant), results)
+    if run_id:
+        tracker = tracker_for(cfg, paths)
+        tracker.log_metrics(run_id, {f"{split}/{k}": v for split, m in results.items() for k, v in m.items()})
+        tracker.end_run(run_id)
+    return results
+
+
+def start_serving(cfg: PipelineConfig, blocking: bool = False) -> str:
+    """Deploy the Serve app for `cfg.model.variant`; returns its base URL."""
+    from ray import serve
+
+    from entityclip.serving.app import build_app
+
+    paths = RunPaths.for_config(cfg)
+    checkpoint, index_uri = paths.checkpoint(cfg.model.variant), paths.index(cfg.model.variant)
+    require(storage.join(index_uri, "texts.parquet"), "index")
+    init_ray()
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    app = build_app(cfg, checkpoint, index_uri, paths.entities)
+    serve.run(app, name="entityclip", route_prefix="/", blocking=blocking)
+    return f"http://{cfg.serve.host}:{cfg.serve.port}"
+
+
+@dataclass
+class StageTimer:
+    seconds: dict
+
+    def __init__(self):
+        self.seconds = {}
+
+    def run(self, name: str, fn, *args, **kwargs):
+        start = time.time()
+        out = fn(*args, **kwargs)
+        self.seconds[name] = round(time.time() - start, 1)
+        return out
+
+
+def with_variant(cfg: PipelineConfig, variant: str) -> PipelineConfig:
+    from dataclasses import replace
+
+    return replace(cfg, model=replace(cfg.model, variant=variant))
+
+
+def query_text(base_url: str, text: str, k: int = 5, timeout_s: float = 60.0) -> dict:
+    import requests
+
+    response = requests.post(f"{base_url}/search/text", json={"text": text, "k": k}, timeout=timeout_s)
+    response.raise_for_status()
+    return response.json()
+
+
+def run_pipeline(cfg: PipelineConfig, variants: list[str], serve_query: bool = True,
+                 keep_serving: bool = False, progress: bool = True) -> dict:
+    """The whole job; returns a summary (stage timings, recall per variant, a served query)."""
+    from entityclip.explain.engines import KnowledgeEngine
+
+    timer = StageTimer()
+    paths = RunPaths.for_config(cfg)
+    timer.run("data", stage_data, cfg, progress)
+    explain = timer.run("explain", stage_explain, cfg, progress)
+    results = {}
+    for variant in variants:
+        vcfg = with_variant(cfg, variant)
+        trained = timer.run(f"train[{variant}]", stage_train, vcfg)
+        timer.run(f"index[{variant}]", stage_index, vcfg)
+        metrics = timer.run(f"evaluate[{variant}]", stage_evaluate, vcfg, trained.run_id)
+        results[variant] = {"run_id": trained.run_id, "model_version": trained.model_version,
+                            "checkpoint": trained.checkpoint_uri, "metrics": metrics}
+    summary = {"root": paths.root, "explain": explain.__dict__, "results": results, "seconds": timer.seconds}
+    if serve_query:
+        from ray import serve
+
+        scfg = with_variant(cfg, variants[0])
+        base_url = timer.run("serve", start_serving, scfg)
+        # Query for an entity held out of training: the case explanations exist for.
+        unseen = [s for s in storage.read_parquet(paths.samples).to_pylist() if s["split"] == "test_unseen"]
+        sample = (unseen or storage.read_parquet(paths.samples).to_pylist())[0]
+        text = sample["text"]
+        answer = timer.run("query", query_text, base_url, text)
+        known = KnowledgeEngine(paths.entities).find_entities(text)
+        summary["query"] = {"url": f"{base_url}/search/text", "text": text, "entities": known,
+                            "expected_sample": sample["sample_id"], "answer": answer}
+        if not keep_serving:
+            serve.shutdown()
+    storage.write_json(storage.join(paths.root, "summary.json"), summary)
+    return summary

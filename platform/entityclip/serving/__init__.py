@@ -1,0 +1,1 @@
+"""Serve: the Ray Serve retrieval application."""

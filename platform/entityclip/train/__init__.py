@@ -1,0 +1,1 @@
+"""Train: objective, checkpoints, MLflow tracking, and the Ray Train DDP loop."""

@@ -1,0 +1,70 @@
+"""Model checkpoints: `model.safetensors` + `model.json` (model config, tokenizer, metrics).
+
+A checkpoint is a directory (local) or prefix (s3://); `load_model` accepts either.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from entityclip import storage
+from entityclip.config import ModelConfig, from_dict, to_dict
+from entityclip.errors import StorageError
+from entityclip.models import EntityCLIP, build_model
+
+WEIGHTS = "model.safetensors"
+META = "model.json"
+TOKENIZER = "open_clip.SimpleTokenizer"
+
+
+def save_checkpoint(model: EntityCLIP, directory: str | Path, metrics: dict | None = None) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS))
+    meta = {"model": to_dict(model.cfg), "tokenizer": TOKENIZER, "metrics": metrics or {}}
+    (directory / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return directory
+
+
+def _local_copy(uri: str) -> Path:
+    if storage.is_s3(uri):
+        return storage.download_dir(uri, tempfile.mkdtemp(prefix="entityclip-ckpt-"))
+    path = storage.local_path(uri)
+    if not (path / WEIGHTS).is_file():
+        raise StorageError(f"{uri}: not a checkpoint (no {WEIGHTS})")
+    return path
+
+
+def read_meta(uri: str) -> dict:
+    return storage.read_json(storage.join(uri, META))
+
+
+def load_model(uri: str) -> EntityCLIP:
+    """Build the model its checkpoint describes and load the weights (eval mode, CPU)."""
+    path = _local_copy(uri)
+    try:
+        meta = json.loads((path / META).read_text())
+    except (FileNotFoundError, json.JSONDecodeError) as exc:
+        raise StorageError(f"{uri}: missing or invalid {META} ({exc})") from None
+    model = build_model(from_dict(ModelConfig, meta["model"]))
+    load_weights(model, path / WEIGHTS)
+    return model.eval()
+
+
+def load_weights(model: EntityCLIP, weights: str | Path, strict: bool = True) -> None:
+    state = load_file(str(weights))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if strict and (missing or unexpected):
+        raise StorageError(f"{weights}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def init_from(model: EntityCLIP, uri: str) -> None:
+    """Initialise from another checkpoint, e.g. a CLIP backbone: shared weights load, new
+    modules (experts, gates) keep their random init, as in the official code."""
+    path = _local_copy(uri)
+    load_weights(model, path / WEIGHTS, strict=False)

@@ -1,0 +1,68 @@
+"""The training objective as an nn.Module, so DDP wraps one forward that returns the loss.
+
+loss = plain_weight · L_VTC(CLS, EOT) + gated_weight · L_VTC(V*, T*) + itm_weight · L_ITM
+(the paper: 1 · L_VTC(CLS) + 0.1 · L_VTC(V*, T*) + 0.1 · L_ITM, scoring with CLS at inference;
+we retrieve with the gated features, so they carry full weight by default.)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from entityclip.config import TrainConfig
+from entityclip.models.entityclip import EntityCLIP
+
+
+def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over unit-norm features, matching pairs on the diagonal."""
+    logits = scale * img @ txt.T
+    target = torch.arange(img.shape[0], device=img.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+@torch.no_grad()
+def sample_hard_negatives(similarity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ALBEF-style: for each image a negative text, for each text a negative image, drawn with
+    probability softmax(similarity) over the off-diagonal entries."""
+    n = similarity.shape[0]
+    off_diag = ~torch.eye(n, dtype=torch.bool, device=similarity.device)
+    weights = similarity.softmax(dim=1) * off_diag + 1e-5 * off_diag
+    neg_text_for_image = torch.multinomial(weights, 1).squeeze(1)
+    weights_t = similarity.T.softmax(dim=1) * off_diag + 1e-5 * off_diag
+    neg_image_for_text = torch.multinomial(weights_t, 1).squeeze(1)
+    return neg_text_for_image, neg_image_for_text
+
+
+class Objective(nn.Module):
+    def __init__(self, model: EntityCLIP, cfg: TrainConfig):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+
+    def forward(self, images: torch.Tensor, ids: torch.Tensor, expl_ids: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        m = self.model
+        img, txt = m.encode_images(images), m.encode_texts(ids, expl_ids)
+        scale = m.logit_scale
+        cls_img, cls_txt = F.normalize(img.cls, dim=-1), F.normalize(txt.eot, dim=-1)
+        out = {"loss_plain": contrastive_loss(cls_img, cls_txt, scale)}
+        loss = self.cfg.plain_weight * out["loss_plain"]
+        if m.uses_experts:
+            out["loss_gated"] = contrastive_loss(m.image_embedding(img), m.text_embedding(txt), scale)
+            loss = loss + self.cfg.gated_weight * out["loss_gated"]
+            if images.shape[0] > 1:
+                out["loss_itm"] = self._itm_loss(img, txt, scale * cls_img @ cls_txt.T)
+                loss = loss + self.cfg.itm_weight * out["loss_itm"]
+        out["loss"] = loss
+        return out
+
+    def _itm_loss(self, img, txt, similarity: torch.Tensor) -> torch.Tensor:
+        neg_txt, neg_img = sample_hard_negatives(similarity.detach())
+        m = self.model
+        pos = m.itm_logits(img, txt)
+        neg_a = m.itm_logits(img, txt.select(neg_txt))
+        neg_b = m.itm_logits(img.select(neg_img), txt)
+        logits = torch.cat([pos, neg_a, neg_b])
+        labels = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg_a) + len(neg_b))]).long().to(logits.device)
+        return F.cross_entropy(logits, labels)

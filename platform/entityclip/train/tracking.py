@@ -1,0 +1,115 @@
+"""MLflow tracking through MlflowClient with explicit run ids, so the driver and the rank-0
+Ray Train worker log into the same run without sharing global state."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import requests
+
+from entityclip.config import TrackingConfig
+from entityclip.errors import TrackingError
+
+
+def resolve_uri(cfg: TrackingConfig, local_dir: str | Path) -> str:
+    """The configured URI, or a local sqlite store in `local_dir` (the embedded default)."""
+    if cfg.uri:
+        return cfg.uri
+    path = Path(local_dir).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path / 'mlflow.db'}"
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        response = requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
+    except requests.RequestException as exc:
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({type(exc).__name__})") from None
+    if response.status_code != 200:
+        raise TrackingError(f"MLflow tracking server {uri} answered /health with HTTP {response.status_code}")
+
+
+class Tracker:
+    def __init__(self, uri: str):
+        # Fail fast rather than retry for minutes when the server goes away mid-run.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        from mlflow.tracking import MlflowClient
+
+        check_reachable(uri)
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    def _call(self, what: str, fn):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return fn()
+        except MlflowException as exc:
+            raise TrackingError(f"MLflow ({self.uri}) refused to {what}: {exc.message}") from None
+        except requests.RequestException as exc:
+            raise TrackingError(f"MLflow ({self.uri}) unreachable while trying to {what} ({exc})") from None
+
+    def start_run(self, experiment: str, run_name: str, params: dict) -> str:
+        def _start():
+            exp = self.client.get_experiment_by_name(experiment)
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+            run = self.client.create_run(exp_id, run_name=run_name)
+            return run.info.run_id
+
+        run_id = self._call("start a run", _start)
+        self.log_params(run_id, params)
+        return run_id
+
+    def log_params(self, run_id: str, params: dict) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self._call("log params", lambda chunk=items[i:i + 100]: self.client.log_batch(run_id, params=chunk))
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        self._call("log metrics", lambda: self.client.log_batch(run_id, metrics=items))
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self._call("set a tag", lambda k=k, v=v: self.client.set_tag(run_id, k, v))
+
+    def log_artifacts(self, run_id: str, local_dir: str | Path, artifact_path: str) -> None:
+        self._call("log artifacts", lambda: self.client.log_artifacts(run_id, str(local_dir), artifact_path))
+
+    def register_model(self, run_id: str, artifact_path: str, name: str) -> str:
+        """A registered model version whose source is the run's checkpoint artifacts."""
+        def _register():
+            from mlflow.exceptions import MlflowException
+
+            try:
+                self.client.create_registered_model(name)
+            except MlflowException as exc:
+                if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+                    raise
+            source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+            return self.client.create_model_version(name, source, run_id=run_id).version
+
+        return str(self._call("register the model", _register))
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self._call("end the run", lambda: self.client.set_terminated(run_id, status))
+
+    def runs(self, experiment: str) -> list:
+        def _search():
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                return []
+            return self.client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
+
+        return self._call("search runs", _search)

@@ -1,0 +1,75 @@
+"""Driver side of training: an MLflow run, a Ray Train TorchTrainer, and the final checkpoint
+copied to storage, logged as run artifacts and registered as a model version."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from entityclip import storage
+from entityclip.config import PipelineConfig, flatten, to_dict
+from entityclip.models import build_model
+from entityclip.train.checkpoint import META, WEIGHTS, init_from, save_checkpoint
+from entityclip.train.tracking import Tracker
+
+
+@dataclass
+class TrainResult:
+    checkpoint_uri: str
+    run_id: str
+    model_version: str
+    train_loss: float | None
+    seconds: float
+
+
+def _fit(cfg: PipelineConfig, tracker_uri: str, run_id: str, paths: dict, ray_dir: Path, run_name: str) -> tuple[Path, float]:
+    """Run DDP training; returns a local directory holding the final model checkpoint."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from entityclip.train.loop import train_loop_per_worker
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"pipeline": to_dict(cfg), "run_id": run_id, "tracking_uri": tracker_uri,
+                           "samples_uri": paths["samples"], "explanations_uri": paths["explanations"]},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=False),
+        run_config=RunConfig(name=run_name, storage_path=str(ray_dir.resolve()),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    out = Path(tempfile.mkdtemp(prefix="entityclip-final-"))
+    with result.checkpoint.as_directory() as d:
+        for name in (WEIGHTS, META):
+            shutil.copy(Path(d) / name, out / name)
+    return out, float(result.metrics.get("train_loss", float("nan")))
+
+
+def run_training(cfg: PipelineConfig, paths: dict, tracker: Tracker, ray_dir: Path) -> TrainResult:
+    """Train `cfg.model.variant` (or just package it, for the untrained zero-shot baseline)."""
+    start = time.time()
+    run_name = f"{cfg.model.variant}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id = tracker.start_run(cfg.tracking.experiment, run_name, flatten(cfg))
+    tracker.set_tags(run_id, {"variant": cfg.model.variant, "stage": "train"})
+    try:
+        model = build_model(cfg.model)
+        if model.trainable:
+            local, train_loss = _fit(cfg, tracker.uri, run_id, paths, ray_dir, run_name)
+        else:
+            if cfg.model.init_checkpoint:
+                init_from(model, cfg.model.init_checkpoint)
+            local, train_loss = save_checkpoint(model, tempfile.mkdtemp(prefix="entityclip-final-")), None
+        checkpoint_uri = storage.join(paths["checkpoints"], cfg.model.variant)
+        storage.upload_dir(local, checkpoint_uri)
+        tracker.log_artifacts(run_id, local, "checkpoint")
+        version = tracker.register_model(run_id, "checkpoint", f"{cfg.tracking.registered_model}-{cfg.model.variant}")
+        shutil.rmtree(local, ignore_errors=True)
+    except BaseException:
+        tracker.end_run(run_id, "FAILED")
+        raise
+    return TrainResult(checkpoint_uri, run_id, version, train_loss, time.time() - start)
