@@ -68,6 +68,7 @@ def init_ray() -> None:
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING,
                  configure_logging=True, log_to_driver=False)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # our own tqdm bars report progress per stage
     ctx.print_on_execution_start = False

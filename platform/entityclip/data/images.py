@@ -41,6 +41,8 @@ def decode_image(data: bytes, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int 
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InputError(f"image is larger than {max_pixels} pixels") from None
+    except Image.UnidentifiedImageError:
+        raise InputError("image cannot be decoded: not a recognised image format") from None
     except Exception as exc:  # PIL raises many types for corrupt data
         raise InputError(f"image cannot be decoded ({type(exc).__name__}: {exc})") from None
     return img.convert("RGB")

@@ -28,31 +28,39 @@ class ExpertBlock(nn.Module):
 
 
 def _pick(tokens: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-    """Token `index[b]` of each row (token 0 when index is None)."""
+    """Token `index[b]` of each row as a [B, 1, D] query (token 0 when index is None)."""
     if index is None:
-        return tokens[:, 0]
-    return tokens[torch.arange(tokens.shape[0], device=tokens.device), index]
+        return tokens[:, :1]
+    return tokens[torch.arange(tokens.shape[0], device=tokens.device), index].unsqueeze(1)
 
 
 class MMAE(nn.Module):
+    """Each expert is read at one token (CLS or EOT). Keys/values come from the unchanged input,
+    so running the block on that single query token gives exactly the output the official code
+    reads from a full-sequence pass, at a fraction of the cost."""
+
     def __init__(self, dim: int, n_vision: int, n_shared: int, n_text: int):
         super().__init__()
         self.vision = nn.ModuleList(ExpertBlock(dim) for _ in range(n_vision))
         self.shared = nn.ModuleList(ExpertBlock(dim) for _ in range(n_shared))
         self.text = nn.ModuleList(ExpertBlock(dim) for _ in range(n_text))
 
+    @staticmethod
+    def _run(experts: nn.ModuleList, query: torch.Tensor, kv: torch.Tensor, kv_pad: torch.Tensor | None) -> torch.Tensor:
+        return torch.cat([e(query, kv, kv_pad) for e in experts], dim=1)
+
     def vision_experts(self, img_tok: torch.Tensor) -> torch.Tensor:
-        """[B, n_vision, D]: self-attention over image tokens, read at token 0."""
-        return torch.stack([_pick(e(img_tok, img_tok), None) for e in self.vision], dim=1)
+        """[B, n_vision, D]: token 0 attending over the image tokens."""
+        return self._run(self.vision, _pick(img_tok, None), img_tok, None)
 
     def text_experts(self, txt_tok: torch.Tensor, txt_pad: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
-        """[B, n_text, D]: self-attention over text tokens, read at EOT."""
-        return torch.stack([_pick(e(txt_tok, txt_tok, txt_pad), eot) for e in self.text], dim=1)
+        """[B, n_text, D]: the EOT token attending over the text tokens."""
+        return self._run(self.text, _pick(txt_tok, eot), txt_tok, txt_pad)
 
     def shared_experts(self, query_tok: torch.Tensor, index: torch.Tensor | None,
                        expl_tok: torch.Tensor, expl_pad: torch.Tensor) -> torch.Tensor:
-        """[B, n_shared, D]: queries attend to the explanation tokens."""
-        return torch.stack([_pick(e(query_tok, expl_tok, expl_pad), index) for e in self.shared], dim=1)
+        """[B, n_shared, D]: the image CLS or text EOT token attending over the explanation."""
+        return self._run(self.shared, _pick(query_tok, index), expl_tok, expl_pad)
 
 
 class Gate(nn.Module):

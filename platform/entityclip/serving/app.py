@@ -9,8 +9,6 @@ Endpoints (JSON):
 Bad input is answered with a 4xx and a one-line `detail`, never a traceback.
 """
 
-from __future__ import annotations
-
 import base64
 import binascii
 

