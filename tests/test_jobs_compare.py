@@ -1,0 +1,50 @@
+"""Operating: Ray Jobs submission to the running cluster, and tracked run comparison."""
+
+from pathlib import Path
+
+import pytest
+
+from entityclip import storage
+from entityclip.compare import collect, compare_runs
+from entityclip.errors import EntityClipError
+from entityclip.jobs import submit_job
+from entityclip.pipeline import stage_evaluate, stage_index, stage_train, with_variant
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_a_stage_submitted_as_a_ray_job_runs_on_the_cluster(ray_session, tmp_path):
+    root = tmp_path / "job-run"
+    entrypoint = (f"python jobs/data.py --config configs/tiny.yaml --root {root} --no-progress && "
+                  f"python jobs/explain.py --config configs/tiny.yaml --root {root} --no-progress")
+    out = submit_job(ray_session.dashboard_address, entrypoint, str(REPO), timeout_s=300)
+    assert out["status"] == "SUCCEEDED"
+    assert storage.read_parquet(str(root / "explanations.parquet")).num_rows == 48
+
+
+def test_a_failing_job_is_reported_with_its_logs(ray_session, tmp_path):
+    with pytest.raises(EntityClipError, match="FAILED") as info:
+        submit_job(ray_session.dashboard_address, f"python jobs/index.py --root {tmp_path}/none", str(REPO), timeout_s=120)
+    assert "run `entityclip train` first" in str(info.value)
+
+
+def test_unreachable_jobs_api_is_a_clear_error():
+    from tests.conftest import free_port
+
+    with pytest.raises(EntityClipError, match="cannot reach the Ray Jobs API"):
+        submit_job(f"http://127.0.0.1:{free_port()}", "true")
+
+
+def test_compare_tabulates_and_plots_every_evaluated_variant(trained_run, tmp_path):
+    # The zero-shot baseline goes through the same train/index/evaluate path, without training.
+    cfg = with_variant(trained_run["cfg"], "clip_zeroshot")
+    result = stage_train(cfg)
+    stage_index(cfg)
+    stage_evaluate(cfg, result.run_id)
+
+    rows = collect(cfg)
+    assert {"entityclip", "clip_zeroshot"} <= {r["variant"] for r in rows}
+    assert all(r["test_unseen/rsum"] is not None for r in rows)
+    text, plot = compare_runs(cfg, str(tmp_path / "compare.png"))
+    assert "clip_zeroshot" in text and "entityclip" in text
+    assert Path(plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
