@@ -1,5 +1,6 @@
 """Operating: Ray Jobs submission to the running cluster, and tracked run comparison."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_a_stage_submitted_as_a_ray_job_runs_on_the_cluster(ray_session, tmp_path):
     root = tmp_path / "job-run"
-    entrypoint = (f"python jobs/data.py --config configs/tiny.yaml --root {root} --no-progress && "
-                  f"python jobs/explain.py --config configs/tiny.yaml --root {root} --no-progress")
+    # The cluster's interpreter: here this venv's (a cluster image has the platform on PATH).
+    entrypoint = (f"{sys.executable} jobs/data.py --config configs/tiny.yaml --root {root} --no-progress && "
+                  f"{sys.executable} jobs/explain.py --config configs/tiny.yaml --root {root} --no-progress")
     out = submit_job(ray_session.dashboard_address, entrypoint, str(REPO), timeout_s=300)
     assert out["status"] == "SUCCEEDED"
     assert storage.read_parquet(str(root / "explanations.parquet")).num_rows == 48
@@ -24,7 +26,7 @@ def test_a_stage_submitted_as_a_ray_job_runs_on_the_cluster(ray_session, tmp_pat
 
 def test_a_failing_job_is_reported_with_its_logs(ray_session, tmp_path):
     with pytest.raises(EntityClipError, match="FAILED") as info:
-        submit_job(ray_session.dashboard_address, f"python jobs/index.py --root {tmp_path}/none", str(REPO), timeout_s=120)
+        submit_job(ray_session.dashboard_address, f"{sys.executable} jobs/index.py --root {tmp_path}/none", str(REPO), timeout_s=120)
     assert "run `entityclip train` first" in str(info.value)
 
 
