@@ -87,3 +87,14 @@ def test_checkpoint_roundtrip_gives_identical_embeddings(tmp_path):
     images = torch.randn(2, 3, 32, 32)
     assert torch.allclose(m.embed_images(images), loaded.embed_images(images))
     assert torch.allclose(m.embed_texts(TEXTS, EXPLS), loaded.embed_texts(TEXTS, EXPLS))
+
+
+def test_experts_read_at_one_token_equal_a_full_sequence_pass():
+    from entityclip.models.mmae import MMAE
+
+    torch.manual_seed(0)
+    mmae = MMAE(16, 1, 1, 2)
+    tokens, eot = torch.randn(3, 10, 16), torch.tensor([4, 9, 6])
+    pad = torch.arange(10).unsqueeze(0) > eot.unsqueeze(1)
+    full = torch.stack([e(tokens, tokens, pad)[torch.arange(3), eot] for e in mmae.text], dim=1)
+    assert torch.allclose(mmae.text_experts(tokens, pad, eot), full, atol=1e-5)

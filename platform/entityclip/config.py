@@ -75,6 +75,7 @@ class TrainConfig:
     plain_weight: float = 1.0  # contrastive loss on plain CLIP features
     gated_weight: float = 1.0  # contrastive loss on gated expert features (retrieval embeddings)
     itm_weight: float = 0.1  # η: GI-ITM matching loss
+    explanation_weight: float = 1.0  # images vs their explanation's embedding (see train/objective.py)
     checkpoint_every_epochs: int = 5  # Ray Train checkpoints: resume point after a failure
     seed: int = 0
     log_every_steps: int = 5

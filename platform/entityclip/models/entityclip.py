@@ -44,6 +44,7 @@ class TextFeatures:
     tokens: torch.Tensor  # [B, L, D]
     padding: torch.Tensor  # [B, L]
     eot_index: torch.Tensor  # [B]
+    expl_eot: torch.Tensor  # [B, D] the explanation's own embedding (the text's for the ablation)
     expl_tokens: torch.Tensor  # [B, L, D] explanation tokens (the text's own for the ablation)
     expl_padding: torch.Tensor  # [B, L]
 
@@ -67,7 +68,7 @@ class EntityCLIP(nn.Module):
             nv, ns, nt = cfg.n_vision_experts, cfg.n_shared_experts, cfg.n_text_experts
             self.mmae = MMAE(dim, nv, ns, nt)
             self.image_gate = Gate(dim, 1 + nv)
-            self.text_gate = Gate(dim, 1 + nt + ns)
+            self.text_gate = Gate(dim, 2 + nt + ns)
             self.pair_gate = Gate(2 * dim, nv + ns + nt + ns)
             self.itm_head = nn.Linear(dim, 2)  # class 1 = match
 
@@ -91,10 +92,10 @@ class EntityCLIP(nn.Module):
         if self.uses_explanations:
             if expl_ids is None:
                 raise ValueError("the entityclip variant needs explanation token ids")
-            _, expl_tokens, expl_padding = backbone.text_tokens(self.clip, expl_ids)
+            expl_eot, expl_tokens, expl_padding = backbone.text_tokens(self.clip, expl_ids)
         else:
-            expl_tokens, expl_padding = tokens, padding
-        return TextFeatures(eot, tokens, padding, ids.argmax(dim=-1), expl_tokens, expl_padding)
+            expl_eot, expl_tokens, expl_padding = eot, tokens, padding
+        return TextFeatures(eot, tokens, padding, ids.argmax(dim=-1), expl_eot, expl_tokens, expl_padding)
 
     def image_embedding(self, img: ImageFeatures) -> torch.Tensor:
         """Unit-norm retrieval embedding: gated over [CLS, vision experts] or plain CLS."""
@@ -104,11 +105,13 @@ class EntityCLIP(nn.Module):
         return backbone.normalize(self.image_gate(img.cls, candidates))
 
     def text_embedding(self, txt: TextFeatures) -> torch.Tensor:
-        """Unit-norm retrieval embedding: gated over [EOT, text experts, explanation experts]."""
+        """Unit-norm retrieval embedding: gated over [EOT, explanation EOT, text experts,
+        explanation experts]."""
         if not self.uses_experts:
             return backbone.normalize(txt.eot)
         candidates = torch.cat([
             txt.eot.unsqueeze(1),
+            txt.expl_eot.unsqueeze(1),
             self.mmae.text_experts(txt.tokens, txt.padding, txt.eot_index),
             self.mmae.shared_experts(txt.tokens, txt.eot_index, txt.expl_tokens, txt.expl_padding),
         ], dim=1)

@@ -1,8 +1,13 @@
 """The training objective as an nn.Module, so DDP wraps one forward that returns the loss.
 
 loss = plain_weight · L_VTC(CLS, EOT) + gated_weight · L_VTC(V*, T*) + itm_weight · L_ITM
-(the paper: 1 · L_VTC(CLS) + 0.1 · L_VTC(V*, T*) + 0.1 · L_ITM, scoring with CLS at inference;
-we retrieve with the gated features, so they carry full weight by default.)
+       + explanation_weight · L_VTC(V*, E)
+
+The paper uses 1 · L_VTC(CLS) + 0.1 · L_VTC(V*, T*) + 0.1 · L_ITM and scores with CLS at
+inference. We retrieve with the gated features, so they carry full weight by default. L_VTC(V*, E)
+contrasts images with their explanation's own embedding E: the paper starts from a pretrained
+CLIP whose text tower already knows what "a red circle" looks like; a backbone trained from
+scratch must learn it, or it matches by memorised names and cannot reach unseen entities.
 """
 
 from __future__ import annotations
@@ -49,8 +54,12 @@ class Objective(nn.Module):
         out = {"loss_plain": contrastive_loss(cls_img, cls_txt, scale)}
         loss = self.cfg.plain_weight * out["loss_plain"]
         if m.uses_experts:
-            out["loss_gated"] = contrastive_loss(m.image_embedding(img), m.text_embedding(txt), scale)
+            image_emb = m.image_embedding(img)
+            out["loss_gated"] = contrastive_loss(image_emb, m.text_embedding(txt), scale)
             loss = loss + self.cfg.gated_weight * out["loss_gated"]
+            if m.uses_explanations and self.cfg.explanation_weight:
+                out["loss_explanation"] = contrastive_loss(image_emb, F.normalize(txt.expl_eot, dim=-1), scale)
+                loss = loss + self.cfg.explanation_weight * out["loss_explanation"]
             if images.shape[0] > 1:
                 out["loss_itm"] = self._itm_loss(img, txt, scale * cls_img @ cls_txt.T)
                 loss = loss + self.cfg.itm_weight * out["loss_itm"]
