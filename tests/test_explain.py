@@ -32,6 +32,7 @@ def test_knowledge_engine_describes_looks_of_named_or_found_entities(data):
     assert by_list == by_text
     for attr in ("primary", "shape", "pattern", "secondary"):
         assert record[attr] in by_list
+    assert record["name"] not in by_list  # looks only: the text already carries the name
     assert engine.explain([ExplainRequest("nobody here")]) == ["No known entities are named."]
 
 

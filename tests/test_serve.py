@@ -33,9 +33,11 @@ def test_health_reports_the_index(url):
     assert body["status"] == "ok" and body["index_size"] == 48
 
 
-def test_text_to_image_search_explains_the_query_and_ranks_k_images(url, sample):
+def test_text_to_image_search_explains_the_query_and_ranks_k_images(url, sample, trained_run):
     body = requests.post(f"{url}/search/text", json={"text": sample["text"], "k": 5}, timeout=60).json()
-    assert sample["entities"][0] in body["explanation"]
+    entities = storage.read_parquet(storage.join(str(trained_run["root"]), "data", "entities.parquet")).to_pylist()
+    record = next(e for e in entities if e["name"] == sample["entities"][0])
+    assert f"{record['primary']} {record['shape']}" in body["explanation"]
     scores = [hit["score"] for hit in body["results"]]
     assert len(scores) == 5 and scores == sorted(scores, reverse=True)
     assert all(hit["image_uri"].endswith(".png") for hit in body["results"])

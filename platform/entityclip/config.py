@@ -24,8 +24,9 @@ class StorageConfig:
 
 @dataclass
 class DataConfig:
-    num_entities: int = 24
-    samples_per_entity: int = 12
+    # Many entities, few samples each: with few entities a model matches by memorised names.
+    num_entities: int = 96
+    samples_per_entity: int = 6
     # Fraction of entities held out of training: the "unseen" test set.
     unseen_entity_fraction: float = 0.25
     # Fraction of each seen entity's samples kept for the "seen" test set.
@@ -68,7 +69,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     num_workers: int = 2
-    epochs: int = 30
+    epochs: int = 60
     batch_size: int = 32  # per worker
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -76,6 +77,8 @@ class TrainConfig:
     gated_weight: float = 1.0  # contrastive loss on gated expert features (retrieval embeddings)
     itm_weight: float = 0.1  # η: GI-ITM matching loss
     explanation_weight: float = 1.0  # images vs their explanation's embedding (see train/objective.py)
+    # Hide entity names in this share of training texts (data/pairs.py); entityclip only.
+    name_mask_prob: float = 0.5
     checkpoint_every_epochs: int = 5  # Ray Train checkpoints: resume point after a failure
     seed: int = 0
     log_every_steps: int = 5

@@ -54,8 +54,10 @@ class KnowledgeEngine:
     def describe(self, name: str) -> str:
         r = self._by_name.get(name.lower())
         if r is None:
-            return f"Nothing is known about {name}."
-        return (f"{r['name']} is a {r['kind']} whose emblem is a {r['primary']} {r['shape']} "
+            return "An entity nothing is known about."
+        # Appearance only, without repeating the name: the text already names the entity, and a
+        # name inside the explanation lets a model match by memorised names instead of looks.
+        return (f"A {r['kind']} whose emblem is a {r['primary']} {r['shape']} "
                 f"with {r['secondary']} {r['pattern']}, usually seen on {r['setting']}.")
 
     def explain(self, requests: list[ExplainRequest]) -> list[str]:

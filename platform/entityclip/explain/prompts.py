@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import hashlib
 
-PROMPT_VERSION = "v1"
+PROMPT_VERSION = "v2"
 
 _TEMPLATE = (
     "You are a news archivist. For each entity named in the news text below, explain in one "
     "or two sentences what kind of entity it is and what it looks like: its colours, emblem, "
-    "pattern and usual setting. Describe appearance only; do not repeat the news.\n"
+    "pattern and usual setting. Describe appearance only; do not repeat the news or the names.\n"
     "Text: {text}\n"
     "Entities: {entities}\n"
     "Explanation:"

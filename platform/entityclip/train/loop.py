@@ -48,7 +48,10 @@ def train_loop_per_worker(config: dict) -> None:
     objective = ray.train.torch.prepare_model(
         Objective(model, cfg.train), parallel_strategy_kwargs={"find_unused_parameters": True})
 
-    dataset = PairDataset(load_pairs(config["samples_uri"], config["explanations_uri"], ["train"]), model.image_size)
+    dataset = PairDataset(load_pairs(config["samples_uri"], config["explanations_uri"], ["train"]), model.image_size,
+                          # Masking only helps a model that can fall back on the explanation.
+                          name_mask_prob=cfg.train.name_mask_prob if model.uses_explanations else 0.0,
+                          seed=cfg.train.seed + rank)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed, drop_last=True)
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=make_collate(model))
     total_steps = max(1, cfg.train.epochs * len(loader))
