@@ -11,7 +11,7 @@ import json
 import sys
 
 from entityclip.config import PipelineConfig, dump_config, load_config
-from entityclip.errors import EntityClipError
+from entityclip.errors import EntityClipError, find_user_error
 from entityclip.models.entityclip import VARIANTS
 
 
@@ -195,17 +195,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_error(exc: BaseException) -> EntityClipError | None:
-    """The EntityClipError behind `exc`, also when Ray wrapped it in a task or training error."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, EntityClipError):
-            return exc
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -214,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        err = _user_error(exc)
+        err = find_user_error(exc)
         if err is None:
             raise
         print(f"error: {err}", file=sys.stderr)

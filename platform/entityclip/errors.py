@@ -23,3 +23,20 @@ class InputError(EntityClipError):
 
 class TrackingError(EntityClipError):
     """The MLflow tracking server cannot be reached or refused a request."""
+
+
+def find_user_error(exc: BaseException) -> EntityClipError | None:
+    """The EntityClipError behind `exc`, also when Ray wrapped it: a task error (`cause`), a
+    Train V2 WorkerGroupError (`worker_failures`) or ControllerError (`controller_failure`)."""
+    queue, seen = [exc], set()
+    while queue:
+        current = queue.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, EntityClipError):
+            return current
+        queue.extend(getattr(current, "worker_failures", {}).values())
+        queue += [getattr(current, "controller_failure", None), getattr(current, "cause", None),
+                  current.__cause__, current.__context__]
+    return None

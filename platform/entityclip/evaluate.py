@@ -41,12 +41,12 @@ def evaluate_index(index: EmbeddingIndex, cfg: EvalConfig) -> dict[str, dict[str
     """{split: metrics}; images and texts of the split form each other's gallery."""
     results = {}
     images, texts = index.meta["images"], index.meta["texts"]
+    text_row = {m["sample_id"]: i for i, m in enumerate(texts)}
     for split in cfg.splits:
         rows = [i for i, m in enumerate(images) if m["split"] == split]
         if not rows:
             continue
-        by_id = {m["sample_id"]: i for i, m in enumerate(texts)}
-        text_rows = [by_id[images[i]["sample_id"]] for i in rows]
+        text_rows = [text_row[images[i]["sample_id"]] for i in rows]
         relevant = relevance_matrix([tuple(images[i]["entities"]) for i in rows], cfg.relevance)
         metrics = retrieval_metrics(index.embeddings["images"][rows], index.embeddings["texts"][text_rows], relevant, cfg.ks)
         results[split] = {**metrics, "n": len(rows)}

@@ -156,12 +156,11 @@ def start_serving(cfg: PipelineConfig, blocking: bool = False) -> str:
     return f"http://{cfg.serve.host}:{cfg.serve.port}"
 
 
-@dataclass
 class StageTimer:
-    seconds: dict
+    """Runs stages and records how long each took, in seconds."""
 
     def __init__(self):
-        self.seconds = {}
+        self.seconds: dict[str, float] = {}
 
     def run(self, name: str, fn, *args, **kwargs):
         start = time.time()

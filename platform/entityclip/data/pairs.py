@@ -38,6 +38,13 @@ def load_pairs(samples_uri: str, explanations_uri: str, splits: list[str] | None
     return pairs
 
 
+def _load(pair: Pair, image_size: int) -> torch.Tensor:
+    try:
+        return load_image_tensor(storage.read_bytes(pair.image_uri), image_size)
+    except InputError as exc:
+        raise InputError(f"sample {pair.sample_id} ({pair.image_uri}): {exc}") from None
+
+
 NAME_MASK = "the entity"
 
 
@@ -56,7 +63,7 @@ class PairDataset(Dataset):
 
     def __init__(self, pairs: list[Pair], image_size: int, name_mask_prob: float = 0.0, seed: int = 0):
         self.pairs = pairs
-        self.images = [load_image_tensor(storage.read_bytes(p.image_uri), image_size) for p in pairs]
+        self.images = [_load(p, image_size) for p in pairs]
         self.name_mask_prob = name_mask_prob
         self.rng = random.Random(seed)
 

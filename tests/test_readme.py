@@ -1,0 +1,35 @@
+"""The README's commands refer to things that exist: scripts, subcommands, configs."""
+
+import os
+import re
+from pathlib import Path
+
+from entityclip.cli import build_parser
+
+REPO = Path(__file__).resolve().parent.parent
+README = (REPO / "README.md").read_text()
+COMMANDS = set(build_parser()._subparsers._group_actions[0].choices)
+
+
+def bash_lines() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", README, re.S)
+    return [line.strip() for block in blocks for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_the_two_commands_come_first_and_ci_runs_the_second():
+    first, second = bash_lines()[:2]
+    assert first == "./scripts/setup && .venv/bin/entityclip pipeline"
+    assert second == "./scripts/test"
+    assert "scripts/test" in (REPO / ".ci" / "run").read_text()
+    for script in ("scripts/setup", "scripts/test", ".ci/run"):
+        assert os.access(REPO / script, os.X_OK), script
+
+
+def test_every_entityclip_command_in_the_readme_exists():
+    used = {m for line in bash_lines() for m in re.findall(r"entityclip (\w+)", line)}
+    assert used and used <= COMMANDS, used - COMMANDS
+
+
+def test_every_file_the_readme_points_to_exists():
+    for path in re.findall(r"`((?:configs|serve|infra|jobs|benchmarks|scripts)/[\w./-]+)`", README):
+        assert (REPO / path).exists(), path
