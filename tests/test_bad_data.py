@@ -41,7 +41,7 @@ def test_training_on_a_corrupt_image_names_the_sample(trained_run, tmp_path, mlf
     samples = storage.read_parquet(str(root / "data" / "samples.parquet")).to_pylist()
     samples[0]["split"] = "train"  # make sure training reads it
     storage.write_parquet(str(root / "data" / "samples.parquet"), pa.Table.from_pylist(samples))
-    cfg = tiny_config(root, f"tracking.uri={mlflow_server}", "tracking.experiment=bad-data")
+    cfg = tiny_config(root, f"tracking.uri={mlflow_server}", "tracking.experiment=bad-data", "train.max_failures=0")
     with pytest.raises(Exception) as info:
         stage_train(cfg)
     err = find_user_error(info.value)

@@ -67,3 +67,23 @@ def test_unreachable_s3_fails_fast_with_a_clear_error(monkeypatch):
     with pytest.raises(StorageError, match="cannot reach the S3 endpoint"):
         storage.read_bytes("s3://bucket/key")
     assert time.time() - start < 60
+
+
+def test_stages_run_with_the_storage_root_on_s3(s3_bucket, ray_session, trained_run):
+    from entityclip.pipeline import stage_data, stage_evaluate, stage_explain, stage_index
+    from tests.conftest import tiny_config
+
+    root = f"s3://{s3_bucket}/pipeline-run"
+    cfg = tiny_config(root)
+    stage_data(cfg, progress=False)
+    stats = stage_explain(cfg, progress=False)  # Ray Data actors read and write S3
+    assert storage.read_parquet(f"{root}/explanations.parquet").num_rows == stats.samples == 48
+    assert not storage.list_uris(f"{root}/explanations.parts")
+
+    # The session's trained checkpoint, published to S3, is loaded from there by the index actors.
+    local_ckpt = storage.local_path(trained_run["train"].checkpoint_uri)
+    storage.upload_dir(local_ckpt, f"{root}/checkpoints/entityclip")
+    stage_index(cfg)
+    metrics = stage_evaluate(cfg)
+    assert set(metrics) == {"test_seen", "test_unseen"}
+    assert storage.read_json(f"{root}/eval/entityclip.json") == metrics

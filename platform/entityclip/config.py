@@ -80,6 +80,7 @@ class TrainConfig:
     # Hide entity names in this share of training texts (data/pairs.py); entityclip only.
     name_mask_prob: float = 0.5
     checkpoint_every_epochs: int = 5  # Ray Train checkpoints: resume point after a failure
+    max_failures: int = 1  # worker-group failures survived by restarting from the last checkpoint
     seed: int = 0
     log_every_steps: int = 5
 

@@ -136,7 +136,6 @@ def stage_evaluate(cfg: PipelineConfig, run_id: str | None = None) -> dict:
     if run_id:
         tracker = tracker_for(cfg, paths)
         tracker.log_metrics(run_id, {f"{split}/{k}": v for split, m in results.items() for k, v in m.items()})
-        tracker.end_run(run_id)
     return results
 
 

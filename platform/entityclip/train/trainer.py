@@ -27,7 +27,7 @@ class TrainResult:
 
 def _fit(cfg: PipelineConfig, tracker_uri: str, run_id: str, paths: dict, ray_dir: Path, run_name: str) -> tuple[Path, float]:
     """Run DDP training; returns a local directory holding the final model checkpoint."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from entityclip.train.loop import train_loop_per_worker
@@ -38,7 +38,8 @@ def _fit(cfg: PipelineConfig, tracker_uri: str, run_id: str, paths: dict, ray_di
                            "samples_uri": paths["samples"], "explanations_uri": paths["explanations"]},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=False),
         run_config=RunConfig(name=run_name, storage_path=str(ray_dir.resolve()),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
     )
     result = trainer.fit()
     if result.error:
@@ -72,4 +73,5 @@ def run_training(cfg: PipelineConfig, paths: dict, tracker: Tracker, ray_dir: Pa
     except BaseException:
         tracker.end_run(run_id, "FAILED")
         raise
+    tracker.end_run(run_id)  # evaluation metrics can still be logged to a finished run
     return TrainResult(checkpoint_uri, run_id, version, train_loss, time.time() - start)
