@@ -57,7 +57,8 @@ class KnowledgeEngine:
             return "An entity nothing is known about."
         # Appearance only, without repeating the name: the text already names the entity, and a
         # name inside the explanation lets a model match by memorised names instead of looks.
-        return (f"A {r['kind']} whose emblem is a {r['primary']} {r['shape']} "
+        article = "an" if r["primary"][0] in "aeiou" else "a"
+        return (f"A {r['kind']} whose emblem is {article} {r['primary']} {r['shape']} "
                 f"with {r['secondary']} {r['pattern']}, usually seen on {r['setting']}.")
 
     def explain(self, requests: list[ExplainRequest]) -> list[str]:
