@@ -171,7 +171,7 @@ def trained_run(ray_session, mlflow_server, tmp_path_factory):
     cfg = tiny_config(root, f"tracking.uri={mlflow_server}", "tracking.experiment=tests")
     stage_data(cfg, progress=False)
     stage_explain(cfg, progress=False)
-    result = stage_train(cfg)
+    result = stage_train(cfg, progress=False)
     stage_index(cfg)
     metrics = stage_evaluate(cfg, result.run_id)
     return {"cfg": cfg, "root": root, "train": result, "metrics": metrics}

@@ -43,7 +43,7 @@ def test_training_on_a_corrupt_image_names_the_sample(trained_run, tmp_path, mlf
     storage.write_parquet(str(root / "data" / "samples.parquet"), pa.Table.from_pylist(samples))
     cfg = tiny_config(root, f"tracking.uri={mlflow_server}", "tracking.experiment=bad-data", "train.max_failures=0")
     with pytest.raises(Exception) as info:
-        stage_train(cfg)
+        stage_train(cfg, progress=False)
     err = find_user_error(info.value)
     assert isinstance(err, InputError)
     assert samples[0]["sample_id"] in str(err) and "cannot be decoded" in str(err)

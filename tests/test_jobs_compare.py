@@ -40,7 +40,7 @@ def test_unreachable_jobs_api_is_a_clear_error():
 def test_compare_tabulates_and_plots_every_evaluated_variant(trained_run, tmp_path):
     # The zero-shot baseline goes through the same train/index/evaluate path, without training.
     cfg = with_variant(trained_run["cfg"], "clip_zeroshot")
-    result = stage_train(cfg)
+    result = stage_train(cfg, progress=False)
     stage_index(cfg)
     stage_evaluate(cfg, result.run_id)
 

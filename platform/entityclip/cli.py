@@ -61,7 +61,7 @@ def cmd_train(args) -> None:
     from entityclip.pipeline import stage_evaluate, stage_index, stage_train
 
     cfg = _cfg(args)
-    result = stage_train(cfg)
+    result = stage_train(cfg, progress=not args.no_progress)
     out = {"train": result.__dict__}
     if not args.no_eval:
         stage_index(cfg)

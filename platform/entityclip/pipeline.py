@@ -102,14 +102,14 @@ def stage_explain(cfg: PipelineConfig, progress: bool = True):
                        paths.explanations, progress=progress)
 
 
-def stage_train(cfg: PipelineConfig):
+def stage_train(cfg: PipelineConfig, progress: bool = True):
     from entityclip.train.trainer import run_training
 
     paths = RunPaths.for_config(cfg)
     require(paths.explanations, "explain")
     tracker = tracker_for(cfg, paths)
     init_ray()
-    return run_training(cfg, paths.as_dict(), tracker, paths.local / "ray_results")
+    return run_training(cfg, paths.as_dict(), tracker, paths.local / "ray_results", progress)
 
 
 def stage_index(cfg: PipelineConfig):
@@ -194,7 +194,7 @@ def run_pipeline(cfg: PipelineConfig, variants: list[str], serve_query: bool = T
     results = {}
     for variant in variants:
         vcfg = with_variant(cfg, variant)
-        trained = timer.run(f"train[{variant}]", stage_train, vcfg)
+        trained = timer.run(f"train[{variant}]", stage_train, vcfg, progress)
         timer.run(f"index[{variant}]", stage_index, vcfg)
         metrics = timer.run(f"evaluate[{variant}]", stage_evaluate, vcfg, trained.run_id)
         results[variant] = {"run_id": trained.run_id, "model_version": trained.model_version,

@@ -80,6 +80,9 @@ class Tracker:
         items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
         self._call("log metrics", lambda: self.client.log_batch(run_id, metrics=items))
 
+    def metric_history(self, run_id: str, key: str) -> list:
+        return self._call("read metrics", lambda: self.client.get_metric_history(run_id, key))
+
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         for k, v in tags.items():
             self._call("set a tag", lambda k=k, v=v: self.client.set_tag(run_id, k, v))

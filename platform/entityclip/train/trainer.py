@@ -6,11 +6,15 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from entityclip import storage
 from entityclip.config import PipelineConfig, flatten, to_dict
+from entityclip.errors import TrackingError
 from entityclip.models import build_model
 from entityclip.train.checkpoint import META, WEIGHTS, init_from, save_checkpoint
 from entityclip.train.tracking import Tracker
@@ -25,7 +29,22 @@ class TrainResult:
     seconds: float
 
 
-def _fit(cfg: PipelineConfig, tracker_uri: str, run_id: str, paths: dict, ray_dir: Path, run_name: str) -> tuple[Path, float]:
+def _follow(future, tracker: Tracker, run_id: str, epochs: int, label: str, progress: bool) -> None:
+    """An epoch progress bar on the driver, read from the run's metrics (the workers log them)."""
+    with tqdm(total=epochs, desc=f"train ({label})", unit="epoch", disable=not progress) as bar:
+        while not future.done():
+            time.sleep(2)
+            try:
+                history = tracker.metric_history(run_id, "train/epoch_loss")
+            except TrackingError:
+                continue  # a missed update is not worth failing training over
+            if len(history) > bar.n:
+                bar.update(len(history) - bar.n)
+                bar.set_postfix(loss=f"{history[-1].value:.3f}")
+
+
+def _fit(cfg: PipelineConfig, tracker: Tracker, run_id: str, paths: dict, ray_dir: Path, run_name: str,
+         progress: bool) -> tuple[Path, float]:
     """Run DDP training; returns a local directory holding the final model checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -34,14 +53,17 @@ def _fit(cfg: PipelineConfig, tracker_uri: str, run_id: str, paths: dict, ray_di
 
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"pipeline": to_dict(cfg), "run_id": run_id, "tracking_uri": tracker_uri,
+        train_loop_config={"pipeline": to_dict(cfg), "run_id": run_id, "tracking_uri": tracker.uri,
                            "samples_uri": paths["samples"], "explanations_uri": paths["explanations"]},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=False),
         run_config=RunConfig(name=run_name, storage_path=str(ray_dir.resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
     )
-    result = trainer.fit()
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(trainer.fit)
+        _follow(future, tracker, run_id, cfg.train.epochs, cfg.model.variant, progress)
+        result = future.result()
     if result.error:
         raise result.error
     out = Path(tempfile.mkdtemp(prefix="entityclip-final-"))
@@ -51,7 +73,7 @@ def _fit(cfg: PipelineConfig, tracker_uri: str, run_id: str, paths: dict, ray_di
     return out, float(result.metrics.get("train_loss", float("nan")))
 
 
-def run_training(cfg: PipelineConfig, paths: dict, tracker: Tracker, ray_dir: Path) -> TrainResult:
+def run_training(cfg: PipelineConfig, paths: dict, tracker: Tracker, ray_dir: Path, progress: bool = True) -> TrainResult:
     """Train `cfg.model.variant` (or just package it, for the untrained zero-shot baseline)."""
     start = time.time()
     run_name = f"{cfg.model.variant}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -60,7 +82,7 @@ def run_training(cfg: PipelineConfig, paths: dict, tracker: Tracker, ray_dir: Pa
     try:
         model = build_model(cfg.model)
         if model.trainable:
-            local, train_loss = _fit(cfg, tracker.uri, run_id, paths, ray_dir, run_name)
+            local, train_loss = _fit(cfg, tracker, run_id, paths, ray_dir, run_name, progress)
         else:
             if cfg.model.init_checkpoint:
                 init_from(model, cfg.model.init_checkpoint)
