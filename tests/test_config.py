@@ -64,3 +64,12 @@ def test_every_shipped_config_parses(path):
 
 def test_configs_are_shipped():
     assert CONFIGS, "configs/*.yaml should hold the example configs"
+
+
+def test_a_relative_local_root_is_made_absolute_for_ray_workers(tmp_path, monkeypatch):
+    from entityclip.pipeline import RunPaths
+
+    monkeypatch.chdir(tmp_path)
+    paths = RunPaths.for_config(load_config(None, ["storage.root=runs/x"]))
+    assert paths.samples == f"{tmp_path}/runs/x/data/samples.parquet"
+    assert RunPaths.for_config(load_config(None, ["storage.root=s3://b/p"])).root == "s3://b/p"

@@ -26,9 +26,11 @@ class RunPaths:
 
     @classmethod
     def for_config(cls, cfg: PipelineConfig) -> "RunPaths":
-        root = cfg.storage.root
-        local = Path("runs/.local") if storage.is_s3(root) else storage.local_path(root)
-        return cls(root, local.resolve())
+        if storage.is_s3(cfg.storage.root):
+            return cls(cfg.storage.root, Path("runs/.local").resolve())
+        # Absolute: Ray workers, actors and jobs do not share the caller's working directory.
+        local = storage.local_path(cfg.storage.root).resolve()
+        return cls(str(local), local)
 
     @property
     def samples(self) -> str:
