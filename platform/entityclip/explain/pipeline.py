@@ -81,6 +81,7 @@ def run_explain(cfg: ExplainConfig, samples_uri: str, entities_uri: str, out_uri
         )
         with tqdm(total=len(todo), desc=f"explain ({cfg.engine})", disable=not progress) as bar:
             for chunk in ds.iter_batches(batch_size=cfg.chunk_size, batch_format="numpy"):
+                # Parts are keyed by input; sample ids are attached in the final table.
                 rows = [{"key": k, "sample_id": "", "explanation": str(e), "engine": cfg.engine,
                          "model": model, "prompt_version": PROMPT_VERSION}
                         for k, e in zip(chunk["key"], chunk["explanation"])]
