@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+RAY_DATA_RETRY_NOTE = "\nFailed to apply UDF transform"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -206,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         err = find_user_error(exc)
         if err is None:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        # Ray Data appends retry advice to a failed map's message; it does not apply to bad input.
+        print(f"error: {str(err).split(RAY_DATA_RETRY_NOTE)[0]}", file=sys.stderr)
         return 2
     return 0
 

@@ -35,7 +35,10 @@ def find_user_error(exc: BaseException) -> EntityClipError | None:
             continue
         seen.add(id(current))
         if isinstance(current, EntityClipError):
-            return current
+            # A RayTaskError(InputError) stringifies as the remote traceback; its cause is the
+            # original error with the plain message.
+            inner = getattr(current, "cause", None)
+            return inner if isinstance(inner, EntityClipError) else current
         queue.extend(getattr(current, "worker_failures", {}).values())
         queue += [getattr(current, "controller_failure", None), getattr(current, "cause", None),
                   current.__cause__, current.__context__]

@@ -70,10 +70,15 @@ def init_ray() -> None:
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING,
                  configure_logging=True, log_to_driver=False)
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Ray Data logs each failure, traceback included, and then raises it; the raised error is
+    # what we report (one line for bad input, the full traceback for anything else).
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # our own tqdm bars report progress per stage
     ctx.print_on_execution_start = False
+    # Our actors raise EntityClipErrors for bad input; keep their type instead of a bare
+    # UserCodeException so the CLI can show them as one clear line.
+    ctx.raise_original_map_exception = True
 
 
 def tracker_for(cfg: PipelineConfig, paths: RunPaths):
