@@ -15,7 +15,7 @@ import ray
 import torch
 
 from entityclip import storage
-from entityclip.data.images import load_image_tensor
+from entityclip.data.images import read_image_tensor
 from entityclip.data.pairs import load_pairs
 from entityclip.errors import InputError
 from entityclip.train.checkpoint import load_model
@@ -33,17 +33,11 @@ class Embedder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.kind == "images":
-            images = torch.stack([self._image(u) for u in batch["image_uri"]])
+            images = torch.stack([read_image_tensor(u, self.model.image_size) for u in batch["image_uri"]])
             emb = self.model.embed_images(images)
         else:
             emb = self.model.embed_texts(list(batch["text"]), list(batch["explanation"]))
         return {**batch, "embedding": emb.numpy().astype(np.float32)}
-
-    def _image(self, uri: str) -> torch.Tensor:
-        try:
-            return load_image_tensor(storage.read_bytes(uri), self.model.image_size)
-        except InputError as exc:
-            raise InputError(f"{uri}: {exc}") from None
 
 
 @dataclass

@@ -59,6 +59,16 @@ def load_image_tensor(data: bytes, size: int, **limits) -> torch.Tensor:
     return to_tensor(decode_image(data, **limits), size)
 
 
+def read_image_tensor(uri: str, size: int) -> torch.Tensor:
+    """Read an image from storage and preprocess it; errors name the image's URI."""
+    from entityclip import storage
+
+    try:
+        return load_image_tensor(storage.read_bytes(uri), size)
+    except InputError as exc:
+        raise InputError(f"{uri}: {exc}") from None
+
+
 def encode_png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")

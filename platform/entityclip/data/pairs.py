@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from entityclip import storage
-from entityclip.data.images import load_image_tensor
+from entityclip.data.images import read_image_tensor
 from entityclip.errors import InputError
 
 
@@ -40,9 +40,9 @@ def load_pairs(samples_uri: str, explanations_uri: str, splits: list[str] | None
 
 def _load(pair: Pair, image_size: int) -> torch.Tensor:
     try:
-        return load_image_tensor(storage.read_bytes(pair.image_uri), image_size)
+        return read_image_tensor(pair.image_uri, image_size)
     except InputError as exc:
-        raise InputError(f"sample {pair.sample_id} ({pair.image_uri}): {exc}") from None
+        raise InputError(f"sample {pair.sample_id}: {exc}") from None
 
 
 NAME_MASK = "the entity"
