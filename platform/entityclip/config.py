@@ -24,6 +24,10 @@ class StorageConfig:
 
 @dataclass
 class DataConfig:
+    # synthetic (the bundled generator) or a real dataset format: n24news | visualnews | goodnews
+    source: str = "synthetic"
+    source_path: str = ""  # the real dataset's root folder (local or s3://)
+    skip_missing_images: bool = False  # real datasets: leave out samples whose image is missing
     # Many entities, few samples each: with few entities a model matches by memorised names.
     num_entities: int = 96
     samples_per_entity: int = 6

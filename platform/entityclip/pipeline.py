@@ -14,7 +14,7 @@ from pathlib import Path
 
 from entityclip import storage
 from entityclip.config import PipelineConfig
-from entityclip.errors import StorageError
+from entityclip.errors import ConfigError, StorageError
 
 log = logging.getLogger("entityclip")
 
@@ -94,19 +94,32 @@ def require(uri: str, stage: str) -> str:
 
 
 def stage_data(cfg: PipelineConfig, progress: bool = True) -> dict:
-    from entityclip.data.synthetic import generate
-
+    """The synthetic benchmark, or a real dataset's own format ingested into samples.parquet."""
     paths = RunPaths.for_config(cfg)
-    return generate(cfg.data, storage.join(paths.root, "data"), progress=progress)
+    if cfg.data.source == "synthetic":
+        from entityclip.data.synthetic import generate
+
+        return generate(cfg.data, storage.join(paths.root, "data"), progress=progress)
+    from entityclip.data.formats import ingest
+    from entityclip.data.samples import samples_table
+
+    if not cfg.data.source_path:
+        raise ConfigError(f"data.source={cfg.data.source} needs data.source_path (the dataset's folder)")
+    rows, counts = ingest(cfg.data.source, cfg.data.source_path, cfg.data.skip_missing_images)
+    storage.write_parquet(paths.samples, samples_table(rows))
+    return {"samples": paths.samples, **counts, "written": len(rows)}
 
 
 def stage_explain(cfg: PipelineConfig, progress: bool = True):
     from entityclip.explain.pipeline import run_explain
 
     paths = RunPaths.for_config(cfg)
+    samples = require(paths.samples, "data")
+    if cfg.explain.engine == "knowledge" and not storage.exists(paths.entities):
+        raise ConfigError("the knowledge engine reads the synthetic world's entities.parquet; "
+                          "for a real dataset use explain.engine=vllm")
     init_ray()
-    return run_explain(cfg.explain, require(paths.samples, "data"), require(paths.entities, "data"),
-                       paths.explanations, progress=progress)
+    return run_explain(cfg.explain, samples, paths.entities, paths.explanations, progress=progress)
 
 
 def stage_train(cfg: PipelineConfig, progress: bool = True):

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from entityclip import storage
 from entityclip.config import DataConfig
 from entityclip.data.images import encode_png
+from entityclip.data.samples import samples_table
 
 COLOURS = {
     "red": (220, 40, 40), "blue": (40, 70, 220), "green": (40, 170, 60), "yellow": (235, 210, 40),
@@ -183,13 +184,3 @@ def generate(cfg: DataConfig, root: str, progress: bool = True) -> dict[str, str
     storage.write_parquet(entities_uri, pa.Table.from_pylist([asdict(e) for e in world]))
     storage.write_parquet(samples_uri, samples_table(rows))
     return {"entities": entities_uri, "samples": samples_uri}
-
-
-SAMPLES_SCHEMA = pa.schema([
-    ("sample_id", pa.string()), ("image_uri", pa.string()), ("text", pa.string()),
-    ("entities", pa.list_(pa.string())), ("split", pa.string()), ("source", pa.string()),
-])
-
-
-def samples_table(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA)

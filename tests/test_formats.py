@@ -1,0 +1,93 @@
+"""Ingesting the real datasets' own formats (tiny fixtures written in each format)."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from entityclip import storage
+from entityclip.config import load_config
+from entityclip.data.formats import ingest
+from entityclip.errors import ConfigError, InputError, StorageError
+from entityclip.pipeline import stage_data, stage_explain
+
+
+def image(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(path)
+
+
+def write(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records))
+
+
+@pytest.fixture()
+def n24news(tmp_path):
+    root = tmp_path / "N24News"
+    for split, ids in {"train": ["a1", "a2"], "dev": ["b1"], "test": ["c1"]}.items():
+        write(root / "news" / f"nytimes_{split}.json",
+              [{"image_id": i, "caption": f"Caption {i}", "headline": "H", "section": "Sports"} for i in ids])
+        for i in ids:
+            image(root / "imgs" / f"{i}.jpg")
+    return root
+
+
+def test_n24news_captions_become_samples_with_mapped_splits(n24news):
+    rows, counts = ingest("n24news", str(n24news))
+    assert counts["read"] == len(rows) == 4
+    assert {r["split"] for r in rows} == {"train", "val", "test"}
+    a1 = next(r for r in rows if r["sample_id"] == "n24news-a1")
+    assert a1["text"] == "Caption a1" and a1["image_uri"].endswith("imgs/a1.jpg") and a1["entities"] == []
+
+
+def test_visualnews_image_paths_resolve_under_images(tmp_path):
+    root = tmp_path / "VisualNews"
+    for split in ("train", "val", "test"):
+        write(root / f"{split}.json", [{"id": 7 if split == "train" else 8, "caption": "C",
+                                         "image_path": "./bbc/images/0001/7.jpg"}])
+    image(root / "images" / "bbc" / "images" / "0001" / "7.jpg")
+    rows, _ = ingest("visualnews", str(root))
+    assert rows[0]["image_uri"] == f"{root}/images/bbc/images/0001/7.jpg"
+
+
+def test_goodnews_skips_listed_broken_images_and_cleans_captions(tmp_path):
+    root = tmp_path / "GoodNews"
+    for split in ("train", "val", "test"):
+        write(root / f"new_goodnews_capim_{split}.json",
+              [{"image_id": f"{split}_1.jpg", "captioning": "Line one\r\nline two", "title": "T"},
+               {"image_id": f"{split}_2.jpg", "captioning": "x", "title": "T"}])
+        image(root / "images" / f"{split}_1.jpg")
+        image(root / "images" / f"{split}_2.jpg")
+    (root / "broken_images.txt").write_text("train_2.jpg\n")
+    rows, counts = ingest("goodnews", str(root))
+    assert counts["skipped_broken"] == 1 and len(rows) == 5
+    assert next(r for r in rows if r["sample_id"] == "goodnews-train_1")["text"] == "Line one line two"
+
+
+def test_missing_images_are_an_error_unless_skipping_is_asked_for(n24news):
+    (n24news / "imgs" / "a2.jpg").unlink()
+    with pytest.raises(InputError, match="1 images are missing"):
+        ingest("n24news", str(n24news))
+    rows, counts = ingest("n24news", str(n24news), skip_missing_images=True)
+    assert counts["skipped_missing_image"] == 1 and len(rows) == 3
+
+
+def test_missing_split_files_and_bad_records_are_clear_errors(n24news, tmp_path):
+    with pytest.raises(StorageError, match="missing"):
+        ingest("visualnews", str(tmp_path / "nothing"))
+    write(n24news / "news" / "nytimes_dev.json", [{"caption": "no image id"}])
+    with pytest.raises(InputError, match="record 0 lacks the fields"):
+        ingest("n24news", str(n24news))
+    with pytest.raises(InputError, match="unknown dataset format"):
+        ingest("coco", str(n24news))
+
+
+def test_the_data_stage_ingests_a_real_format_and_explain_asks_for_an_llm(n24news, tmp_path):
+    cfg = load_config(None, [f"storage.root={tmp_path / 'run'}", "data.source=n24news", f"data.source_path={n24news}"])
+    out = stage_data(cfg)
+    assert out["written"] == 4 and storage.read_parquet(out["samples"]).num_rows == 4
+    with pytest.raises(ConfigError, match="explain.engine=vllm"):
+        stage_explain(cfg)
+    with pytest.raises(ConfigError, match="needs data.source_path"):
+        stage_data(load_config(None, [f"storage.root={tmp_path / 'r2'}", "data.source=goodnews"]))
