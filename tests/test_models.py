@@ -98,3 +98,22 @@ def test_experts_read_at_one_token_equal_a_full_sequence_pass():
     pad = torch.arange(10).unsqueeze(0) > eot.unsqueeze(1)
     full = torch.stack([e(tokens, tokens, pad)[torch.arange(3), eot] for e in mmae.text], dim=1)
     assert torch.allclose(mmae.text_experts(tokens, pad, eot), full, atol=1e-5)
+
+
+def test_init_from_a_bare_open_clip_state_dict_loads_the_backbone(tmp_path):
+    from safetensors.torch import save_file
+
+    from entityclip.errors import StorageError
+    from entityclip.train.checkpoint import init_from
+
+    source = model("clip_finetune")
+    (tmp_path / "clip").mkdir()
+    save_file({k: v.contiguous() for k, v in source.clip.state_dict().items()}, str(tmp_path / "clip" / "model.safetensors"))
+    torch.manual_seed(1)
+    target = build_model(ModelConfig(variant="entityclip", **TINY))
+    init_from(target, str(tmp_path / "clip"))
+    assert torch.equal(target.clip.visual.proj, source.clip.visual.proj)
+
+    other = build_model(ModelConfig(variant="entityclip", **{**TINY, "width": 48, "embed_dim": 48}))
+    with pytest.raises(StorageError, match="do not fit this model"):
+        init_from(other, str(tmp_path / "clip"))

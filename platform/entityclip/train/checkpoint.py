@@ -64,7 +64,14 @@ def load_weights(model: EntityCLIP, weights: str | Path, strict: bool = True) ->
 
 
 def init_from(model: EntityCLIP, uri: str) -> None:
-    """Initialise from another checkpoint, e.g. a CLIP backbone: shared weights load, new
-    modules (experts, gates) keep their random init, as in the official code."""
-    path = _local_copy(uri)
-    load_weights(model, path / WEIGHTS, strict=False)
+    """Initialise from another checkpoint: one of ours, or a bare open_clip CLIP state dict in
+    model.safetensors. Shared weights load; new modules (experts, gates) keep their random init,
+    as in the official code. A checkpoint that fits nothing is an error, not a silent no-op."""
+    state = load_file(str(_local_copy(uri) / WEIGHTS))
+    if not any(k.startswith("clip.") for k in state):
+        state = {f"clip.{k}": v for k, v in state.items()}
+    own = model.state_dict()
+    misfits = [k for k, v in state.items() if k.startswith("clip.") and (k not in own or own[k].shape != v.shape)]
+    if misfits:  # the backbone must match exactly, or the "initialised" model is a mix
+        raise StorageError(f"{uri}: backbone weights do not fit this model ({len(misfits)} tensors, e.g. {misfits[:3]})")
+    model.load_state_dict({k: v for k, v in state.items() if k in own and own[k].shape == v.shape}, strict=False)
