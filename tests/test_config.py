@@ -36,6 +36,8 @@ def test_dumped_config_loads_back_identically(tmp_path):
     (["train.epochs=three"], "expected int"),
     (["train"], "section.field=value"),
     (["nosuch.field=1"], "unknown field"),
+    (["evaluate.ks=5"], "expected a list"),
+    (["evaluate.ks=[1, x]"], r"ks\[1\]: expected int"),
 ])
 def test_bad_overrides_are_rejected_with_the_reason(overrides, message):
     with pytest.raises(ConfigError, match=message):

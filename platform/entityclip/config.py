@@ -160,6 +160,11 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}") from None
     if typ is str:
         return "" if value is None else str(value)
+    if typing.get_origin(typ) is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(typ)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     return value
 
 
