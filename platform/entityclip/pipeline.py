@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from entityclip import storage
@@ -189,8 +189,6 @@ class StageTimer:
 
 
 def with_variant(cfg: PipelineConfig, variant: str) -> PipelineConfig:
-    from dataclasses import replace
-
     return replace(cfg, model=replace(cfg.model, variant=variant))
 
 

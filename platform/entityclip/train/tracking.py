@@ -4,6 +4,7 @@ Ray Train worker log into the same run without sharing global state."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import requests
@@ -72,8 +73,6 @@ class Tracker:
             self._call("log params", lambda chunk=items[i:i + 100]: self.client.log_batch(run_id, params=chunk))
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
