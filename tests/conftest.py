@@ -126,9 +126,10 @@ def ray_session(s3_endpoint):
     inherit the AWS_* variables."""
     import ray
 
-    from entityclip.pipeline import init_ray
+    from entityclip.runtime import init_ray, set_serve_env
 
     os.environ.pop("RAY_ADDRESS", None)
+    set_serve_env()  # before Ray starts: its processes read Serve's settings from the environment
     context = ray.init(num_cpus=4, include_dashboard=True, logging_level="WARNING", log_to_driver=False)
     init_ray()
     ray.dashboard_address = f"http://{context.dashboard_url}"
@@ -137,6 +138,12 @@ def ray_session(s3_endpoint):
 
     serve.shutdown()
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_session) -> int:
+    """Serve runs once per Ray instance and keeps the port it started with."""
+    return free_port()
 
 
 @pytest.fixture(scope="session")

@@ -87,3 +87,9 @@ def test_stages_run_with_the_storage_root_on_s3(s3_bucket, ray_session, trained_
     metrics = stage_evaluate(cfg)
     assert set(metrics) == {"test_seen", "test_unseen"}
     assert storage.read_json(f"{root}/eval/entityclip.json") == metrics
+
+    # The in-process retrieval API reads checkpoint, FAISS index and entities from S3 too.
+    from entityclip import Retriever
+
+    answer = Retriever.load(root, config=cfg).search_text("Velmora Rovers lift the cup", k=3)
+    assert len(answer["results"]) == 3 and answer["model"]["checkpoint"].startswith("s3://")

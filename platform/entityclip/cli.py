@@ -13,6 +13,7 @@ import sys
 from entityclip.config import PipelineConfig, dump_config, load_config
 from entityclip.errors import EntityClipError, find_user_error
 from entityclip.models.entityclip import VARIANTS
+from entityclip.runtime import set_verbose
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -21,6 +22,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="override one config field, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--root", help="storage root: a local folder or s3://bucket/prefix (= --set storage.root=...)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--verbose", action="store_true", help="show Ray, Serve and MLflow INFO logs")
 
 
 def _cfg(args) -> PipelineConfig:
@@ -84,9 +86,7 @@ def cmd_evaluate(args) -> None:
 def cmd_serve(args) -> None:
     from entityclip.pipeline import start_serving
 
-    cfg = _cfg(args)
-    print(f"serving {cfg.model.variant} at http://{cfg.serve.host}:{cfg.serve.port} (Ctrl-C stops)", flush=True)
-    start_serving(cfg, blocking=True)
+    start_serving(_cfg(args), blocking=True)
 
 
 def cmd_query(args) -> None:
@@ -200,6 +200,7 @@ RAY_DATA_RETRY_NOTE = "\nFailed to apply UDF transform"
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    set_verbose(getattr(args, "verbose", False))
     try:
         args.fn(args)
     except KeyboardInterrupt:

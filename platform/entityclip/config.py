@@ -110,16 +110,43 @@ class EvalConfig:
 class IndexConfig:
     num_actors: int = 1
     batch_size: int = 64
+    # FAISS structure (vector_index.py): flat = exact; ivf / hnsw = approximate, for large galleries.
+    kind: str = "flat"
+    ivf_nlist: int = 1024
+    ivf_nprobe: int = 16
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 80
+    hnsw_ef_search: int = 64
+
+
+@dataclass
+class AutoscalingConfig:
+    """Ray Serve autoscaling of the retrieval replicas; defaults measured on 2 cores (README)."""
+
+    # Two replicas at least: a replica that dies leaves one answering while Serve replaces it.
+    min_replicas: int = 2
+    max_replicas: int = 4
+    # Ongoing requests per replica that the autoscaler aims for, and the most a replica runs at
+    # once (it queues the rest). A batching replica serves 16-32 concurrent clients well.
+    target_ongoing_requests: float = 32.0
+    max_ongoing_requests: int = 64
+    upscale_delay_s: float = 10.0
+    downscale_delay_s: float = 60.0
+    look_back_period_s: float = 10.0
 
 
 @dataclass
 class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
-    min_replicas: int = 1
-    max_replicas: int = 2
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+    cpus_per_replica: float = 0.5
+    # Text queries waiting together are encoded as one batch (@serve.batch); no wait for a
+    # batch to fill: a lone query goes at once, queries that queued meanwhile go together.
     max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.01
+    batch_wait_timeout_s: float = 0.0
+    explain_cache_size: int = 10_000  # explanations kept in each replica's LRU cache
+    max_k: int = 1000
     max_text_chars: int = 1000
     max_image_bytes: int = 8_000_000
 

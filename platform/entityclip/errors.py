@@ -21,6 +21,10 @@ class InputError(EntityClipError):
     """A user-supplied image, text or request is invalid."""
 
 
+class InputTooLarge(InputError):
+    """A user-supplied text, image or request is over its size limit (HTTP 413)."""
+
+
 class TrackingError(EntityClipError):
     """The MLflow tracking server cannot be reached or refused a request."""
 

@@ -1,8 +1,9 @@
 """The embedding index: Ray Data batch-embeds every image and every text(+explanation) with a
-checkpoint, and `EmbeddingIndex` searches them exactly (inner product of unit vectors).
+checkpoint, and `EmbeddingIndex` searches them with FAISS (inner product of unit vectors).
 
-Layout under the index URI: `images.parquet` and `texts.parquet`, each with sample_id,
-image_uri, text, entities, split and a fixed-size `embedding` column.
+Layout under the index URI, per kind (images, texts): `<kind>.parquet` with sample_id,
+image_uri, text, entities, split and a fixed-size `embedding` column, and `<kind>.faiss`, the
+serialized FAISS index over the same rows (structure from `index.kind`, vector_index.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import pyarrow as pa
 import ray
 import torch
 
-from entityclip import storage
+from entityclip import storage, vector_index
+from entityclip.config import IndexConfig
 from entityclip.data.images import read_image_tensor
 from entityclip.data.pairs import load_pairs
 from entityclip.errors import InputError
@@ -48,20 +50,22 @@ class IndexStats:
 
 
 def build_index(checkpoint_uri: str, samples_uri: str, explanations_uri: str, out_uri: str,
-                num_actors: int = 1, batch_size: int = 64) -> IndexStats:
+                cfg: IndexConfig) -> IndexStats:
     rows = [{"sample_id": p.sample_id, "image_uri": p.image_uri, "text": p.text, "explanation": p.explanation,
              "entities": list(p.entities), "split": p.split} for p in load_pairs(samples_uri, explanations_uri)]
     dim = 0
     for kind in KINDS:
         ds = ray.data.from_items(rows).map_batches(
             Embedder, fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "kind": kind},
-            batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=num_actors), batch_format="numpy")
+            batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+            batch_format="numpy")
         table = pa.Table.from_pylist(ds.take_all())
         embeddings = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
         dim = embeddings.shape[1]
         table = table.drop_columns(["embedding"]).append_column(
             "embedding", pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), dim))
         storage.write_parquet(storage.join(out_uri, f"{kind}.parquet"), table)
+        vector_index.save(vector_index.build_faiss(embeddings, cfg), storage.join(out_uri, f"{kind}.faiss"))
     return IndexStats(out_uri, len(rows), dim)
 
 
@@ -75,25 +79,35 @@ class Hit:
 
 
 class EmbeddingIndex:
-    def __init__(self, tables: dict[str, pa.Table]):
+    """Row metadata, the embeddings (for evaluation) and one FAISS index per kind."""
+
+    def __init__(self, tables: dict[str, pa.Table], searchers: dict):
         self.meta = {k: t.drop_columns(["embedding"]).to_pylist() for k, t in tables.items()}
         self.embeddings = {
             k: np.asarray(t.column("embedding").combine_chunks().flatten(), dtype=np.float32).reshape(t.num_rows, -1)
             for k, t in tables.items()
         }
+        self.searchers = searchers
 
     @classmethod
     def load(cls, uri: str) -> "EmbeddingIndex":
-        return cls({k: storage.read_parquet(storage.join(uri, f"{k}.parquet")) for k in KINDS})
+        tables = {k: storage.read_parquet(storage.join(uri, f"{k}.parquet")) for k in KINDS}
+        return cls(tables, {k: vector_index.load(storage.join(uri, f"{k}.faiss")) for k in KINDS})
 
     def __len__(self) -> int:
         return len(self.meta["images"])
 
-    def search(self, query: np.ndarray, kind: str, k: int = 10) -> list[Hit]:
-        """Top-k items of `kind` ("images" or "texts") for one unit-norm query vector."""
+    @property
+    def dim(self) -> int:
+        return self.embeddings["images"].shape[1]
+
+    def search(self, queries: np.ndarray, kind: str, k: int = 10) -> list[list[Hit]]:
+        """Top-k items of `kind` ("images" or "texts") for each row of unit-norm [Q, D] queries."""
         if kind not in KINDS:
             raise InputError(f"unknown index kind {kind!r}")
-        scores = self.embeddings[kind] @ np.asarray(query, dtype=np.float32).reshape(-1)
-        top = np.argsort(-scores)[:k]
-        return [Hit(self.meta[kind][i]["sample_id"], float(scores[i]), self.meta[kind][i]["image_uri"],
-                    self.meta[kind][i]["text"], self.meta[kind][i]["split"]) for i in top]
+        scores, ids = vector_index.search(self.searchers[kind], queries, k)
+        meta = self.meta[kind]
+        # FAISS pads with id -1 when an approximate index finds fewer than k items.
+        return [[Hit(meta[i]["sample_id"], float(s), meta[i]["image_uri"], meta[i]["text"], meta[i]["split"])
+                 for s, i in zip(row_scores, row_ids) if i >= 0]
+                for row_scores, row_ids in zip(scores, ids)]

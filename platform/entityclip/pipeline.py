@@ -6,79 +6,14 @@ time (CLI subcommands, Ray Jobs) or all together (`run_pipeline`).
 
 from __future__ import annotations
 
-import logging
-import os
 import time
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 
 from entityclip import storage
 from entityclip.config import PipelineConfig
 from entityclip.errors import ConfigError, StorageError
-
-log = logging.getLogger("entityclip")
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    root: str
-    local: Path  # this machine's working folder: MLflow's sqlite store, Ray Train results
-
-    @classmethod
-    def for_config(cls, cfg: PipelineConfig) -> "RunPaths":
-        if storage.is_s3(cfg.storage.root):
-            return cls(cfg.storage.root, Path("runs/.local").resolve())
-        # Absolute: Ray workers, actors and jobs do not share the caller's working directory.
-        local = storage.local_path(cfg.storage.root).resolve()
-        return cls(str(local), local)
-
-    @property
-    def samples(self) -> str:
-        return storage.join(self.root, "data", "samples.parquet")
-
-    @property
-    def entities(self) -> str:
-        return storage.join(self.root, "data", "entities.parquet")
-
-    @property
-    def explanations(self) -> str:
-        return storage.join(self.root, "explanations.parquet")
-
-    @property
-    def checkpoints(self) -> str:
-        return storage.join(self.root, "checkpoints")
-
-    def checkpoint(self, variant: str) -> str:
-        return storage.join(self.checkpoints, variant)
-
-    def index(self, variant: str) -> str:
-        return storage.join(self.root, "index", variant)
-
-    def evaluation(self, variant: str) -> str:
-        return storage.join(self.root, "eval", f"{variant}.json")
-
-    def as_dict(self) -> dict:
-        return {"samples": self.samples, "entities": self.entities, "explanations": self.explanations,
-                "checkpoints": self.checkpoints}
-
-
-def init_ray() -> None:
-    """Join RAY_ADDRESS's cluster if set (Ray Jobs set it), else start an embedded local Ray."""
-    import ray
-    from ray.data import DataContext
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING,
-                 configure_logging=True, log_to_driver=False)
-    # Ray Data logs each failure, traceback included, and then raises it; the raised error is
-    # what we report (one line for bad input, the full traceback for anything else).
-    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False  # our own tqdm bars report progress per stage
-    ctx.print_on_execution_start = False
-    # Our actors raise EntityClipErrors for bad input; keep their type instead of a bare
-    # UserCodeException so the CLI can show them as one clear line.
-    ctx.raise_original_map_exception = True
+from entityclip.paths import RunPaths
+from entityclip.runtime import init_ray, quiet_logs
 
 
 def tracker_for(cfg: PipelineConfig, paths: RunPaths):
@@ -140,7 +75,7 @@ def stage_index(cfg: PipelineConfig):
     require(storage.join(checkpoint, "model.json"), "train")
     init_ray()
     return build_index(checkpoint, paths.samples, require(paths.explanations, "explain"),
-                       paths.index(cfg.model.variant), cfg.index.num_actors, cfg.index.batch_size)
+                       paths.index(cfg.model.variant), cfg.index)
 
 
 def stage_evaluate(cfg: PipelineConfig, run_id: str | None = None) -> dict:
@@ -161,18 +96,21 @@ def stage_evaluate(cfg: PipelineConfig, run_id: str | None = None) -> dict:
 
 def start_serving(cfg: PipelineConfig, blocking: bool = False) -> str:
     """Deploy the Serve app for `cfg.model.variant`; returns its base URL."""
+    init_ray()  # first: Serve reads its settings from the environment on import
     from ray import serve
+    from ray.serve.context import _get_global_client
 
-    from entityclip.serving.app import build_app
+    from entityclip.serving.app import APP_NAME, build_app
 
-    paths = RunPaths.for_config(cfg)
-    checkpoint, index_uri = paths.checkpoint(cfg.model.variant), paths.index(cfg.model.variant)
-    require(storage.join(index_uri, "texts.parquet"), "index")
-    init_ray()
+    quiet_logs()  # again: importing Serve configures its loggers
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    app = build_app(cfg, checkpoint, index_uri, paths.entities)
-    serve.run(app, name="entityclip", route_prefix="/", blocking=blocking)
-    return f"http://{cfg.serve.host}:{cfg.serve.port}"
+    # A Serve instance already running in this Ray keeps its own host and port.
+    http = _get_global_client().http_config
+    url = f"http://{http.host}:{http.port}"
+    if blocking:
+        print(f"serving {cfg.model.variant} at {url} (Ctrl-C stops)", flush=True)
+    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=blocking)
+    return url
 
 
 class StageTimer:
@@ -221,6 +159,8 @@ def run_pipeline(cfg: PipelineConfig, variants: list[str], serve_query: bool = T
     if serve_query:
         from ray import serve
 
+        from entityclip.serving.app import APP_NAME
+
         scfg = with_variant(cfg, variants[0])
         base_url = timer.run("serve", start_serving, scfg)
         # Query for an entity held out of training: the case explanations exist for.
@@ -232,6 +172,6 @@ def run_pipeline(cfg: PipelineConfig, variants: list[str], serve_query: bool = T
         summary["query"] = {"url": f"{base_url}/search/text", "text": text, "entities": known,
                             "expected_sample": sample["sample_id"], "answer": answer}
         if not keep_serving:
-            serve.shutdown()
+            serve.delete(APP_NAME)
     storage.write_json(storage.join(paths.root, "summary.json"), summary)
     return summary

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from entityclip.errors import InputError
+from entityclip.errors import InputError, InputTooLarge
 
 # open_clip's OPENAI_DATASET_MEAN / STD, repeated here so preprocessing needs no model object.
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
@@ -28,19 +28,19 @@ def decode_image(data: bytes, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int 
     if not data:
         raise InputError("image is empty (0 bytes)")
     if len(data) > max_bytes:
-        raise InputError(f"image is {len(data)} bytes; the limit is {max_bytes}")
+        raise InputTooLarge(f"image is {len(data)} bytes; the limit is {max_bytes}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             width, height = img.size
             if width * height > max_pixels:
-                raise InputError(f"image is {width}x{height} pixels; the limit is {max_pixels} pixels")
+                raise InputTooLarge(f"image is {width}x{height} pixels; the limit is {max_pixels} pixels")
             img.load()
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InputError(f"image is larger than {max_pixels} pixels") from None
+        raise InputTooLarge(f"image is larger than {max_pixels} pixels") from None
     except Image.UnidentifiedImageError:
         raise InputError("image cannot be decoded: not a recognised image format") from None
     except Exception as exc:  # PIL raises many types for corrupt data

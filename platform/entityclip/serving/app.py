@@ -1,171 +1,196 @@
-"""Ray Serve application: HTTP ingress → explainer → encoder replicas (autoscaled, batched) →
-embedding index.
+"""Ray Serve application: one autoscaled deployment whose replicas each hold a `Retriever`
+(model, FAISS index, explanation engine with its LRU cache) and answer HTTP themselves, behind
+HAProxy (runtime.SERVE_ENV). A separate, batched `Explainer` deployment exists only for engines
+that need their own resources (vLLM on a GPU).
 
 Endpoints (JSON):
 - POST /search/text   {"text", "k"?, "explanation"?} → images ranked for the text
 - POST /search/image  {"image_base64", "k"?}          → texts ranked for the image
 - POST /score         {"text", "image_base64", "explanation"?} → similarity and P(match)
-- GET  /healthz
+- GET  /healthz       → status, index size and the model that answers
 Bad input is answered with a 4xx and a one-line `detail`, never a traceback.
 """
 
+# No `from __future__ import annotations`: FastAPI reads the endpoints' annotations as types.
 import base64
 import binascii
+import os
 
-import numpy as np
 import torch
-from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from entityclip.config import ExplainConfig, PipelineConfig, ServeConfig, to_dict
-from entityclip.data.images import load_image_tensor
-from entityclip.errors import InputError
-from entityclip.explain.engines import ExplainRequest, make_engine
-from entityclip.index import EmbeddingIndex
-from entityclip.train.checkpoint import load_model
+from entityclip import storage
+from entityclip.config import PipelineConfig, from_dict, to_dict
+from entityclip.errors import InputError, InputTooLarge, StorageError
+from entityclip.explain.engines import make_engine
+from entityclip.paths import RunPaths
+from entityclip.retrieval import ExplanationCache, Retriever
+
+APP_NAME = "entityclip"
 
 
-class TextQuery(BaseModel):
-    text: str
-    k: int = 10
-    explanation: str | None = None
+class Query(BaseModel):
+    # An unknown field is an error, not silently ignored: "tetx" must not search for nothing.
+    model_config = ConfigDict(extra="forbid")
 
 
-class ImageQuery(BaseModel):
-    image_base64: str
-    k: int = 10
+class TextQuery(Query):
+    text: StrictStr
+    k: StrictInt = 10
+    explanation: StrictStr | None = None
 
 
-class PairQuery(BaseModel):
-    text: str
-    image_base64: str
-    explanation: str | None = None
+class ImageQuery(Query):
+    image_base64: StrictStr
+    k: StrictInt = 10
+
+
+class PairQuery(Query):
+    text: StrictStr
+    image_base64: StrictStr
+    explanation: StrictStr | None = None
+
+
+def decode_base64(data: str, max_bytes: int) -> bytes:
+    # base64 is 4/3 of its bytes: refuse an oversized image before decoding it.
+    if len(data) > (max_bytes + 2) // 3 * 4:
+        raise InputTooLarge(f"image is over {max_bytes} bytes; the limit is {max_bytes}")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError("image_base64 is not valid base64") from None
+
+
+def max_body_bytes(max_image_bytes: int, max_text_chars: int) -> int:
+    """The largest well-formed request: a base64 image, a text and its explanation, in JSON."""
+    return (max_image_bytes + 2) // 3 * 4 + 8 * max_text_chars + 4096
+
+
+api = FastAPI(title="EntityCLIP retrieval", docs_url=None, redoc_url=None)
+
+
+@api.exception_handler(InputError)
+async def _input_error(request: Request, exc: InputError) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=413 if isinstance(exc, InputTooLarge) else 400)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    if any(e["type"] == "json_invalid" for e in exc.errors()):
+        return JSONResponse({"detail": "request body is not valid JSON"}, status_code=422)
+    problems = [f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in exc.errors()]
+    return JSONResponse({"detail": "; ".join(problems)}, status_code=422)
+
+
+@api.middleware("http")
+async def _limit_body(request: Request, call_next):
+    """Refuse a body over the limit from its Content-Length, before reading it."""
+    length, limit = request.headers.get("content-length", ""), request.app.state.max_body
+    if length.isdigit() and int(length) > limit:
+        return JSONResponse({"detail": f"request body is {length} bytes; the limit is {limit}"}, status_code=413)
+    return await call_next(request)
 
 
 @serve.deployment
 class Explainer:
-    def __init__(self, explain_cfg: dict, entities_uri: str):
-        self.engine = make_engine(ExplainConfig(**explain_cfg), entities_uri)
+    """Explanations from an engine that needs its own resources, batched across requests."""
 
-    def explain(self, text: str) -> str:
-        return self.engine.explain([ExplainRequest(text)])[0]
+    def __init__(self, config: dict):
+        cfg = from_dict(PipelineConfig, config)
+        engine = make_engine(cfg.explain, RunPaths.for_config(cfg).entities)
+        self.cache = ExplanationCache(engine, cfg.serve.explain_cache_size)
 
-
-@serve.deployment
-class Encoder:
-    def __init__(self, checkpoint_uri: str, max_batch_size: int, batch_wait_timeout_s: float):
-        torch.set_num_threads(1)
-        self.model = load_model(checkpoint_uri)
-        self.embed_texts.set_max_batch_size(max_batch_size)
-        self.embed_texts.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self.embed_images.set_max_batch_size(max_batch_size)
-        self.embed_images.set_batch_wait_timeout_s(batch_wait_timeout_s)
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def embed_texts(self, items: list[tuple[str, str]]) -> list[np.ndarray]:
-        texts, explanations = zip(*items)
-        return list(self.model.embed_texts(list(texts), list(explanations)).numpy())
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def embed_images(self, images: list[torch.Tensor]) -> list[np.ndarray]:
-        return list(self.model.embed_images(torch.stack(images)).numpy())
-
-    def match_probability(self, image: torch.Tensor, text: str, explanation: str) -> float:
-        return float(self.model.match_probability(image.unsqueeze(0), [text], [explanation])[0])
-
-
-api = FastAPI(title="EntityCLIP retrieval")
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.05)
+    async def explain(self, texts: list[str]) -> list[str]:
+        return self.cache.explain(texts)
 
 
 @serve.deployment
 @serve.ingress(api)
-class Retriever:
-    def __init__(self, explainer: DeploymentHandle, encoder: DeploymentHandle, index_uri: str,
-                 serve_cfg: dict, image_size: int):
-        self.explainer, self.encoder = explainer, encoder
-        self.index = EmbeddingIndex.load(index_uri)
-        self.cfg = ServeConfig(**serve_cfg)
-        self.image_size = image_size
+class RetrievalServer:
+    def __init__(self, config: dict, variant: str, explainer: DeploymentHandle | None = None):
+        cfg = from_dict(PipelineConfig, config)
+        # Replicas share the machine's cores; one intra-op thread each avoids oversubscription.
+        torch.set_num_threads(max(1, int(cfg.serve.cpus_per_replica)))
+        self.retriever = Retriever.load(config=cfg, variant=variant, explain=explainer is None)
+        self.explainer = explainer
+        self.max_image_bytes = cfg.serve.max_image_bytes
+        api.state.max_body = max_body_bytes(cfg.serve.max_image_bytes, cfg.serve.max_text_chars)
+        self._search_batch.set_max_batch_size(cfg.serve.max_batch_size)
+        self._search_batch.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
 
-    def _text(self, text: str) -> str:
-        text = text.strip()
-        if not text:
-            raise HTTPException(400, "text is empty")
-        if len(text) > self.cfg.max_text_chars:
-            raise HTTPException(413, f"text is {len(text)} characters; the limit is {self.cfg.max_text_chars}")
-        return text
+    async def _explanation(self, text: str, given: str | None) -> str | None:
+        if given is not None or self.explainer is None or not self.retriever.needs_explanations:
+            return given
+        return await self.explainer.explain.remote(text)
 
-    def _k(self, k: int) -> int:
-        if not 1 <= k <= 1000:
-            raise HTTPException(400, "k must be between 1 and 1000")
-        return k
-
-    def _image(self, image_base64: str) -> torch.Tensor:
-        try:
-            data = base64.b64decode(image_base64, validate=True)
-        except (binascii.Error, ValueError):
-            raise HTTPException(400, "image_base64 is not valid base64") from None
-        if len(data) > self.cfg.max_image_bytes:
-            raise HTTPException(413, f"image is {len(data)} bytes; the limit is {self.cfg.max_image_bytes}")
-        try:
-            return load_image_tensor(data, self.image_size, max_bytes=self.cfg.max_image_bytes)
-        except InputError as exc:
-            raise HTTPException(400, str(exc)) from None
-
-    async def _explanation(self, text: str, given: str | None) -> str:
-        return given if given is not None else await self.explainer.explain.remote(text)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)  # set from the config in __init__
+    async def _search_batch(self, queries: list[tuple[str, int, str | None]]) -> list[dict]:
+        texts, ks, explanations = zip(*queries)
+        return self.retriever.search_texts(list(texts), list(ks), list(explanations))
 
     @api.get("/healthz")
     def healthz(self) -> dict:
-        return {"status": "ok", "index_size": len(self.index)}
+        return self.retriever.health()
 
     @api.post("/search/text")
     async def search_text(self, query: TextQuery) -> dict:
-        text, k = self._text(query.text), self._k(query.k)
-        explanation = await self._explanation(text, query.explanation)
-        embedding = await self.encoder.embed_texts.remote((text, explanation))
-        hits = self.index.search(embedding, "images", k)
-        return {"explanation": explanation, "results": [h.__dict__ for h in hits]}
+        # Checked before batching, so that one bad query cannot fail the others in its batch.
+        text, k = self.retriever.check_text(query.text), self.retriever.check_k(query.k)
+        explanation = self.retriever.check_explanation(query.explanation)
+        return await self._search_batch((text, k, await self._explanation(text, explanation)))
 
     @api.post("/search/image")
-    async def search_image(self, query: ImageQuery) -> dict:
-        image, k = self._image(query.image_base64), self._k(query.k)
-        embedding = await self.encoder.embed_images.remote(image)
-        return {"results": [h.__dict__ for h in self.index.search(embedding, "texts", k)]}
+    def search_image(self, query: ImageQuery) -> dict:
+        return self.retriever.search_image(decode_base64(query.image_base64, self.max_image_bytes), query.k)
 
     @api.post("/score")
     async def score(self, query: PairQuery) -> dict:
-        text, image = self._text(query.text), self._image(query.image_base64)
-        explanation = await self._explanation(text, query.explanation)
-        t = await self.encoder.embed_texts.remote((text, explanation))
-        i = await self.encoder.embed_images.remote(image)
-        prob = await self.encoder.match_probability.remote(image, text, explanation)
-        return {"similarity": float(np.dot(t, i)), "match_probability": None if np.isnan(prob) else prob,
-                "explanation": explanation}
+        image = decode_base64(query.image_base64, self.max_image_bytes)
+        text = self.retriever.check_text(query.text)
+        return self.retriever.score(text, image, await self._explanation(text, query.explanation))
 
 
-def build_app(cfg: PipelineConfig, checkpoint_uri: str, index_uri: str, entities_uri: str):
-    s = cfg.serve
-    # Read once here so that a bad checkpoint fails at deploy time, in the caller's process.
-    image_size = load_model(checkpoint_uri).image_size
-    explainer = Explainer.options(ray_actor_options={"num_cpus": 0.1}).bind(to_dict(cfg.explain), entities_uri)
-    encoder = Encoder.options(
-        ray_actor_options={"num_cpus": 0.25},
-        autoscaling_config={"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
-                            "target_ongoing_requests": 4},
-    ).bind(checkpoint_uri, s.max_batch_size, s.batch_wait_timeout_s)
-    return Retriever.options(ray_actor_options={"num_cpus": 0.1}).bind(
-        explainer, encoder, index_uri, to_dict(s), image_size)
+def check_servable(cfg: PipelineConfig, variant: str) -> None:
+    """Fail in the caller's process, with one line, before any replica starts."""
+    paths = RunPaths.for_config(cfg)
+    for uri, stage in [(storage.join(paths.checkpoint(variant), "model.json"), "train"),
+                       (storage.join(paths.index(variant), "images.faiss"), "index"),
+                       (storage.join(paths.index(variant), "texts.faiss"), "index")]:
+        if not storage.exists(uri):
+            raise StorageError(f"{uri} does not exist: run `entityclip {stage}` first")
+
+
+def build_app(cfg: PipelineConfig, variant: str | None = None):
+    variant = variant or cfg.model.variant
+    check_servable(cfg, variant)
+    s, scaling = cfg.serve, cfg.serve.autoscaling
+    explainer = None
+    if cfg.explain.engine != "knowledge":
+        explainer = Explainer.options(
+            ray_actor_options={"num_cpus": 1, "num_gpus": cfg.explain.num_gpus_per_actor}).bind(to_dict(cfg))
+    return RetrievalServer.options(
+        ray_actor_options={"num_cpus": s.cpus_per_replica},
+        max_ongoing_requests=scaling.max_ongoing_requests,
+        autoscaling_config={
+            "min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
+            "target_ongoing_requests": scaling.target_ongoing_requests,
+            "upscale_delay_s": scaling.upscale_delay_s, "downscale_delay_s": scaling.downscale_delay_s,
+            "look_back_period_s": scaling.look_back_period_s,
+            # Deprecated in favour of the push-interval variables (runtime.SERVE_ENV), but still
+            # what Serve checks look_back_period_s against: keep the two equal.
+            "metrics_interval_s": float(os.environ.get("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", 10)),
+        },
+    ).bind(to_dict(cfg), variant, explainer)
 
 
 def app_builder(args: dict):
     """For `serve run` / a Serve config file: args = {"config": path?, "overrides": [...]}."""
     from entityclip.config import load_config
-    from entityclip.pipeline import RunPaths
 
-    cfg = load_config(args.get("config"), list(args.get("overrides", [])))
-    paths = RunPaths.for_config(cfg)
-    return build_app(cfg, paths.checkpoint(cfg.model.variant), paths.index(cfg.model.variant), paths.entities)
-
+    return build_app(load_config(args.get("config"), list(args.get("overrides", []))))

@@ -1,0 +1,51 @@
+"""Where a run keeps its artifacts under the storage root (local folder or s3:// prefix)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from entityclip import storage
+from entityclip.config import PipelineConfig
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: str
+    local: Path  # this machine's working folder: MLflow's sqlite store, Ray Train results
+
+    @classmethod
+    def for_config(cls, cfg: PipelineConfig) -> "RunPaths":
+        if storage.is_s3(cfg.storage.root):
+            return cls(cfg.storage.root, Path("runs/.local").resolve())
+        # Absolute: Ray workers, actors and jobs do not share the caller's working directory.
+        local = storage.local_path(cfg.storage.root).resolve()
+        return cls(str(local), local)
+
+    @property
+    def samples(self) -> str:
+        return storage.join(self.root, "data", "samples.parquet")
+
+    @property
+    def entities(self) -> str:
+        return storage.join(self.root, "data", "entities.parquet")
+
+    @property
+    def explanations(self) -> str:
+        return storage.join(self.root, "explanations.parquet")
+
+    @property
+    def checkpoints(self) -> str:
+        return storage.join(self.root, "checkpoints")
+
+    def checkpoint(self, variant: str) -> str:
+        return storage.join(self.checkpoints, variant)
+
+    def index(self, variant: str) -> str:
+        return storage.join(self.root, "index", variant)
+
+    def evaluation(self, variant: str) -> str:
+        return storage.join(self.root, "eval", f"{variant}.json")
+
+    def as_dict(self) -> dict:
+        return {"samples": self.samples, "entities": self.entities, "explanations": self.explanations,
+                "checkpoints": self.checkpoints}

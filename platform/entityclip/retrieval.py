@@ -1,0 +1,177 @@
+"""`Retriever`: the one implementation of online retrieval, in-process or behind Ray Serve.
+
+    from entityclip import Retriever
+    r = Retriever.load("runs/default")              # or s3://bucket/prefix
+    r.search_text("Velmora Rovers lift the cup", k=5)
+    r.search_image(open("photo.png", "rb").read(), k=5)
+    r.score("Velmora Rovers lift the cup", image_bytes)
+
+Each method returns the plain dict the HTTP API answers with. Bad input raises `InputError`
+(`InputTooLarge` for sizes over a limit) with a one-line message.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from PIL import Image
+
+from entityclip.config import PipelineConfig, ServeConfig, StorageConfig, load_config
+from entityclip.data.images import load_image_tensor, to_tensor
+from entityclip.errors import InputError, InputTooLarge
+from entityclip.explain.engines import ExplainRequest, ExplanationEngine, make_engine
+from entityclip.explain.prompts import explanation_key
+from entityclip.index import EmbeddingIndex
+from entityclip.models import EntityCLIP
+from entityclip.paths import RunPaths
+from entityclip.train.checkpoint import load_model
+
+
+class ExplanationCache:
+    """LRU of explanations keyed like the explanation stage's cache (hash of the prompt)."""
+
+    def __init__(self, engine: ExplanationEngine, size: int):
+        self.engine, self.size = engine, size
+        self._items: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def explain(self, texts: list[str]) -> list[str]:
+        keys = [explanation_key(t, []) for t in texts]
+        with self._lock:
+            found = {k: self._items[k] for k in keys if k in self._items}
+            for k in found:
+                self._items.move_to_end(k)
+        missing = {k: t for k, t in zip(keys, texts) if k not in found}
+        if missing:
+            explained = self.engine.explain([ExplainRequest(t) for t in missing.values()])
+            found.update(zip(missing, explained))
+            with self._lock:
+                self._items.update(zip(missing, explained))
+                while len(self._items) > self.size:
+                    self._items.popitem(last=False)
+        return [found[k] for k in keys]
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_k: int = 1000
+    max_text_chars: int = 1000
+    max_image_bytes: int = 8_000_000
+
+    @classmethod
+    def from_config(cls, cfg: ServeConfig) -> "Limits":
+        return cls(cfg.max_k, cfg.max_text_chars, cfg.max_image_bytes)
+
+
+class Retriever:
+    """A trained matcher, its gallery index and (unless explanations come from elsewhere) an
+    explanation engine with an LRU cache. Thread-safe: inference only, under no_grad."""
+
+    def __init__(self, model: EntityCLIP, index: EmbeddingIndex, explainer: ExplanationCache | None,
+                 limits: Limits, info: dict):
+        self.model, self.index, self.explainer, self.limits, self.info = model, index, explainer, limits, info
+
+    @classmethod
+    def load(cls, root: str | None = None, variant: str = "entityclip", config: PipelineConfig | None = None,
+             explain: bool = True) -> "Retriever":
+        """The run at `root` (default: `config`'s storage root). `explain=False` leaves the
+        explanation engine out: callers then pass each query's explanation (Serve does, when
+        the engine runs in its own deployment)."""
+        cfg = config or load_config()
+        if root is not None:
+            cfg = replace(cfg, storage=StorageConfig(root))
+        paths = RunPaths.for_config(cfg)
+        checkpoint = paths.checkpoint(variant)
+        model = load_model(checkpoint)
+        index = EmbeddingIndex.load(paths.index(variant))
+        explainer = ExplanationCache(make_engine(cfg.explain, paths.entities), cfg.serve.explain_cache_size) \
+            if explain and model.uses_explanations else None
+        info = {"variant": variant, "checkpoint": checkpoint}
+        return cls(model, index, explainer, Limits.from_config(cfg.serve), info)
+
+    @property
+    def needs_explanations(self) -> bool:
+        return self.model.uses_explanations
+
+    # --- input checks: one line saying what is wrong ---------------------------------------
+    def check_text(self, text: str) -> str:
+        if not isinstance(text, str):
+            raise InputError("text must be a string")
+        text = text.strip()
+        if not text:
+            raise InputError("text is empty")
+        if len(text) > self.limits.max_text_chars:
+            raise InputTooLarge(f"text is {len(text)} characters; the limit is {self.limits.max_text_chars}")
+        return text
+
+    def check_explanation(self, explanation: str | None) -> str | None:
+        """A caller's own explanation: None (explain the text here) or a string within limits."""
+        if explanation is None:
+            return None
+        if not isinstance(explanation, str):
+            raise InputError("explanation must be a string")
+        if len(explanation) > self.limits.max_text_chars:
+            raise InputTooLarge(f"explanation is {len(explanation)} characters; the limit is {self.limits.max_text_chars}")
+        return explanation
+
+    def check_k(self, k: int) -> int:
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.limits.max_k:
+            raise InputError(f"k must be an integer between 1 and {self.limits.max_k}")
+        return k
+
+    def image_tensor(self, image: bytes | Image.Image) -> torch.Tensor:
+        if isinstance(image, Image.Image):
+            return to_tensor(image.convert("RGB"), self.model.image_size)
+        if not isinstance(image, (bytes, bytearray)):
+            raise InputError("image must be bytes or a PIL image")
+        return load_image_tensor(bytes(image), self.model.image_size, max_bytes=self.limits.max_image_bytes)
+
+    # --- retrieval --------------------------------------------------------------------------
+    def explain(self, texts: list[str]) -> list[str]:
+        """Explanations for already-checked texts ("" for variants that read none)."""
+        if not self.needs_explanations:
+            return [""] * len(texts)
+        if self.explainer is None:
+            raise InputError("this retriever has no explanation engine: pass each query's explanation")
+        return self.explainer.explain(texts)
+
+    def search_texts(self, texts: list[str], ks: list[int], explanations: list[str | None] | None = None) -> list[dict]:
+        """Text → image search for a batch of queries, encoded together."""
+        texts = [self.check_text(t) for t in texts]
+        ks = [self.check_k(k) for k in ks]
+        given = [self.check_explanation(e) for e in explanations] if explanations is not None else [None] * len(texts)
+        todo = [i for i, e in enumerate(given) if e is None]
+        for i, e in zip(todo, self.explain([texts[i] for i in todo])):
+            given[i] = e
+        embeddings = self.model.embed_texts(texts, given).numpy()
+        hits = self.index.search(embeddings, "images", max(ks))
+        return [{"explanation": e, "results": [h.__dict__ for h in row[:k]], "model": self.info}
+                for e, row, k in zip(given, hits, ks)]
+
+    def search_text(self, text: str, k: int = 10, explanation: str | None = None) -> dict:
+        return self.search_texts([text], [k], [explanation])[0]
+
+    def search_image(self, image: bytes | Image.Image, k: int = 10) -> dict:
+        """Image → text search."""
+        k = self.check_k(k)
+        embedding = self.model.embed_images(self.image_tensor(image).unsqueeze(0)).numpy()
+        return {"results": [h.__dict__ for h in self.index.search(embedding, "texts", k)[0]], "model": self.info}
+
+    def score(self, text: str, image: bytes | Image.Image, explanation: str | None = None) -> dict:
+        """Similarity of the retrieval embeddings and, where the variant has one, P(match)
+        from the GI-ITM head."""
+        text, explanation = self.check_text(text), self.check_explanation(explanation)
+        pixels = self.image_tensor(image).unsqueeze(0)
+        explanation = self.explain([text])[0] if explanation is None else explanation
+        t = self.model.embed_texts([text], [explanation]).numpy()[0]
+        i = self.model.embed_images(pixels).numpy()[0]
+        prob = float(self.model.match_probability(pixels, [text], [explanation])[0])
+        return {"similarity": float(np.dot(t, i)), "match_probability": None if np.isnan(prob) else prob,
+                "explanation": explanation, "model": self.info}
+
+    def health(self) -> dict:
+        return {"status": "ok", "index_size": len(self.index), "model": self.info}

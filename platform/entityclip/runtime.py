@@ -1,0 +1,87 @@
+"""The Ray runtime every stage runs on: an embedded local Ray or the cluster in RAY_ADDRESS,
+quiet by default, with Serve's throughput-optimized data plane.
+
+Serve settings are environment variables read when Ray's processes start, so they are set
+here, before `ray.init`; on a cluster they belong in the head and worker pods' environment
+(infra/kuberay/rayservice.yaml sets the same values). A variable already set wins.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+SERVE_ENV = {
+    # HTTP goes client -> HAProxy -> the replica's own HTTP server (direct ingress): no Python
+    # proxy hop, and HAProxy balances on least connections across replicas.
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    # Every endpoint is read-only, so a request whose replica died before answering (empty
+    # response) is safe to replay on another replica: a killed replica fails no request.
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response response-timeout",
+    "RAY_SERVE_HAPROXY_RETRIES": "3",
+    # HAProxy runs on the same node as its replicas here and learns of a stopping replica
+    # within a second; Serve's default 30 s drain suits cloud load balancers, not this.
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    # Replicas report their ongoing requests every second (default 10 s), so the autoscaler
+    # sees a burst while it is still happening.
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+}
+
+QUIET_LOGGERS = ("ray", "ray.serve", "ray.data", "ray.train", "ray.tune", "mlflow")
+
+# Set once by the CLI's --verbose; every stage's init_ray and quiet_logs follow it.
+_verbose = False
+
+
+def set_verbose(verbose: bool) -> None:
+    global _verbose
+    _verbose = verbose
+
+
+# HAProxy's stats and Prometheus ports are fixed by default (8404, 9101); a local Ray takes
+# free ones so that it never collides with another service on the machine.
+HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def set_serve_env() -> None:
+    for key, value in SERVE_ENV.items():
+        os.environ.setdefault(key, value)
+    if not os.environ.get("RAY_ADDRESS"):
+        for key in HAPROXY_PORTS:
+            os.environ.setdefault(key, str(_free_port()))
+
+
+def quiet_logs() -> None:
+    """Ray, Serve and MLflow print INFO lines by default; keep warnings and errors only."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if _verbose else logging.WARNING)
+
+
+def init_ray() -> None:
+    """Join RAY_ADDRESS's cluster if set (Ray Jobs set it), else start an embedded local Ray."""
+    set_serve_env()
+    import ray
+    from ray.data import DataContext
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.INFO if _verbose else logging.WARNING,
+                 configure_logging=True, log_to_driver=_verbose)
+    quiet_logs()
+    # Ray Data logs each failure, traceback included, and then raises it; the raised error is
+    # what we report (one line for bad input, the full traceback for anything else).
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # our own tqdm bars report progress per stage
+    ctx.print_on_execution_start = False
+    # Our actors raise EntityClipErrors for bad input; keep their type instead of a bare
+    # UserCodeException so the CLI can show them as one clear line.
+    ctx.raise_original_map_exception = True
