@@ -1,0 +1,122 @@
+"""The Serve app under real HTTP load: replicas scale out and back, and a SIGKILLed replica
+loses at most the answers it was writing at that instant. Slow (each test drives load for tens
+of seconds)."""
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import requests
+
+from entityclip.pipeline import start_serving, with_variant
+
+pytestmark = pytest.mark.slow
+
+
+class LoadLoop:
+    """`clients` threads sending text queries back to back until stopped (at most `limit_s`)."""
+
+    def __init__(self, url: str, clients: int, limit_s: float = 120):
+        self.url, self.deadline = url, time.time() + limit_s
+        self.statuses: dict[str, int] = {}
+        self.failed_at: list[float] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
+
+    def _client(self, i: int) -> None:
+        session = requests.Session()
+        n = 0
+        while not self._stop.is_set() and time.time() < self.deadline:
+            n += 1
+            try:
+                status = str(session.post(f"{self.url}/search/text", json={"text": f"Velmora Rovers {i} {n}", "k": 5},
+                                          timeout=60).status_code)
+            except requests.RequestException as exc:
+                status = type(exc).__name__
+            with self._lock:
+                self.statuses[status] = self.statuses.get(status, 0) + 1
+                if status != "200":
+                    self.failed_at.append(time.time())
+
+    def __enter__(self) -> "LoadLoop":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+
+def running_replicas() -> list:
+    from ray.util.state import list_actors
+
+    return [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+            if a.class_name.startswith("ServeReplica:entityclip:RetrievalServer")]
+
+
+def replica_count() -> int:
+    from ray import serve
+
+    return serve.status().applications["entityclip"].deployments["RetrievalServer"].replica_states.get("RUNNING", 0)
+
+
+def wait_for(condition, timeout_s: float, period_s: float = 0.5) -> bool:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(period_s)
+    return False
+
+
+def deploy(trained_run, serve_port, **autoscaling):
+    cfg = with_variant(trained_run["cfg"], "entityclip")
+    cfg.serve.port = serve_port
+    for key, value in autoscaling.items():
+        setattr(cfg.serve.autoscaling, key, value)
+    return start_serving(cfg)
+
+
+@pytest.fixture
+def cleanup():
+    yield
+    from ray import serve
+
+    serve.delete("entityclip")
+
+
+def test_replicas_scale_out_under_load_and_back_to_min_after_it(trained_run, serve_port, cleanup):
+    url = deploy(trained_run, serve_port, min_replicas=1, max_replicas=2, target_ongoing_requests=1,
+                 max_ongoing_requests=8, upscale_delay_s=1, downscale_delay_s=3, look_back_period_s=2)
+    assert replica_count() == 1
+    with LoadLoop(url, clients=12) as load:
+        assert wait_for(lambda: replica_count() > 1, timeout_s=60), "no scale-out under load"
+    assert set(load.statuses) == {"200"}, load.statuses
+    assert wait_for(lambda: replica_count() == 1, timeout_s=60), "did not scale back to min after the load"
+
+
+def test_a_killed_replica_loses_only_the_answers_it_was_writing(trained_run, serve_port, cleanup):
+    """HAProxy replays on the other replica every request the dead one had not begun to answer
+    (they are read-only). A request whose response headers had already left the replica when
+    it died cannot be replayed by any streaming proxy: at most the requests in flight on the
+    victim at that instant may fail, and none after it."""
+    clients = 8
+    url = deploy(trained_run, serve_port, min_replicas=2, max_replicas=2)
+    assert wait_for(lambda: len(running_replicas()) == 2, timeout_s=60)
+    with LoadLoop(url, clients=clients) as load:
+        time.sleep(3)
+        before = sum(load.statuses.values())
+        victim = running_replicas()[0]
+        killed_at = time.time()
+        os.kill(victim.pid, signal.SIGKILL)
+        time.sleep(8)
+    assert sum(load.statuses.values()) > before + 50, "the load stalled after the kill"
+    assert len(load.failed_at) <= clients // 2, load.statuses
+    assert all(abs(t - killed_at) < 1.0 for t in load.failed_at), (killed_at, load.failed_at)
+    # Serve replaces the dead replica.
+    assert wait_for(lambda: len(running_replicas()) == 2 and victim.pid not in {a.pid for a in running_replicas()}, 60)
