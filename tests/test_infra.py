@@ -30,6 +30,26 @@ def test_serve_configs_name_an_importable_builder_and_a_shipped_config(monkeypat
         assert (REPO / app["args"]["config"]).is_file()
 
 
+def test_serve_configs_overrides_are_valid_config_fields():
+    from entityclip.config import load_config
+
+    service = yaml.safe_load((REPO / "infra/kuberay/rayservice.yaml").read_text())
+    for config in [yaml.safe_load((REPO / "serve/config.yaml").read_text()), yaml.safe_load(service["spec"]["serveConfigV2"])]:
+        args = config["applications"][0]["args"]
+        load_config(str(REPO / args["config"]), args["overrides"])  # raises on an unknown field
+
+
+def test_rayservice_sets_the_serve_environment_the_embedded_runtime_sets():
+    from entityclip.runtime import SERVE_ENV
+
+    service = yaml.safe_load((REPO / "infra/kuberay/rayservice.yaml").read_text())
+    spec = service["spec"]["rayClusterConfig"]
+    pods = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+    for pod in pods:
+        env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
+        assert env == SERVE_ENV
+
+
 def test_rayjob_runs_a_shipped_entry_point():
     job = yaml.safe_load((REPO / "infra/kuberay/rayjob.yaml").read_text())
     script = job["spec"]["entrypoint"].split()[1]

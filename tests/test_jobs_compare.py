@@ -47,6 +47,9 @@ def test_compare_tabulates_and_plots_every_evaluated_variant(trained_run, tmp_pa
     rows = collect(cfg)
     assert {"entityclip", "clip_zeroshot"} <= {r["variant"] for r in rows}
     assert all(r["test_unseen/rsum"] is not None for r in rows)
-    text, plot = compare_runs(cfg, str(tmp_path / "compare.png"))
+    text, (plot, report) = compare_runs(cfg, str(tmp_path / "compare.png"), str(tmp_path / "compare.html"))
     assert "clip_zeroshot" in text and "entityclip" in text
     assert Path(plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = Path(report).read_text()
+    assert page.count("<tr>") == len(rows) + 1 and "clip_zeroshot" in page
+    assert 'src="data:image/png;base64,' in page  # the chart travels inside the file

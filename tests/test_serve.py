@@ -112,3 +112,35 @@ def test_two_hundred_malformed_requests_get_one_line_4xx_and_health_still_answer
         detail = response.json()["detail"]
         assert isinstance(detail, str) and detail and "\n" not in detail, (path, detail)
     assert requests.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
+
+
+def raw_get(url: str, path: str) -> tuple[int, bytes, dict]:
+    """GET with the path sent exactly as given (requests would normalise `..` away)."""
+    import http.client
+    from urllib.parse import urlparse
+
+    parts = urlparse(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    conn.request("GET", path)
+    response = conn.getresponse()
+    return response.status, response.read(), dict(response.getheaders())
+
+
+def test_the_search_page_is_served_at_the_root(url):
+    status, body, headers = raw_get(url, "/")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert b"EntityCLIP search" in body
+    assert b"<script src" not in body and b"<link" not in body  # self-contained: nothing from a CDN
+
+
+def test_gallery_images_are_served_by_id_with_cache_headers(url, sample):
+    status, body, headers = raw_get(url, f"/images/{sample['sample_id']}")
+    assert status == 200 and body == storage.read_bytes(sample["image_uri"])
+    assert headers["content-type"] == "image/png" and "max-age" in headers["cache-control"]
+
+
+@pytest.mark.parametrize("path", ["/images/e9999-000", "/images/..", "/images/../healthz", "/images/..%2F..%2Fetc%2Fpasswd",
+                                  "/images/%2Fetc%2Fpasswd", "/images/data%2Fimages%2Fe0000-000.png", "/images/"])
+def test_anything_but_a_gallery_id_is_a_404(url, path):
+    status, body, _ = raw_get(url, path)
+    assert status == 404, (path, body[:200])

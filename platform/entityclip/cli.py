@@ -140,10 +140,10 @@ def cmd_compare(args) -> None:
     from entityclip.compare import compare_runs
 
     cfg = _cfg(args)
-    table, plot = compare_runs(cfg, args.plot)
+    table, written = compare_runs(cfg, args.plot, args.html)
     print(table)
-    if plot:
-        print(f"plot written to {plot}")
+    for path in written:
+        print(f"written: {path}")
 
 
 def cmd_submit(args) -> None:
@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("compare", cmd_compare, "compare tracked runs of the experiment (table + plot)")
     _config_args(p)
     p.add_argument("--plot", help="write a bar chart PNG here")
+    p.add_argument("--html", help="write the table and chart as one HTML report here")
     p = add("submit", cmd_submit, "submit a command to a Ray cluster as a Ray Job")
     p.add_argument("--address", default="http://127.0.0.1:8265", help="Ray dashboard / Jobs API address")
     p.add_argument("--working-dir", default=".", help="uploaded as the job's working directory")

@@ -1,9 +1,11 @@
-"""Compare tracked runs: one row per run of the experiment, and a bar chart of rsum."""
+"""Compare tracked runs: one row per run of the experiment, a bar chart of rsum, and both as
+one self-contained HTML report."""
 
 from __future__ import annotations
 
 from entityclip.config import PipelineConfig
-from entityclip.pipeline import RunPaths, tracker_for
+from entityclip.paths import RunPaths
+from entityclip.pipeline import tracker_for
 
 COLUMNS = ["t2i_r1", "t2i_r5", "i2t_r1", "i2t_r5", "rsum"]
 SPLITS = ["test_seen", "test_unseen"]
@@ -50,8 +52,38 @@ def plot(rows: list[dict], path: str) -> str:
     return path
 
 
-def compare_runs(cfg: PipelineConfig, plot_path: str | None = None) -> tuple[str, str | None]:
+def html_report(rows: list[dict], experiment: str, path: str) -> str:
+    """The table and the chart in one HTML file (the chart inlined): opens anywhere, offline."""
+    import base64
+    import html
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        chart = base64.b64encode(Path(plot(rows, f"{tmp}/chart.png")).read_bytes()).decode()
+    head = "".join(f"<th>{html.escape(s)}<br>{html.escape(c)}</th>" for s in SPLITS for c in COLUMNS)
+    body = "".join(
+        f"<tr><td>{html.escape(r['run'])}</td><td>{html.escape(r['variant'])}</td>"
+        + "".join(f"<td>{'-' if r[f'{s}/{c}'] is None else f'{r[f's}/{c}']:.1f}'}</td>" for s in SPLITS for c in COLUMNS)
+        + "</tr>" for r in rows)
+    Path(path).write_text(f"""<!doctype html><html><head><meta charset="utf-8">
+<title>EntityCLIP runs: {html.escape(experiment)}</title>
+<style>body{{font:14px system-ui,sans-serif;margin:24px}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child,td:nth-child(2){{text-align:left}}</style>
+</head><body><h1>Recall@K (%) of experiment {html.escape(experiment)}</h1>
+<table><tr><th>run</th><th>variant</th>{head}</tr>{body}</table>
+<p><img alt="rsum per run, seen and unseen entities" src="data:image/png;base64,{chart}"></p></body></html>
+""")
+    return path
+
+
+def compare_runs(cfg: PipelineConfig, plot_path: str | None = None,
+                 html_path: str | None = None) -> tuple[str, list[str]]:
+    """(table text, files written)."""
     rows = collect(cfg)
     if not rows:
-        return f"no evaluated runs in experiment {cfg.tracking.experiment!r}", None
-    return table(rows), plot(rows, plot_path) if plot_path else None
+        return f"no evaluated runs in experiment {cfg.tracking.experiment!r}", []
+    written = [plot(rows, plot_path)] if plot_path else []
+    if html_path:
+        written.append(html_report(rows, cfg.tracking.experiment, html_path))
+    return table(rows), written

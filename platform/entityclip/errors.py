@@ -25,6 +25,10 @@ class InputTooLarge(InputError):
     """A user-supplied text, image or request is over its size limit (HTTP 413)."""
 
 
+class NotFound(InputError):
+    """A user asked for something that does not exist, e.g. an unknown gallery image (HTTP 404)."""
+
+
 class TrackingError(EntityClipError):
     """The MLflow tracking server cannot be reached or refused a request."""
 

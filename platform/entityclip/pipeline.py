@@ -11,7 +11,7 @@ from dataclasses import replace
 
 from entityclip import storage
 from entityclip.config import PipelineConfig
-from entityclip.errors import ConfigError, StorageError
+from entityclip.errors import ConfigError, EntityClipError, StorageError
 from entityclip.paths import RunPaths
 from entityclip.runtime import init_ray, quiet_logs
 
@@ -98,12 +98,16 @@ def start_serving(cfg: PipelineConfig, blocking: bool = False) -> str:
     """Deploy the Serve app for `cfg.model.variant`; returns its base URL."""
     init_ray()  # first: Serve reads its settings from the environment on import
     from ray import serve
+    from ray.exceptions import RayError
     from ray.serve.context import _get_global_client
 
     from entityclip.serving.app import APP_NAME, build_app
 
     quiet_logs()  # again: importing Serve configures its loggers
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    try:
+        serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    except RayError as exc:  # e.g. the port is taken, or HAProxy did not come up in time
+        raise EntityClipError(f"Ray Serve did not start on port {cfg.serve.port}: {str(exc).splitlines()[0]}") from None
     # A Serve instance already running in this Ray keeps its own host and port.
     http = _get_global_client().http_config
     url = f"http://{http.host}:{http.port}"

@@ -12,6 +12,7 @@ Each method returns the plain dict the HTTP API answers with. Bad input raises `
 
 from __future__ import annotations
 
+import mimetypes
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -20,9 +21,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from entityclip import storage
 from entityclip.config import PipelineConfig, ServeConfig, StorageConfig, load_config
 from entityclip.data.images import load_image_tensor, to_tensor
-from entityclip.errors import InputError, InputTooLarge
+from entityclip.errors import InputError, InputTooLarge, NotFound
 from entityclip.explain.engines import ExplainRequest, ExplanationEngine, make_engine
 from entityclip.explain.prompts import explanation_key
 from entityclip.index import EmbeddingIndex
@@ -74,6 +76,7 @@ class Retriever:
     def __init__(self, model: EntityCLIP, index: EmbeddingIndex, explainer: ExplanationCache | None,
                  limits: Limits, info: dict):
         self.model, self.index, self.explainer, self.limits, self.info = model, index, explainer, limits, info
+        self._gallery = {m["sample_id"]: m["image_uri"] for m in index.meta["images"]}
 
     @classmethod
     def load(cls, root: str | None = None, variant: str = "entityclip", config: PipelineConfig | None = None,
@@ -172,6 +175,14 @@ class Retriever:
         prob = float(self.model.match_probability(pixels, [text], [explanation])[0])
         return {"similarity": float(np.dot(t, i)), "match_probability": None if np.isnan(prob) else prob,
                 "explanation": explanation, "model": self.info}
+
+    def gallery_image(self, sample_id: str) -> tuple[bytes, str]:
+        """(bytes, media type) of a gallery image, looked up by its id: only files the index
+        names are ever read, whatever the id says."""
+        uri = self._gallery.get(sample_id) if isinstance(sample_id, str) else None
+        if uri is None:
+            raise NotFound(f"no gallery image {sample_id!r}")
+        return storage.read_bytes(uri), mimetypes.guess_type(uri)[0] or "application/octet-stream"
 
     def health(self) -> dict:
         return {"status": "ok", "index_size": len(self.index), "model": self.info}

@@ -8,6 +8,8 @@ Endpoints (JSON):
 - POST /search/image  {"image_base64", "k"?}          → texts ranked for the image
 - POST /score         {"text", "image_base64", "explanation"?} → similarity and P(match)
 - GET  /healthz       → status, index size and the model that answers
+- GET  /              → the search page for people (static/index.html)
+- GET  /images/{id}   → a gallery image by sample id (only images the index names)
 Bad input is answered with a 4xx and a one-line `detail`, never a traceback.
 """
 
@@ -15,23 +17,26 @@ Bad input is answered with a 4xx and a one-line `detail`, never a traceback.
 import base64
 import binascii
 import os
+from pathlib import Path
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from entityclip import storage
 from entityclip.config import PipelineConfig, from_dict, to_dict
-from entityclip.errors import InputError, InputTooLarge, StorageError
+from entityclip.errors import InputError, InputTooLarge, NotFound, StorageError
 from entityclip.explain.engines import make_engine
 from entityclip.paths import RunPaths
 from entityclip.retrieval import ExplanationCache, Retriever
 
 APP_NAME = "entityclip"
+# The search page for people: plain HTML/JS/CSS, no build step, nothing from a CDN.
+PAGE = (Path(__file__).parent / "static" / "index.html").read_text()
 
 
 class Query(BaseModel):
@@ -76,7 +81,8 @@ api = FastAPI(title="EntityCLIP retrieval", docs_url=None, redoc_url=None)
 
 @api.exception_handler(InputError)
 async def _input_error(request: Request, exc: InputError) -> JSONResponse:
-    return JSONResponse({"detail": str(exc)}, status_code=413 if isinstance(exc, InputTooLarge) else 400)
+    status = 413 if isinstance(exc, InputTooLarge) else 404 if isinstance(exc, NotFound) else 400
+    return JSONResponse({"detail": str(exc)}, status_code=status)
 
 
 @api.exception_handler(RequestValidationError)
@@ -137,6 +143,16 @@ class RetrievalServer:
     @api.get("/healthz")
     def healthz(self) -> dict:
         return self.retriever.health()
+
+    @api.get("/", response_class=HTMLResponse)
+    def page(self) -> HTMLResponse:
+        return HTMLResponse(PAGE)
+
+    @api.get("/images/{sample_id}")
+    def image(self, sample_id: str) -> Response:
+        data, media_type = self.retriever.gallery_image(sample_id)
+        # Gallery images never change under an id within a deployed index.
+        return Response(data, media_type=media_type, headers={"Cache-Control": "public, max-age=86400"})
 
     @api.post("/search/text")
     async def search_text(self, query: TextQuery) -> dict:
