@@ -91,5 +91,10 @@ def test_stages_run_with_the_storage_root_on_s3(s3_bucket, ray_session, trained_
     # The in-process retrieval API reads checkpoint, FAISS index and entities from S3 too.
     from entityclip import Retriever
 
-    answer = Retriever.load(root, config=cfg).search_text("Velmora Rovers lift the cup", k=3)
+    retriever = Retriever.load(root, config=cfg)
+    answer = retriever.search_text("Velmora Rovers lift the cup", k=3)
     assert len(answer["results"]) == 3 and answer["model"]["checkpoint"].startswith("s3://")
+    # The search page's thumbnails come from the S3 gallery.
+    hit = answer["results"][0]
+    assert hit["image_uri"].startswith("s3://")
+    assert retriever.gallery_image(hit["sample_id"]) == (storage.read_bytes(hit["image_uri"]), "image/png")

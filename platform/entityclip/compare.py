@@ -62,10 +62,12 @@ def html_report(rows: list[dict], experiment: str, path: str) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         chart = base64.b64encode(Path(plot(rows, f"{tmp}/chart.png")).read_bytes()).decode()
     head = "".join(f"<th>{html.escape(s)}<br>{html.escape(c)}</th>" for s in SPLITS for c in COLUMNS)
+    def cell(value: float | None) -> str:
+        return "<td>-</td>" if value is None else f"<td>{value:.1f}</td>"
+
     body = "".join(
         f"<tr><td>{html.escape(r['run'])}</td><td>{html.escape(r['variant'])}</td>"
-        + "".join(f"<td>{'-' if r[f'{s}/{c}'] is None else f'{r[f's}/{c}']:.1f}'}</td>" for s in SPLITS for c in COLUMNS)
-        + "</tr>" for r in rows)
+        + "".join(cell(r[f"{s}/{c}"]) for s in SPLITS for c in COLUMNS) + "</tr>" for r in rows)
     Path(path).write_text(f"""<!doctype html><html><head><meta charset="utf-8">
 <title>EntityCLIP runs: {html.escape(experiment)}</title>
 <style>body{{font:14px system-ui,sans-serif;margin:24px}}table{{border-collapse:collapse}}
