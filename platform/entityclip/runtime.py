@@ -39,6 +39,8 @@ _verbose = False
 def set_verbose(verbose: bool) -> None:
     global _verbose
     _verbose = verbose
+    # MLflow sets its own log level from this variable when it is first imported.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
 
 
 # HAProxy's stats and Prometheus ports are fixed by default (8404, 9101); a local Ray takes
