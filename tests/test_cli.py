@@ -65,3 +65,34 @@ def test_train_with_unreachable_tracking_server_fails_before_training(tmp_path):
     result = run_cli("train", "--root", str(tmp_path), "--set", f"tracking.uri=http://127.0.0.1:{free_port()}")
     assert result.returncode == 2
     assert "unreachable" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_query_sends_a_search_again_when_the_connection_breaks_before_an_answer(capsys):
+    """A replica that dies mid-request closes the connection with no answer; searches are
+    read-only, so the client replays them."""
+    import json
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    seen = []
+
+    def serve_two():
+        for attempt in range(2):
+            conn, _ = server.accept()
+            seen.append(conn.recv(65536))
+            if attempt == 1:
+                body = json.dumps({"explanation": "", "results": [], "model": {"variant": "x"}}).encode()
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                             b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            conn.close()  # the first attempt: closed without a response
+
+    thread = threading.Thread(target=serve_two, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}"
+    assert main(["query", "--url", url, "--text", "Velmora Rovers"]) == 0
+    thread.join(10)
+    assert len(seen) == 2 and all(b"POST /search/text" in request for request in seen)
+    assert json.loads(capsys.readouterr().out)["model"] == {"variant": "x"}

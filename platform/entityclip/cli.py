@@ -93,14 +93,22 @@ def cmd_query(args) -> None:
     import base64
 
     import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.util import Retry
 
     if args.image:
         with open(args.image, "rb") as fh:
             payload, path = {"image_base64": base64.b64encode(fh.read()).decode(), "k": args.k}, "/search/image"
     else:
         payload, path = {"text": args.text, "k": args.k}, "/search/text"
+    session = requests.Session()
+    # Searches are read-only, so one whose connection broke (a replica died while answering)
+    # is safe to send again.
+    retry = Retry(total=2, connect=2, read=2, status=0, allowed_methods=None, backoff_factor=0.2, raise_on_status=False)
+    for scheme in ("http://", "https://"):
+        session.mount(scheme, HTTPAdapter(max_retries=retry))
     try:
-        response = requests.post(args.url.rstrip("/") + path, json=payload, timeout=60)
+        response = session.post(args.url.rstrip("/") + path, json=payload, timeout=60)
     except requests.RequestException as exc:
         raise EntityClipError(f"cannot reach {args.url} ({type(exc).__name__})") from None
     if response.status_code != 200:
