@@ -76,7 +76,7 @@ def main() -> None:
             start = time.perf_counter()
             index = vector_index.build_faiss(gallery, cfg)
             build_s = time.perf_counter() - start
-            found, ms = timed(lambda q: vector_index.search(index, q, K)[1][0], queries)
+            found, ms = timed(lambda q, index=index: vector_index.search(index, q, K)[1][0], queries)
             params = {"flat": "", "ivf": f" nlist={cfg.ivf_nlist} nprobe={cfg.ivf_nprobe}",
                       "hnsw": f" M={cfg.hnsw_m} efSearch={cfg.hnsw_ef_search}"}[kind]
             rows.append({"n": n, "method": f"faiss {kind}{params}", "build_s": build_s,

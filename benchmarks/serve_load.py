@@ -31,17 +31,9 @@ from entityclip import storage
 from entityclip.config import load_config
 from entityclip.paths import RunPaths
 from entityclip.pipeline import run_pipeline, start_serving
-from entityclip.runtime import init_ray
+from entityclip.runtime import free_port
 
 HERE = Path(__file__).resolve().parent
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def closed_loop(url: str, texts: list[str], n: int, concurrency: int) -> dict:
@@ -81,7 +73,6 @@ class ReplicaWatch:
 
     def __init__(self, app: str, period_s: float = 0.5):
         self.app, self.period_s, self.max_seen, self._stop = app, period_s, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def running(self) -> int:
         from ray import serve
@@ -136,11 +127,10 @@ def main() -> None:
     if not storage.exists(storage.join(paths.index(cfg.model.variant), "texts.faiss")):
         print(f"no index under {paths.root}: running the pipeline first", flush=True)
         run_pipeline(cfg, [cfg.model.variant], serve_query=False)
-    init_ray()
-    from ray import serve
-
     texts = [s["text"] for s in storage.read_parquet(paths.samples).to_pylist()]
     serve_url = start_serving(cfg)
+    from ray import serve  # after start_serving: Serve reads its settings from the environment on import
+
     bare_port = free_port()
     bare = start_bare(paths.root, bare_port)
     urls = {"serve": serve_url, "bare": f"http://127.0.0.1:{bare_port}"}

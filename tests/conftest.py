@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from entityclip.config import load_config
+from entityclip.runtime import free_port
 
 BIN = Path(sys.executable).parent
 
@@ -27,12 +28,6 @@ TINY = [
     "train.epochs=2", "train.batch_size=8", "train.log_every_steps=1", "train.checkpoint_every_epochs=1",
     "explain.batch_size=8", "explain.chunk_size=16", "index.batch_size=32",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _is_free(port: int) -> bool:
@@ -182,3 +177,26 @@ def trained_run(ray_session, mlflow_server, tmp_path_factory):
     stage_index(cfg)
     metrics = stage_evaluate(cfg, result.run_id)
     return {"cfg": cfg, "root": root, "train": result, "metrics": metrics}
+
+
+@pytest.fixture(scope="module")
+def served_url(trained_run, serve_port):
+    """The session run's entityclip model served over HTTP (one replica) for one test module."""
+    from ray import serve
+
+    from entityclip.pipeline import start_serving, with_variant
+
+    cfg = with_variant(trained_run["cfg"], "entityclip")
+    cfg.serve.port = serve_port
+    cfg.serve.autoscaling.min_replicas = 1
+    yield start_serving(cfg)
+    serve.delete("entityclip")
+
+
+@pytest.fixture(scope="session")
+def unseen_sample(trained_run) -> dict:
+    """A sample of an entity held out of training: the case explanations exist for."""
+    from entityclip import storage
+
+    rows = storage.read_parquet(storage.join(str(trained_run["root"]), "data", "samples.parquet")).to_pylist()
+    return next(r for r in rows if r["split"] == "test_unseen")

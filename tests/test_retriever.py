@@ -17,10 +17,8 @@ def retriever(trained_run):
 
 
 @pytest.fixture(scope="module")
-def sample(trained_run):
-    rows = storage.read_parquet(storage.join(str(trained_run["root"]), "data", "samples.parquet")).to_pylist()
-    s = next(r for r in rows if r["split"] == "test_unseen")
-    return {**s, "image_bytes": storage.read_bytes(s["image_uri"])}
+def sample(unseen_sample):
+    return {**unseen_sample, "image_bytes": storage.read_bytes(unseen_sample["image_uri"])}
 
 
 def test_text_search_explains_the_query_and_ranks_k_images(retriever, sample, trained_run):

@@ -7,20 +7,13 @@ import shutil
 import pytest
 
 from entityclip import storage
-from entityclip.pipeline import start_serving, with_variant
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
-def url(trained_run, serve_port):
-    from ray import serve
-
-    cfg = with_variant(trained_run["cfg"], "entityclip")
-    cfg.serve.port = serve_port
-    cfg.serve.autoscaling.min_replicas = 1
-    yield start_serving(cfg)
-    serve.delete("entityclip")
+def url(served_url):
+    return served_url
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +29,8 @@ def page():
 
 
 @pytest.fixture(scope="module")
-def sample(trained_run):
-    rows = storage.read_parquet(storage.join(str(trained_run["root"]), "data", "samples.parquet")).to_pylist()
-    return next(r for r in rows if r["split"] == "test_unseen")
+def sample(unseen_sample):
+    return unseen_sample
 
 
 def test_a_text_query_shows_thumbnails_in_score_order_with_the_explanation(page, url, sample, trained_run, tmp_path):

@@ -8,26 +8,16 @@ import pytest
 import requests
 
 from entityclip import storage
-from entityclip.pipeline import start_serving, with_variant
 
 
 @pytest.fixture(scope="module")
-def url(trained_run, serve_port):
-    from ray import serve
-
-    cfg = with_variant(trained_run["cfg"], "entityclip")
-    cfg.serve.port = serve_port
-    cfg.serve.autoscaling.min_replicas = 1
-    base = start_serving(cfg)
-    yield base
-    serve.delete("entityclip")
+def url(served_url):
+    return served_url
 
 
 @pytest.fixture(scope="module")
-def sample(trained_run):
-    rows = storage.read_parquet(storage.join(str(trained_run["root"]), "data", "samples.parquet")).to_pylist()
-    s = next(r for r in rows if r["split"] == "test_unseen")
-    return {**s, "image_base64": base64.b64encode(storage.read_bytes(s["image_uri"])).decode()}
+def sample(unseen_sample):
+    return {**unseen_sample, "image_base64": base64.b64encode(storage.read_bytes(unseen_sample["image_uri"])).decode()}
 
 
 def test_health_reports_the_index_and_the_model(url):

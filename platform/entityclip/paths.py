@@ -7,6 +7,7 @@ from pathlib import Path
 
 from entityclip import storage
 from entityclip.config import PipelineConfig
+from entityclip.errors import StorageError
 
 @dataclass(frozen=True)
 class RunPaths:
@@ -49,3 +50,10 @@ class RunPaths:
     def as_dict(self) -> dict:
         return {"samples": self.samples, "entities": self.entities, "explanations": self.explanations,
                 "checkpoints": self.checkpoints}
+
+
+def require(uri: str, stage: str) -> str:
+    """`uri`, or a StorageError naming the stage that writes it."""
+    if not storage.exists(uri):
+        raise StorageError(f"{uri} does not exist: run `entityclip {stage}` first")
+    return uri

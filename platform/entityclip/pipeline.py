@@ -11,8 +11,8 @@ from dataclasses import replace
 
 from entityclip import storage
 from entityclip.config import PipelineConfig
-from entityclip.errors import ConfigError, EntityClipError, StorageError
-from entityclip.paths import RunPaths
+from entityclip.errors import ConfigError, EntityClipError
+from entityclip.paths import RunPaths, require
 from entityclip.runtime import init_ray, quiet_logs
 
 
@@ -21,11 +21,6 @@ def tracker_for(cfg: PipelineConfig, paths: RunPaths):
 
     return Tracker(resolve_uri(cfg.tracking, paths.local))
 
-
-def require(uri: str, stage: str) -> str:
-    if not storage.exists(uri):
-        raise StorageError(f"{uri} does not exist: run `entityclip {stage}` first")
-    return uri
 
 
 def stage_data(cfg: PipelineConfig, progress: bool = True) -> dict:

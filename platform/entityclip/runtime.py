@@ -48,7 +48,8 @@ def set_verbose(verbose: bool) -> None:
 HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on loopback."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -59,7 +60,7 @@ def set_serve_env() -> None:
         os.environ.setdefault(key, value)
     if not os.environ.get("RAY_ADDRESS"):
         for key in HAPROXY_PORTS:
-            os.environ.setdefault(key, str(_free_port()))
+            os.environ.setdefault(key, str(free_port()))
 
 
 def quiet_logs() -> None:

@@ -29,9 +29,9 @@ from ray.serve.handle import DeploymentHandle
 
 from entityclip import storage
 from entityclip.config import PipelineConfig, from_dict, to_dict
-from entityclip.errors import InputError, InputTooLarge, NotFound, StorageError
+from entityclip.errors import InputError, InputTooLarge, NotFound
 from entityclip.explain.engines import make_engine
-from entityclip.paths import RunPaths
+from entityclip.paths import RunPaths, require
 from entityclip.retrieval import ExplanationCache, Retriever
 
 APP_NAME = "entityclip"
@@ -175,11 +175,9 @@ class RetrievalServer:
 def check_servable(cfg: PipelineConfig, variant: str) -> None:
     """Fail in the caller's process, with one line, before any replica starts."""
     paths = RunPaths.for_config(cfg)
-    for uri, stage in [(storage.join(paths.checkpoint(variant), "model.json"), "train"),
-                       (storage.join(paths.index(variant), "images.faiss"), "index"),
-                       (storage.join(paths.index(variant), "texts.faiss"), "index")]:
-        if not storage.exists(uri):
-            raise StorageError(f"{uri} does not exist: run `entityclip {stage}` first")
+    require(storage.join(paths.checkpoint(variant), "model.json"), "train")
+    for kind in ("images", "texts"):
+        require(storage.join(paths.index(variant), f"{kind}.faiss"), "index")
 
 
 def build_app(cfg: PipelineConfig, variant: str | None = None):
