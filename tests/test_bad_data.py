@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 
 from entityclip import storage
+from entityclip.data.shards import read_manifest, split_rows, write_shards
 from entityclip.errors import InputError, find_user_error
 from entityclip.pipeline import stage_train
 from tests.conftest import tiny_config
@@ -36,14 +37,30 @@ def test_indexing_a_corrupt_image_is_a_clear_cli_error(trained_run, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_training_on_a_corrupt_image_names_the_sample(trained_run, tmp_path, mlflow_server):
+def test_writing_shards_of_a_corrupt_image_names_the_sample(trained_run, tmp_path, ray_session):
     root = corrupt_copy(trained_run, tmp_path)
     samples = storage.read_parquet(str(root / "data" / "samples.parquet")).to_pylist()
-    samples[0]["split"] = "train"  # make sure training reads it
-    storage.write_parquet(str(root / "data" / "samples.parquet"), pa.Table.from_pylist(samples))
+    with pytest.raises(Exception) as info:
+        write_shards(str(root / "data" / "samples.parquet"), str(root / "data" / "shards"), 64)
+    err = find_user_error(info.value)
+    assert isinstance(err, InputError)
+    assert samples[0]["sample_id"] in str(err) and "cannot be decoded" in str(err)
+    # The failed write left the run's previous shards in place, complete.
+    assert split_rows(str(root / "data" / "shards"), "train") == sum(s["split"] == "train" for s in samples)
+
+
+def test_training_on_a_corrupt_shard_image_names_the_sample(trained_run, tmp_path, mlflow_server):
+    root = corrupt_copy(trained_run, tmp_path)
+    shards = str(root / "data" / "shards")
+    first = storage.join(shards, read_manifest(shards)["splits"]["train"]["files"][0])
+    table = storage.read_parquet(first)
+    images = table["image"].to_pylist()
+    images[0] = b"\x89PNG\r\n\x1a\n truncated"
+    storage.write_parquet(first, table.set_column(table.schema.get_field_index("image"), "image",
+                                                  pa.array(images, pa.binary())))
     cfg = tiny_config(root, f"tracking.uri={mlflow_server}", "tracking.experiment=bad-data", "train.max_failures=0")
     with pytest.raises(Exception) as info:
         stage_train(cfg, progress=False)
     err = find_user_error(info.value)
     assert isinstance(err, InputError)
-    assert samples[0]["sample_id"] in str(err) and "cannot be decoded" in str(err)
+    assert table["sample_id"][0].as_py() in str(err) and "cannot be decoded" in str(err)

@@ -1,11 +1,14 @@
+import numpy as np
 import pyarrow as pa
 import pytest
+from open_clip.tokenizer import SimpleTokenizer
 
 from entityclip import storage
 from entityclip.config import DataConfig
-from entityclip.data.pairs import NAME_MASK, PairDataset, load_pairs, mask_names
+from entityclip.data.pairs import NAME_MASK, load_pairs, mask_names
 from entityclip.data.synthetic import generate
 from entityclip.errors import InputError
+from entityclip.train.ingest import preprocess
 
 
 @pytest.fixture()
@@ -34,9 +37,24 @@ def test_name_masking_hides_every_named_entity():
     assert mask_names("Vel Rovers beat Tak United.", ("Vel Rovers", "Tak United")) == f"{NAME_MASK} beat {NAME_MASK}."
 
 
-def test_dataset_masks_names_at_the_configured_rate(run):
+def test_preprocess_decodes_tokenizes_and_masks_names_at_the_configured_rate(run):
     pairs = load_pairs(*run)
-    never, always = PairDataset(pairs, 16, name_mask_prob=0.0), PairDataset(pairs, 16, name_mask_prob=1.0)
-    assert [never[i][1] for i in range(len(pairs))] == [p.text for p in pairs]
-    assert all(NAME_MASK in always[i][1] and pairs[i].entities[0] not in always[i][1] for i in range(len(pairs)))
-    assert never[0][0].shape == (3, 16, 16)
+    batch = {"sample_id": [p.sample_id for p in pairs], "image": [storage.read_bytes(p.image_uri) for p in pairs],
+             "text": [p.text for p in pairs], "entities": [list(p.entities) for p in pairs],
+             "explanation": [p.explanation for p in pairs]}
+    tokenize = SimpleTokenizer(context_length=24)
+    never = preprocess(batch, image_size=16, context_length=24, name_mask_prob=0.0, with_explanations=True)
+    always = preprocess(batch, image_size=16, context_length=24, name_mask_prob=1.0, with_explanations=False)
+    assert never["image"].shape == (len(pairs), 3, 16, 16) and never["image"].dtype == np.float32
+    assert (never["text_ids"] == tokenize([p.text for p in pairs]).numpy()).all()
+    assert (never["explanation_ids"] == tokenize([p.explanation for p in pairs]).numpy()).all()
+    assert (always["text_ids"] == tokenize([mask_names(p.text, p.entities) for p in pairs]).numpy()).all()
+    assert "explanation_ids" not in always
+
+
+def test_preprocess_names_the_sample_whose_image_is_corrupt(run):
+    pairs = load_pairs(*run)[:2]
+    batch = {"sample_id": [p.sample_id for p in pairs], "image": [b"\x89PNG garbage", b"x"],
+             "text": [p.text for p in pairs], "entities": [list(p.entities) for p in pairs]}
+    with pytest.raises(InputError, match=f"sample {pairs[0].sample_id}: image cannot be decoded"):
+        preprocess(batch, image_size=16, context_length=24, name_mask_prob=0.0, with_explanations=False)

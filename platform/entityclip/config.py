@@ -37,6 +37,9 @@ class DataConfig:
     seen_test_fraction: float = 0.2
     image_size: int = 64
     seed: int = 0
+    # Training shards (data/shards.py): samples with their encoded image bytes, written this many
+    # rows at a time (one Parquet file per split in each).
+    shard_rows: int = 2048
 
 
 @dataclass
@@ -66,15 +69,32 @@ class ModelConfig:
     n_vision_experts: int = 2
     n_shared_experts: int = 2
     n_text_experts: int = 2
-    # Local or s3:// checkpoint to initialise from; empty = random init (nothing is downloaded).
-    init_checkpoint: str = ""
+    # Weights to start from (train/pretrained.py), local or s3://: an open_clip or OpenAI-format
+    # CLIP checkpoint file (.pt/.bin/.safetensors) for this backbone, or one of our checkpoint
+    # folders. Empty = random init; nothing is ever downloaded.
+    pretrained: str = ""
 
 
 @dataclass
 class TrainConfig:
     num_workers: int = 2
+    use_gpu: bool = False  # one GPU per worker, NCCL; gloo on CPU
+    # Ray resources each worker reserves. Ray Data decodes the shards beside the workers and
+    # needs CPUs the workers have not reserved: on 2 cores, 2 workers x 0.5 leave it one.
+    resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 0.5})
+    # PACK | SPREAD | STRICT_SPREAD (workers on distinct nodes) | STRICT_PACK
+    placement_strategy: str = "PACK"
+    precision: str = "fp32"  # fp32 | bf16 (autocast, CPU or GPU) | fp16 (autocast + grad scaler, GPU)
     epochs: int = 60
-    batch_size: int = 32  # per worker
+    batch_size: int = 32  # per worker; contrastive negatives span all workers' batches
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (negatives stay per micro-batch)
+    grad_clip_norm: float = 0.0  # clip the global gradient norm to this; 0 = off
+    # Rows shuffled together as each worker streams its shard (Ray Data local shuffle).
+    shuffle_buffer_rows: int = 2048
+    # Keep the encoded training rows in Ray's object store after the first read (spilled to
+    # disk when large) instead of reading the shards from storage every epoch. Decoding and
+    # augmentation still stream every epoch.
+    cache_encoded: bool = True
     lr: float = 1e-3
     weight_decay: float = 0.0
     plain_weight: float = 1.0  # contrastive loss on plain CLIP features
@@ -187,6 +207,11 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}") from None
     if typ is str:
         return "" if value is None else str(value)
+    if typing.get_origin(typ) is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        key_type, value_type = typing.get_args(typ)
+        return {_coerce(k, key_type, f"{where}"): _coerce(v, value_type, f"{where}.{k}") for k, v in value.items()}
     if typing.get_origin(typ) is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")

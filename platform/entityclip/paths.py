@@ -27,6 +27,10 @@ class RunPaths:
         return storage.join(self.root, "data", "samples.parquet")
 
     @property
+    def shards(self) -> str:
+        return storage.join(self.root, "data", "shards")
+
+    @property
     def entities(self) -> str:
         return storage.join(self.root, "data", "entities.parquet")
 
@@ -48,7 +52,8 @@ class RunPaths:
         return storage.join(self.root, "eval", f"{variant}.json")
 
     def as_dict(self) -> dict:
-        return {"samples": self.samples, "entities": self.entities, "explanations": self.explanations,
+        return {"root": self.root, "samples": self.samples, "shards": self.shards, "entities": self.entities,
+                "explanations": self.explanations,
                 "checkpoints": self.checkpoints}
 
 

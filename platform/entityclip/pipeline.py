@@ -24,20 +24,27 @@ def tracker_for(cfg: PipelineConfig, paths: RunPaths):
 
 
 def stage_data(cfg: PipelineConfig, progress: bool = True) -> dict:
-    """The synthetic benchmark, or a real dataset's own format ingested into samples.parquet."""
+    """The synthetic benchmark, or a real dataset's own format ingested into samples.parquet;
+    then the training shards (samples with their image bytes)."""
+    from entityclip.data.shards import write_shards
+
     paths = RunPaths.for_config(cfg)
     if cfg.data.source == "synthetic":
         from entityclip.data.synthetic import generate
 
-        return generate(cfg.data, storage.join(paths.root, "data"), progress=progress)
-    from entityclip.data.formats import ingest
-    from entityclip.data.samples import samples_table
+        out = generate(cfg.data, storage.join(paths.root, "data"), progress=progress)
+    else:
+        from entityclip.data.formats import ingest
+        from entityclip.data.samples import samples_table
 
-    if not cfg.data.source_path:
-        raise ConfigError(f"data.source={cfg.data.source} needs data.source_path (the dataset's folder)")
-    rows, counts = ingest(cfg.data.source, cfg.data.source_path, cfg.data.skip_missing_images)
-    storage.write_parquet(paths.samples, samples_table(rows))
-    return {"samples": paths.samples, **counts, "written": len(rows)}
+        if not cfg.data.source_path:
+            raise ConfigError(f"data.source={cfg.data.source} needs data.source_path (the dataset's folder)")
+        rows, counts = ingest(cfg.data.source, cfg.data.source_path, cfg.data.skip_missing_images)
+        storage.write_parquet(paths.samples, samples_table(rows))
+        out = {"samples": paths.samples, **counts, "written": len(rows)}
+    init_ray()
+    manifest = write_shards(paths.samples, paths.shards, cfg.data.shard_rows)
+    return {**out, "shards": paths.shards, **{f"{k}_rows": v["rows"] for k, v in manifest["splits"].items()}}
 
 
 def stage_explain(cfg: PipelineConfig, progress: bool = True):

@@ -58,6 +58,20 @@ def s3_client():
     return _s3_client(os.environ.get("AWS_ENDPOINT_URL"))
 
 
+def arrow_fs(uri: str):
+    """(pyarrow filesystem, path in it) for `uri`: what Ray Data and Ray Train take to read and
+    write the same storage that boto3 reaches (same AWS_* variables)."""
+    import pyarrow.fs as pafs
+
+    if not is_s3(uri):
+        return pafs.LocalFileSystem(), str(local_path(uri).resolve())
+    bucket, key = _split_s3(uri)
+    endpoint = urlparse(os.environ.get("AWS_ENDPOINT_URL", ""))
+    options = {"endpoint_override": endpoint.netloc, "scheme": endpoint.scheme} if endpoint.netloc else {}
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    return pafs.S3FileSystem(region=region, **options), f"{bucket}/{key}".rstrip("/")
+
+
 def _s3_error(uri: str, exc: Exception) -> StorageError:
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
@@ -167,6 +181,16 @@ def read_parquet(uri: str) -> pa.Table:
         return pq.read_table(pa.BufferReader(data))
     except pa.ArrowInvalid as exc:
         raise StorageError(f"{uri}: not a valid Parquet file ({exc})") from None
+
+
+def parquet_rows(uri: str) -> int:
+    """Row count from the Parquet footer, without reading the data."""
+    fs, path = arrow_fs(uri)
+    try:
+        with fs.open_input_file(path) as f:
+            return pq.ParquetFile(f).metadata.num_rows
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise StorageError(f"{uri}: cannot read its Parquet footer ({exc})") from None
 
 
 def write_json(uri: str, obj) -> None:

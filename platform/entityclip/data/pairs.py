@@ -1,16 +1,11 @@
 """Image-text(-explanation) pairs: the join of samples.parquet and explanations.parquet that
-training, indexing and evaluation read."""
+indexing and evaluation read (training streams shards instead: train/ingest.py)."""
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
-import torch
-from torch.utils.data import Dataset
-
 from entityclip import storage
-from entityclip.data.images import read_image_tensor
 from entityclip.errors import InputError
 
 
@@ -38,13 +33,6 @@ def load_pairs(samples_uri: str, explanations_uri: str, splits: list[str] | None
     return pairs
 
 
-def _load(pair: Pair, image_size: int) -> torch.Tensor:
-    try:
-        return read_image_tensor(pair.image_uri, image_size)
-    except InputError as exc:
-        raise InputError(f"sample {pair.sample_id}: {exc}") from None
-
-
 NAME_MASK = "the entity"
 
 
@@ -52,27 +40,3 @@ def mask_names(text: str, names: tuple[str, ...]) -> str:
     for name in names:
         text = text.replace(name, NAME_MASK)
     return text
-
-
-class PairDataset(Dataset):
-    """Decodes every image once up front: the synthetic and test sets fit in memory easily.
-
-    `name_mask_prob` hides the entity names of a training text with that probability, so the
-    model learns to match through the explanation, as it must for names it has never seen.
-    """
-
-    def __init__(self, pairs: list[Pair], image_size: int, name_mask_prob: float = 0.0, seed: int = 0):
-        self.pairs = pairs
-        self.images = [_load(p, image_size) for p in pairs]
-        self.name_mask_prob = name_mask_prob
-        self.rng = random.Random(seed)
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, str, str]:
-        pair = self.pairs[i]
-        text = pair.text
-        if self.name_mask_prob and self.rng.random() < self.name_mask_prob:
-            text = mask_names(text, pair.entities)
-        return self.images[i], text, pair.explanation

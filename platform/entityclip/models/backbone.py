@@ -33,6 +33,13 @@ def clip_config(cfg: ModelConfig) -> dict:
     return model_cfg
 
 
+def input_sizes(cfg: ModelConfig) -> tuple[int, int]:
+    """(image size, text context length) of the backbone, from its config alone."""
+    model_cfg = clip_config(cfg)
+    size = model_cfg["vision_cfg"].get("image_size", 224)
+    return (size[0] if isinstance(size, (tuple, list)) else size), model_cfg["text_cfg"].get("context_length", 77)
+
+
 def build_clip(cfg: ModelConfig) -> open_clip.CLIP:
     model_cfg = clip_config(cfg)
     return open_clip.CLIP(

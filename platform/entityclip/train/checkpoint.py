@@ -63,6 +63,31 @@ def load_weights(model: EntityCLIP, weights: str | Path, strict: bool = True) ->
         raise StorageError(f"{weights}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
+def load_pretrained(model: EntityCLIP, uri: str) -> None:
+    """`model.pretrained`: one of our checkpoint folders (see `init_from`), or an open_clip /
+    OpenAI-format CLIP checkpoint file for the backbone, loaded with open_clip's own loader
+    (third-party key conversion, `module.` prefixes, position-embedding resizing)."""
+    import open_clip
+
+    if storage.exists(storage.join(uri, WEIGHTS)):
+        init_from(model, uri)
+        return
+    if not storage.exists(uri):
+        raise StorageError(f"{uri}: pretrained weights not found (a checkpoint file or one of our checkpoint folders)")
+    with tempfile.TemporaryDirectory(prefix="entityclip-pretrained-") as d:
+        local = storage.local_path(uri)
+        if storage.is_s3(uri):
+            local = Path(d) / uri.rsplit("/", 1)[-1]
+            local.write_bytes(storage.read_bytes(uri))
+        try:
+            open_clip.load_checkpoint(model.clip, str(local), strict=True)
+        except (RuntimeError, KeyError, ValueError, AssertionError, EOFError, OSError) as exc:
+            # open_clip asserts on misfit shapes; load_state_dict lists every misfit over many
+            # lines, the first of which says what is wrong.
+            raise StorageError(f"{uri}: not a checkpoint for backbone {model.cfg.backbone!r} "
+                               f"({str(exc).strip().splitlines()[0][:300]})") from None
+
+
 def init_from(model: EntityCLIP, uri: str) -> None:
     """Initialise from another checkpoint: one of ours, or a bare open_clip CLIP state dict in
     model.safetensors. Shared weights load; new modules (experts, gates) keep their random init,

@@ -1,107 +1,162 @@
 """The per-worker training loop that Ray Train runs on every DDP worker.
 
-Each worker loads the train pairs and reads its shard through a DistributedSampler (open_clip's
-approach); rank 0 logs per-step metrics to MLflow. A Ray Train checkpoint every
+Each worker streams its share of the train split from Ray Data (train/ingest.py), steps with
+global-batch negatives (train/objective.py), autocast precision, gradient accumulation and
+clipping; rank 0 logs per-step metrics to MLflow. A Ray Train checkpoint every
 `checkpoint_every_epochs` epochs lets a failed or interrupted run resume where it stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import resource
 import tempfile
+import time
 from pathlib import Path
 
 import ray.train
 import ray.train.torch
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+import torch.distributed as dist
 
 from entityclip.config import PipelineConfig, from_dict
-from entityclip.data.pairs import PairDataset, load_pairs
 from entityclip.models import build_model
-from entityclip.train.checkpoint import init_from, save_checkpoint
+from entityclip.train.checkpoint import load_pretrained, save_checkpoint
 from entityclip.train.objective import Objective
 from entityclip.train.tracking import Tracker
 
 TRAIN_STATE = "train_state.pt"
 
 
-def make_collate(model):
-    def collate(batch):
-        images, texts, explanations = zip(*batch)
-        expl_ids = model.tokenize(list(explanations)) if model.uses_explanations else None
-        return torch.stack(images), model.tokenize(list(texts)), expl_ids
+def autocast(precision: str, device: torch.device):
+    """The autocast context of `train.precision`; fp32 runs without one."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
-    return collate
+
+def warmup_cosine(total_steps: int):
+    """LR multiplier: linear warmup over the first 5% of steps, then cosine to zero."""
+    warmup = max(1, total_steps // 20)
+    return lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / total_steps))
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _worker_facts(model: torch.nn.Module, steps: int, device: torch.device) -> dict:
+    """Across workers: the largest peak RSS, the nodes they ran on, and the cost of the gradient
+    all-reduce (timed on a buffer of the model's size, times the optimizer steps taken)."""
+    rss = peak_rss_mb()
+    node = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return {"worker_peak_rss_mb": rss, "worker_nodes": [node], "allreduce_s": 0.0}
+    nodes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    peak = torch.tensor([rss], device=device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    buffer = torch.zeros(sum(p.numel() for p in model.parameters() if p.requires_grad), device=device)
+    dist.all_reduce(buffer)  # warm
+    start = time.perf_counter()
+    for _ in range(5):
+        dist.all_reduce(buffer)
+    return {"worker_peak_rss_mb": peak.item(), "worker_nodes": sorted(set(nodes)),
+            "allreduce_s": (time.perf_counter() - start) / 5 * steps}
 
 
 def train_loop_per_worker(config: dict) -> None:
     cfg: PipelineConfig = from_dict(PipelineConfig, config["pipeline"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg.train.seed)
-    torch.set_num_threads(1)  # one core per worker: no oversubscription on small machines
+    tc = cfg.train
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    torch.manual_seed(tc.seed)
+    # As many threads as reserved cores: no oversubscription when workers share a machine.
+    torch.set_num_threads(max(1, int(tc.resources_per_worker.get("CPU", 1))))
+    device = ray.train.torch.get_device()
 
     model = build_model(cfg.model)
-    if cfg.model.init_checkpoint:
-        init_from(model, cfg.model.init_checkpoint)
+    if cfg.model.pretrained and rank == 0:  # wrapping in DDP broadcasts rank 0's weights
+        load_pretrained(model, cfg.model.pretrained)
     objective = ray.train.torch.prepare_model(
-        Objective(model, cfg.train), parallel_strategy_kwargs={"find_unused_parameters": True})
-
-    dataset = PairDataset(load_pairs(config["samples_uri"], config["explanations_uri"], ["train"]), model.image_size,
-                          # Masking only helps a model that can fall back on the explanation.
-                          name_mask_prob=cfg.train.name_mask_prob if model.uses_explanations else 0.0,
-                          seed=cfg.train.seed + rank)
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed, drop_last=True)
-    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=make_collate(model))
-    total_steps = max(1, cfg.train.epochs * len(loader))
-    optimizer = torch.optim.AdamW(objective.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, then cosine to zero
-        optimizer, lambda s: min(1.0, (s + 1) / max(1, total_steps // 20)) * 0.5 * (1 + math.cos(math.pi * s / total_steps)))
+        Objective(model, tc), parallel_strategy_kwargs={"find_unused_parameters": True})
+    micro_batches = config["rows"] // world // tc.batch_size
+    steps_per_epoch = micro_batches // tc.grad_accum_steps
+    total_steps = max(1, tc.epochs * steps_per_epoch)
+    optimizer = torch.optim.AdamW(objective.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
 
     start_epoch = 0
     resume = ray.train.get_checkpoint()
     if resume:
         with resume.as_directory() as d:
-            state = torch.load(Path(d) / TRAIN_STATE, weights_only=False)
+            state = torch.load(Path(d) / TRAIN_STATE, weights_only=False, map_location=device)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        for name, part in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+            part.load_state_dict(state[name])
         start_epoch = state["epoch"] + 1
 
     tracker = Tracker(config["tracking_uri"]) if rank == 0 else None
     run_id = config["run_id"]
-    step = start_epoch * len(loader)
-    for epoch in range(start_epoch, cfg.train.epochs):
-        sampler.set_epoch(epoch)
+    shard = ray.train.get_dataset_shard("train")
+    timings = {"data_s": 0.0, "compute_s": 0.0, "checkpoint_s": 0.0}
+    step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, tc.epochs):
         objective.train()
-        epoch_loss, batches = 0.0, 0
-        for images, ids, expl_ids in loader:
-            losses = objective(images, ids, expl_ids)
+        batches = iter(shard.iter_torch_batches(
+            batch_size=tc.batch_size, drop_last=True, device=device,
+            local_shuffle_buffer_size=tc.shuffle_buffer_rows or None))
+        epoch_loss = 0.0
+        for _ in range(steps_per_epoch):
+            for micro in range(tc.grad_accum_steps):
+                tick = time.perf_counter()
+                batch = next(batches)
+                timings["data_s"] += time.perf_counter() - tick
+                tick = time.perf_counter()
+                last_micro = micro == tc.grad_accum_steps - 1
+                # Gradients are all-reduced once per optimizer step, on its last micro-batch.
+                sync = contextlib.nullcontext() if last_micro or world == 1 else objective.no_sync()
+                with sync:
+                    with autocast(tc.precision, device):
+                        losses = objective(batch["image"], batch["text_ids"], batch.get("explanation_ids"))
+                    scaler.scale(losses["loss"] / tc.grad_accum_steps).backward()
+                timings["compute_s"] += time.perf_counter() - tick
+            tick = time.perf_counter()
+            if tc.grad_clip_norm:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(objective.parameters(), tc.grad_clip_norm)
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            optimizer.step()
             scheduler.step()
+            timings["compute_s"] += time.perf_counter() - tick
             step += 1
-            batches += 1
             epoch_loss += losses["loss"].item()
-            if tracker and step % cfg.train.log_every_steps == 0:
+            if tracker and step % tc.log_every_steps == 0:
                 metrics = {f"train/{k}": v.item() for k, v in losses.items()}
                 metrics["train/lr"] = scheduler.get_last_lr()[0]
                 metrics["train/logit_scale"] = model.logit_scale.item()
                 tracker.log_metrics(run_id, metrics, step)
-        metrics = {"epoch": epoch, "step": step, "train_loss": epoch_loss / max(1, batches)}
+        for _ in batches:  # the partial accumulation left over: read so the shard's epoch ends
+            pass
+        metrics = {"epoch": epoch, "step": step, "train_loss": epoch_loss / max(1, steps_per_epoch)}
         if tracker:
             tracker.log_metrics(run_id, {"train/epoch_loss": metrics["train_loss"]}, step)
-        last = epoch == cfg.train.epochs - 1
-        if last or (epoch + 1) % cfg.train.checkpoint_every_epochs == 0:
+        last = epoch == tc.epochs - 1
+        if last:
+            metrics.update(timings, **_worker_facts(model, step - start_epoch * steps_per_epoch, device))
+        if last or (epoch + 1) % tc.checkpoint_every_epochs == 0:
+            tick = time.perf_counter()
             with tempfile.TemporaryDirectory() as d:
                 checkpoint = None
                 if rank == 0:  # the DDP replicas are identical: one copy is enough
                     save_checkpoint(model, d, {"train_loss": metrics["train_loss"]})
                     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "scheduler": scheduler.state_dict(), "epoch": epoch}, Path(d) / TRAIN_STATE)
+                                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                                "epoch": epoch}, Path(d) / TRAIN_STATE)
                     checkpoint = ray.train.Checkpoint.from_directory(d)
                 ray.train.report(metrics, checkpoint=checkpoint)
+            timings["checkpoint_s"] += time.perf_counter() - tick
         else:
             ray.train.report(metrics)

@@ -8,11 +8,18 @@ inference. We retrieve with the gated features, so they carry full weight by def
 contrasts images with their explanation's own embedding E: the paper starts from a pretrained
 CLIP whose text tower already knows what "a red circle" looks like; a backbone trained from
 scratch must learn it, or it matches by memorised names and cannot reach unseen entities.
+
+Negatives span the global batch: each worker gathers every worker's features with gradients
+and scores its own rows against all of them (open_clip's gather_with_grad + local_loss). With
+DDP averaging the gradients, N workers of batch b learn exactly what one process of batch N·b
+does. ITM hard negatives are mined within the worker's own batch, as in ALBEF.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
 
@@ -20,11 +27,21 @@ from entityclip.config import TrainConfig
 from entityclip.models.entityclip import EntityCLIP
 
 
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(every worker's rows of `x` concatenated in rank order, offset of this worker's rows);
+    gradients flow back to each worker's own rows. `x` itself outside distributed training."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    return torch.cat(dist_fn.all_gather(x)), dist.get_rank() * x.shape[0]
+
+
 def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE over unit-norm features, matching pairs on the diagonal."""
-    logits = scale * img @ txt.T
-    target = torch.arange(img.shape[0], device=img.device)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    """Symmetric InfoNCE over unit-norm features, this worker's pairs against the global batch."""
+    img, txt = img.float(), txt.float()  # the softmax over the batch wants fp32 under autocast
+    all_img, offset = gather_with_grad(img)
+    all_txt, _ = gather_with_grad(txt)
+    target = torch.arange(img.shape[0], device=img.device) + offset
+    return (F.cross_entropy(scale * img @ all_txt.T, target) + F.cross_entropy(scale * txt @ all_img.T, target)) / 2
 
 
 @torch.no_grad()

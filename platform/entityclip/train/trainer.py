@@ -14,9 +14,9 @@ from tqdm import tqdm
 
 from entityclip import storage
 from entityclip.config import PipelineConfig, flatten, to_dict
-from entityclip.errors import TrackingError
+from entityclip.errors import ConfigError, TrackingError
 from entityclip.models import build_model
-from entityclip.train.checkpoint import META, WEIGHTS, init_from, save_checkpoint
+from entityclip.train.checkpoint import META, WEIGHTS, load_pretrained, save_checkpoint
 from entityclip.train.tracking import Tracker
 
 
@@ -27,6 +27,7 @@ class TrainResult:
     model_version: str
     train_loss: float | None
     seconds: float
+    metrics: dict  # the workers' final report: loss, time in data/compute/checkpoints, peak RSS, nodes
 
 
 def _follow(future, tracker: Tracker, run_id: str, epochs: int, label: str, progress: bool) -> None:
@@ -43,26 +44,67 @@ def _follow(future, tracker: Tracker, run_id: str, epochs: int, label: str, prog
                 bar.set_postfix(loss=f"{history[-1].value:.3f}")
 
 
-def _fit(cfg: PipelineConfig, tracker: Tracker, run_id: str, paths: dict, ray_dir: Path, run_name: str,
-         progress: bool) -> tuple[Path, float]:
-    """Run DDP training; returns a local directory holding the final model checkpoint."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+PRECISIONS = ("fp32", "bf16", "fp16")
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
+
+def check_train_config(cfg: PipelineConfig, rows: int) -> None:
+    tc = cfg.train
+    if tc.precision not in PRECISIONS:
+        raise ConfigError(f"train.precision={tc.precision!r}; choose one of {list(PRECISIONS)}")
+    if tc.precision == "fp16" and not tc.use_gpu:
+        raise ConfigError("train.precision=fp16 needs train.use_gpu=true; on CPU use bf16")
+    if tc.placement_strategy not in PLACEMENTS:
+        raise ConfigError(f"train.placement_strategy={tc.placement_strategy!r}; choose one of {list(PLACEMENTS)}")
+    if min(tc.num_workers, tc.batch_size, tc.grad_accum_steps, tc.epochs) < 1:
+        raise ConfigError("train.num_workers, batch_size, grad_accum_steps and epochs must be at least 1")
+    needed = tc.num_workers * tc.batch_size * tc.grad_accum_steps
+    if rows < needed:
+        raise ConfigError(f"the train split has {rows} samples, fewer than one optimizer step needs "
+                          f"(num_workers x batch_size x grad_accum_steps = {needed})")
+
+
+def ray_storage(root: str, local_dir: Path) -> tuple[str, object]:
+    """Where Ray Train keeps checkpoints: beside the run on S3 (every node reaches it), else the
+    local working folder."""
+    if storage.is_s3(root):
+        fs, path = storage.arrow_fs(storage.join(root, "ray_results"))
+        return path, fs
+    return str(local_dir.resolve()), None
+
+
+def _fit(cfg: PipelineConfig, tracker: Tracker, run_id: str, paths: dict, ray_dir: Path, run_name: str,
+         with_explanations: bool, progress: bool) -> tuple[Path, dict]:
+    """Run DDP training; returns a local directory holding the final model checkpoint, and the
+    final metrics (loss, timings, worker facts)."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from entityclip.data.shards import split_rows
+    from entityclip.train.ingest import training_dataset
     from entityclip.train.loop import train_loop_per_worker
 
+    tc = cfg.train
+    rows = split_rows(paths["shards"], "train")
+    check_train_config(cfg, rows)
+    dataset = training_dataset(paths["shards"], paths["explanations"], cfg.model, tc, with_explanations)
+    storage_path, storage_fs = ray_storage(paths["root"], ray_dir)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"pipeline": to_dict(cfg), "run_id": run_id, "tracking_uri": tracker.uri,
-                           "samples_uri": paths["samples"], "explanations_uri": paths["explanations"]},
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=False),
-        run_config=RunConfig(name=run_name, storage_path=str(ray_dir.resolve()),
+        train_loop_config={"pipeline": to_dict(cfg), "run_id": run_id, "tracking_uri": tracker.uri, "rows": rows},
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                     resources_per_worker=dict(tc.resources_per_worker),
+                                     placement_strategy=tc.placement_strategy),
+        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
+        datasets={"train": dataset},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+        run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+                             failure_config=FailureConfig(max_failures=tc.max_failures)),
     )
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(trainer.fit)
-        _follow(future, tracker, run_id, cfg.train.epochs, cfg.model.variant, progress)
+        _follow(future, tracker, run_id, tc.epochs, cfg.model.variant, progress)
         result = future.result()
     if result.error:
         raise result.error
@@ -70,7 +112,7 @@ def _fit(cfg: PipelineConfig, tracker: Tracker, run_id: str, paths: dict, ray_di
     with result.checkpoint.as_directory() as d:
         for name in (WEIGHTS, META):
             shutil.copy(Path(d) / name, out / name)
-    return out, float(result.metrics.get("train_loss", float("nan")))
+    return out, dict(result.metrics)
 
 
 def run_training(cfg: PipelineConfig, paths: dict, tracker: Tracker, ray_dir: Path, progress: bool = True) -> TrainResult:
@@ -82,11 +124,15 @@ def run_training(cfg: PipelineConfig, paths: dict, tracker: Tracker, ray_dir: Pa
     try:
         model = build_model(cfg.model)
         if model.trainable:
-            local, train_loss = _fit(cfg, tracker, run_id, paths, ray_dir, run_name, progress)
+            local, final = _fit(cfg, tracker, run_id, paths, ray_dir, run_name, model.uses_explanations, progress)
+            train_loss = final.get("train_loss")
+            tracker.log_metrics(run_id, {"train/worker_peak_rss_mb": final["worker_peak_rss_mb"]})
+            tracker.set_tags(run_id, {"worker_nodes": ",".join(final["worker_nodes"])})
         else:
-            if cfg.model.init_checkpoint:
-                init_from(model, cfg.model.init_checkpoint)
-            local, train_loss = save_checkpoint(model, tempfile.mkdtemp(prefix="entityclip-final-")), None
+            if cfg.model.pretrained:
+                load_pretrained(model, cfg.model.pretrained)
+            local, final = save_checkpoint(model, tempfile.mkdtemp(prefix="entityclip-final-")), {}
+            train_loss = None
         checkpoint_uri = storage.join(paths["checkpoints"], cfg.model.variant)
         storage.upload_dir(local, checkpoint_uri)
         tracker.log_artifacts(run_id, local, "checkpoint")
@@ -96,4 +142,4 @@ def run_training(cfg: PipelineConfig, paths: dict, tracker: Tracker, ray_dir: Pa
         tracker.end_run(run_id, "FAILED")
         raise
     tracker.end_run(run_id)  # evaluation metrics can still be logged to a finished run
-    return TrainResult(checkpoint_uri, run_id, version, train_loss, time.time() - start)
+    return TrainResult(checkpoint_uri, run_id, version, train_loss, time.time() - start, final)

@@ -1,0 +1,85 @@
+"""Training shards: every sample with its encoded image bytes, in Parquet files per split.
+
+The data stage writes them with Ray Data (each image read from storage once and checked to
+decode, so a corrupt image stops the data stage naming its sample); training streams them back
+as a Ray Data dataset, so no process ever holds the whole set. Layout under `data/shards`:
+
+    <write-id>/split=<split>/*.parquet   sample_id, image_uri, text, entities, source, image (bytes)
+    manifest.json                        the current write-id, and per split its files and rows
+
+The manifest is written last and names its files (relative to the shards folder, so a run root
+can be moved or copied), so a reader never sees a half-written set: a crash mid-write leaves the
+previous manifest (or none) in place.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pyarrow as pa
+
+from entityclip import storage
+from entityclip.data.images import decode_image
+from entityclip.errors import InputError, StorageError
+
+MANIFEST = "manifest.json"
+
+
+def _with_image_bytes(batch: pa.Table) -> pa.Table:
+    images = []
+    for sample_id, uri in zip(batch["sample_id"].to_pylist(), batch["image_uri"].to_pylist()):
+        data = storage.read_bytes(uri)
+        try:
+            decode_image(data)
+        except InputError as exc:
+            raise InputError(f"sample {sample_id}: {uri}: {exc}") from None
+        images.append(data)
+    return batch.append_column("image", pa.array(images, pa.binary()))
+
+
+def write_shards(samples_uri: str, shards_uri: str, rows_per_file: int) -> dict:
+    """Write the samples table's rows with their image bytes as shards; returns the manifest."""
+    import ray
+
+    write_id = uuid.uuid4().hex[:12]
+    fs, base = storage.arrow_fs(storage.join(shards_uri, write_id))
+    (ray.data.from_arrow(storage.read_parquet(samples_uri))
+        .map_batches(_with_image_bytes, batch_format="pyarrow", batch_size=rows_per_file)
+        .write_parquet(base, filesystem=fs, partition_cols=["split"]))
+    splits: dict[str, dict] = {}
+    for uri in storage.list_uris(storage.join(shards_uri, write_id)):
+        relative = uri[len(shards_uri.rstrip("/")) + 1:]
+        split = relative.split("/split=", 1)[1].split("/", 1)[0]
+        entry = splits.setdefault(split, {"files": [], "rows": 0})
+        entry["files"].append(relative)
+        entry["rows"] += storage.parquet_rows(uri)
+    previous = read_manifest(shards_uri) if storage.exists(storage.join(shards_uri, MANIFEST)) else None
+    manifest = {"write_id": write_id, "splits": splits}
+    storage.write_json(storage.join(shards_uri, MANIFEST), manifest)
+    if previous:  # only now is the old set unreferenced
+        for uri in storage.list_uris(storage.join(shards_uri, previous["write_id"])):
+            storage.delete(uri)
+    return manifest
+
+
+def read_manifest(shards_uri: str) -> dict:
+    uri = storage.join(shards_uri, MANIFEST)
+    if not storage.exists(uri):
+        raise StorageError(f"{uri} does not exist: run `entityclip data` first")
+    return storage.read_json(uri)
+
+
+def split_rows(shards_uri: str, split: str) -> int:
+    return read_manifest(shards_uri)["splits"].get(split, {}).get("rows", 0)
+
+
+def read_split(shards_uri: str, split: str):
+    """The split's shards as a lazy Ray Data dataset (read as it is consumed)."""
+    import ray
+
+    entry = read_manifest(shards_uri)["splits"].get(split)
+    if not entry or not entry["rows"]:
+        raise InputError(f"{shards_uri} holds no {split!r} samples")
+    fs, _ = storage.arrow_fs(shards_uri)
+    paths = [storage.arrow_fs(storage.join(shards_uri, relative))[1] for relative in entry["files"]]
+    return ray.data.read_parquet(paths, filesystem=fs)
