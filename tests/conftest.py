@@ -121,10 +121,10 @@ def ray_session(s3_endpoint):
     inherit the AWS_* variables."""
     import ray
 
-    from entityclip.runtime import init_ray, set_serve_env
+    from entityclip.runtime import init_ray, set_ray_env
 
     os.environ.pop("RAY_ADDRESS", None)
-    set_serve_env()  # before Ray starts: its processes read Serve's settings from the environment
+    set_ray_env()  # before Ray starts: its processes read Serve's settings from the environment
     context = ray.init(num_cpus=4, include_dashboard=True, logging_level="WARNING", log_to_driver=False)
     init_ray()
     ray.dashboard_address = f"http://{context.dashboard_url}"

@@ -1,6 +1,7 @@
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 from open_clip.tokenizer import SimpleTokenizer
 
 from entityclip import storage
@@ -8,7 +9,7 @@ from entityclip.config import DataConfig
 from entityclip.data.pairs import NAME_MASK, load_pairs, mask_names
 from entityclip.data.synthetic import generate
 from entityclip.errors import InputError
-from entityclip.train.ingest import preprocess
+from entityclip.train.ingest import MaskNames, preprocess
 
 
 @pytest.fixture()
@@ -37,19 +38,21 @@ def test_name_masking_hides_every_named_entity():
     assert mask_names("Vel Rovers beat Tak United.", ("Vel Rovers", "Tak United")) == f"{NAME_MASK} beat {NAME_MASK}."
 
 
-def test_preprocess_decodes_tokenizes_and_masks_names_at_the_configured_rate(run):
+def test_preprocess_decodes_and_tokenizes_and_the_collate_masks_names_at_its_rate(run):
     pairs = load_pairs(*run)
     batch = {"sample_id": [p.sample_id for p in pairs], "image": [storage.read_bytes(p.image_uri) for p in pairs],
              "text": [p.text for p in pairs], "entities": [list(p.entities) for p in pairs],
              "explanation": [p.explanation for p in pairs]}
     tokenize = SimpleTokenizer(context_length=24)
-    never = preprocess(batch, image_size=16, context_length=24, name_mask_prob=0.0, with_explanations=True)
-    always = preprocess(batch, image_size=16, context_length=24, name_mask_prob=1.0, with_explanations=False)
-    assert never["image"].shape == (len(pairs), 3, 16, 16) and never["image"].dtype == np.float32
-    assert (never["text_ids"] == tokenize([p.text for p in pairs]).numpy()).all()
-    assert (never["explanation_ids"] == tokenize([p.explanation for p in pairs]).numpy()).all()
-    assert (always["text_ids"] == tokenize([mask_names(p.text, p.entities) for p in pairs]).numpy()).all()
-    assert "explanation_ids" not in always
+    rows = preprocess(batch, image_size=16, context_length=24, masking=True, with_explanations=True)
+    assert rows["image"].shape == (len(pairs), 3, 16, 16) and rows["image"].dtype == np.float32
+    assert (rows["explanation_ids"] == tokenize([p.explanation for p in pairs]).numpy()).all()
+    never, always = MaskNames(0.0)(dict(rows)), MaskNames(1.0)(dict(rows))
+    assert (never["text_ids"].numpy() == tokenize([p.text for p in pairs]).numpy()).all()
+    assert (always["text_ids"].numpy() == tokenize([mask_names(p.text, p.entities) for p in pairs]).numpy()).all()
+    assert "masked_text_ids" not in always and always["image"].dtype == torch.float32
+    plain = preprocess(batch, image_size=16, context_length=24, masking=False, with_explanations=False)
+    assert set(plain) == {"image", "text_ids"}
 
 
 def test_preprocess_names_the_sample_whose_image_is_corrupt(run):
@@ -57,4 +60,4 @@ def test_preprocess_names_the_sample_whose_image_is_corrupt(run):
     batch = {"sample_id": [p.sample_id for p in pairs], "image": [b"\x89PNG garbage", b"x"],
              "text": [p.text for p in pairs], "entities": [list(p.entities) for p in pairs]}
     with pytest.raises(InputError, match=f"sample {pairs[0].sample_id}: image cannot be decoded"):
-        preprocess(batch, image_size=16, context_length=24, name_mask_prob=0.0, with_explanations=False)
+        preprocess(batch, image_size=16, context_length=24, masking=False, with_explanations=False)

@@ -6,6 +6,7 @@ import os
 import time
 
 from entityclip.errors import EntityClipError
+from entityclip.runtime import TRAIN_ENV
 
 # Never uploaded with the working directory: environments, run outputs, VCS data.
 EXCLUDES = [".venv", "venv", "runs", "mlruns", ".git", "**/__pycache__", ".pytest_cache"]
@@ -23,7 +24,7 @@ def submit_job(address: str, entrypoint: str, working_dir: str = ".", wait: bool
         client = JobSubmissionClient(address)
     except Exception as exc:  # ConnectionError, or a RuntimeError naming the address
         raise EntityClipError(f"cannot reach the Ray Jobs API at {address} ({exc})") from None
-    env = {k: os.environ[k] for k in PASSTHROUGH if k in os.environ}
+    env = {**TRAIN_ENV, **{k: os.environ[k] for k in PASSTHROUGH if k in os.environ}}
     job_id = client.submit_job(entrypoint=entrypoint,
                                runtime_env={"working_dir": working_dir, "excludes": EXCLUDES, "env_vars": env})
     out = {"job_id": job_id, "address": address, "status": "PENDING"}

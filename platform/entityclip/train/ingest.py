@@ -1,9 +1,11 @@
 """Training data as a Ray Data dataset streamed to the workers.
 
-The train split's shards are joined with their explanations, then decoded, augmented (entity
-names masked at random) and tokenized by Ray Data tasks beside the workers; each worker reads
-its share with `get_dataset_shard("train").iter_torch_batches(...)`. Only a few batches are in
-flight per worker, so a worker's memory does not grow with the dataset.
+The train split's shards are joined with their explanations, then decoded and tokenized (the
+text both as written and with its entity names masked) by Ray Data tasks beside the workers;
+`train.cache` says which stage Ray's object store keeps between epochs. Each worker reads its
+share with `get_dataset_shard("train").iter_torch_batches(collate_fn=MaskNames(p))`, which
+picks the masked text for a fresh random share p of the rows every epoch (the augmentation).
+Only a few batches are in flight per worker, so its memory does not grow with the dataset.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ import functools
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from entityclip import storage
 from entityclip.config import ModelConfig, TrainConfig
 from entityclip.data.images import decode_image, to_tensor
 from entityclip.data.pairs import mask_names
 from entityclip.data.shards import read_split
-from entityclip.errors import InputError
+from entityclip.errors import ConfigError, InputError
 from entityclip.models.backbone import input_sizes
 
 SPLIT = "train"
@@ -47,38 +50,61 @@ def _tokenizer(context_length: int):
     return SimpleTokenizer(context_length=context_length)
 
 
-def preprocess(batch: dict[str, np.ndarray], image_size: int, context_length: int, name_mask_prob: float,
+def preprocess(batch: dict[str, np.ndarray], image_size: int, context_length: int, masking: bool,
                with_explanations: bool) -> dict[str, np.ndarray]:
-    """Encoded rows -> model inputs: image [B,3,S,S] float32, text_ids (and explanation_ids) [B,L]."""
+    """Encoded rows -> model inputs: image [B,3,S,S] float32; text_ids, masked_text_ids (with
+    `masking`) and explanation_ids (with `with_explanations`), each [B,L] int64."""
     images = []
     for sample_id, data in zip(batch["sample_id"], batch["image"]):
         try:
             images.append(to_tensor(decode_image(data), image_size).numpy())
         except InputError as exc:
             raise InputError(f"sample {sample_id}: {exc}") from None
-    rng = np.random.default_rng()  # a fresh draw every epoch: masking is augmentation
-    texts = [mask_names(t, tuple(e)) if rng.random() < name_mask_prob else t
-             for t, e in zip(batch["text"], batch["entities"])]
     tokenize = _tokenizer(context_length)
-    out = {"image": np.stack(images), "text_ids": tokenize(texts).numpy()}
+    out = {"image": np.stack(images), "text_ids": tokenize(list(batch["text"])).numpy()}
+    if masking:
+        out["masked_text_ids"] = tokenize([mask_names(t, tuple(e)) for t, e in zip(batch["text"], batch["entities"])]).numpy()
     if with_explanations:
         out["explanation_ids"] = tokenize(list(batch["explanation"])).numpy()
     return out
 
 
+class MaskNames:
+    """Worker-side collate: numpy batch -> tensors, each row's text masked with probability p."""
+
+    def __init__(self, name_mask_prob: float):
+        self.p = name_mask_prob
+        self.rng = np.random.default_rng()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        masked = batch.pop("masked_text_ids", None)
+        if masked is not None and self.p:
+            chosen = self.rng.random(len(masked)) < self.p
+            batch["text_ids"] = np.where(chosen[:, None], masked, batch["text_ids"])
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+
+
+CACHES = ("none", "encoded", "decoded")
+
+
 def training_dataset(shards_uri: str, explanations_uri: str, model: ModelConfig, train: TrainConfig,
                      with_explanations: bool):
-    """The train split as a preprocessed Ray Data dataset (lazy: it runs as workers read it)."""
+    """The train split as a model-ready Ray Data dataset, its blocks in a new random order each
+    epoch (lazy: it runs as workers read it, from the cache of `train.cache` on)."""
+    if train.cache not in CACHES:
+        raise ConfigError(f"train.cache={train.cache!r}; choose one of {list(CACHES)}")
     ds = read_split(shards_uri, SPLIT).select_columns(["sample_id", "image", "text", "entities"])
     if with_explanations:
         ds = ds.map_batches(attach_explanations, fn_kwargs={"explanations_uri": explanations_uri},
                             batch_format="pyarrow")
-    if train.cache_encoded:
+    if train.cache == "encoded":
         ds = ds.materialize()
     image_size, context_length = input_sizes(model)
-    # Masking only helps a model that can fall back on the explanation.
+    # Blocks of one batch each, so that the random block order shuffles well.
     ds = ds.map_batches(preprocess, batch_size=train.batch_size, fn_kwargs={
         "image_size": image_size, "context_length": context_length,
-        "name_mask_prob": train.name_mask_prob if with_explanations else 0.0,
-        "with_explanations": with_explanations})
-    return ds
+        # Masking only helps a model that can fall back on the explanation.
+        "masking": with_explanations and train.name_mask_prob > 0, "with_explanations": with_explanations})
+    if train.cache == "decoded":
+        ds = ds.materialize()
+    return ds.randomize_block_order()

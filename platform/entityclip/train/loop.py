@@ -23,6 +23,7 @@ import torch.distributed as dist
 from entityclip.config import PipelineConfig, from_dict
 from entityclip.models import build_model
 from entityclip.train.checkpoint import load_pretrained, save_checkpoint
+from entityclip.train.ingest import MaskNames
 from entityclip.train.objective import Objective
 from entityclip.train.tracking import Tracker
 
@@ -78,8 +79,11 @@ def train_loop_per_worker(config: dict) -> None:
     model = build_model(cfg.model)
     if cfg.model.pretrained and rank == 0:  # wrapping in DDP broadcasts rank 0's weights
         load_pretrained(model, cfg.model.pretrained)
-    objective = ray.train.torch.prepare_model(
-        Objective(model, tc), parallel_strategy_kwargs={"find_unused_parameters": True})
+    # Some parameters may never get a gradient (e.g. the ITM head when itm_weight is 0). Every
+    # step uses the same ones, so a static graph finds them once instead of searching the graph
+    # every step (5% faster here); DDP's no_sync, which accumulation needs, requires the search.
+    ddp = {"static_graph": True} if tc.grad_accum_steps == 1 else {"find_unused_parameters": True}
+    objective = ray.train.torch.prepare_model(Objective(model, tc), parallel_strategy_kwargs=ddp)
     micro_batches = config["rows"] // world // tc.batch_size
     steps_per_epoch = micro_batches // tc.grad_accum_steps
     total_steps = max(1, tc.epochs * steps_per_epoch)
@@ -100,12 +104,15 @@ def train_loop_per_worker(config: dict) -> None:
     tracker = Tracker(config["tracking_uri"]) if rank == 0 else None
     run_id = config["run_id"]
     shard = ray.train.get_dataset_shard("train")
+    # Masking only helps a model that can fall back on the explanation.
+    mask_names = MaskNames(tc.name_mask_prob if model.uses_explanations else 0.0)
     timings = {"data_s": 0.0, "compute_s": 0.0, "checkpoint_s": 0.0}
     step = start_epoch * steps_per_epoch
+    loop_start = time.perf_counter()
     for epoch in range(start_epoch, tc.epochs):
         objective.train()
         batches = iter(shard.iter_torch_batches(
-            batch_size=tc.batch_size, drop_last=True, device=device,
+            batch_size=tc.batch_size, drop_last=True, device=device, collate_fn=mask_names,
             local_shuffle_buffer_size=tc.shuffle_buffer_rows or None))
         epoch_loss = 0.0
         for _ in range(steps_per_epoch):
@@ -145,7 +152,8 @@ def train_loop_per_worker(config: dict) -> None:
             tracker.log_metrics(run_id, {"train/epoch_loss": metrics["train_loss"]}, step)
         last = epoch == tc.epochs - 1
         if last:
-            metrics.update(timings, **_worker_facts(model, step - start_epoch * steps_per_epoch, device))
+            metrics.update(timings, loop_s=time.perf_counter() - loop_start,
+                           **_worker_facts(model, step - start_epoch * steps_per_epoch, device))
         if last or (epoch + 1) % tc.checkpoint_every_epochs == 0:
             tick = time.perf_counter()
             with tempfile.TemporaryDirectory() as d:

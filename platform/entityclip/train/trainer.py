@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +33,7 @@ class TrainResult:
 def _follow(future, tracker: Tracker, run_id: str, epochs: int, label: str, progress: bool) -> None:
     """An epoch progress bar on the driver, read from the run's metrics (the workers log them)."""
     with tqdm(total=epochs, desc=f"train ({label})", unit="epoch", disable=not progress) as bar:
-        while not future.done():
-            time.sleep(2)
+        while not wait([future], timeout=2).done:
             try:
                 history = tracker.metric_history(run_id, "train/epoch_loss")
             except TrackingError:

@@ -1,0 +1,152 @@
+"""Ray Train vs a plain single-process torch loop: same model, objective, data, epochs and total
+batch, side by side in one run, and where the difference goes.
+
+The Ray Train side is the product's own `entityclip train` path (run_training: MLflow run, Ray
+Data streaming the shards, DDP workers, checkpoints, model registration). The peer is what a
+user writes by hand: one process (torch's default threads, all cores), a DataLoader over the same
+shard rows decoding, masking and tokenizing every epoch with the same function, AdamW with the
+same schedule, a torch.save checkpoint as often.
+The peer decodes every epoch, as a torch Dataset over image files does; the Ray Train side
+caches decoded rows in Ray's object store by default (`train.cache`, compare with
+`--set train.cache=encoded`).
+
+    .venv/bin/python benchmarks/train_overhead.py [--root runs/default] [--epochs 60] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from entityclip import storage
+from entityclip.config import load_config
+from entityclip.data.shards import read_manifest
+from entityclip.models import build_model
+from entityclip.models.backbone import input_sizes
+from entityclip.paths import RunPaths
+from entityclip.train.ingest import MaskNames, attach_explanations, preprocess
+from entityclip.train.loop import autocast, warmup_cosine
+from entityclip.train.objective import Objective
+
+
+class ShardRows(Dataset):
+    """The train split's rows (encoded image bytes, text, entities, explanation) in memory."""
+
+    def __init__(self, shards: str, explanations: str):
+        tables = [storage.read_parquet(storage.join(shards, f)) for f in read_manifest(shards)["splits"]["train"]["files"]]
+        self.rows = [r for t in tables for r in attach_explanations(t, explanations).to_pylist()]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+def plain_loop(cfg, paths: RunPaths) -> dict:
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
+    model = build_model(cfg.model)
+    objective = Objective(model, tc)
+    image_size, context_length = input_sizes(cfg.model)
+    batch = tc.batch_size * tc.num_workers  # the same global batch as the workers together
+
+    mask_names = MaskNames(tc.name_mask_prob)
+
+    def collate(rows: list[dict]) -> dict:
+        columns = {k: [r[k] for r in rows] for k in rows[0]}
+        return mask_names(preprocess(columns, image_size, context_length, tc.name_mask_prob > 0, model.uses_explanations))
+
+    start = time.perf_counter()
+    loader = DataLoader(ShardRows(paths.shards, paths.explanations), batch_size=batch, shuffle=True, drop_last=True,
+                        collate_fn=collate)
+    steps = tc.epochs * len(loader)
+    optimizer = torch.optim.AdamW(objective.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
+    timings = {"data_s": 0.0, "compute_s": 0.0, "checkpoint_s": 0.0}
+    loop_start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as d:
+        for epoch in range(tc.epochs):
+            batches = iter(loader)
+            for _ in range(len(loader)):
+                tick = time.perf_counter()
+                b = next(batches)
+                timings["data_s"] += time.perf_counter() - tick
+                tick = time.perf_counter()
+                with autocast(tc.precision, torch.device("cpu")):
+                    loss = objective(b["image"], b["text_ids"], b.get("explanation_ids"))["loss"]
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                timings["compute_s"] += time.perf_counter() - tick
+            if (epoch + 1) % tc.checkpoint_every_epochs == 0 or epoch == tc.epochs - 1:
+                tick = time.perf_counter()
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, Path(d) / "state.pt")
+                timings["checkpoint_s"] += time.perf_counter() - tick
+    end = time.perf_counter()
+    return {"wall_s": end - start, "loop_s": end - loop_start, "samples": steps * batch, "final_loss": loss.item(),
+            **timings, "allreduce_s": 0.0}
+
+
+def ray_train(cfg, paths: RunPaths) -> dict:
+    from entityclip.runtime import init_ray
+    from entityclip.train.tracking import Tracker
+    from entityclip.train.trainer import run_training
+
+    init_ray()  # a running cluster is the norm; its start is not training overhead
+    with tempfile.TemporaryDirectory() as d:
+        tracker = Tracker(f"sqlite:///{d}/mlflow.db")
+        result = run_training(cfg, {**paths.as_dict(), "checkpoints": f"{d}/checkpoints"}, tracker,
+                              Path(d) / "ray_results", progress=False)
+    m = result.metrics
+    steps_per_worker = m["step"]
+    return {"wall_s": result.seconds, "loop_s": m["loop_s"], "final_loss": m["train_loss"],
+            "samples": steps_per_worker * cfg.train.batch_size * cfg.train.num_workers,
+            **{k: m[k] for k in ("data_s", "compute_s", "checkpoint_s", "allreduce_s", "worker_peak_rss_mb")}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default="runs/default", help="a run root after `entityclip data` and `explain`")
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON too")
+    args = parser.parse_args()
+    cfg = load_config(args.config, [f"storage.root={args.root}", f"train.epochs={args.epochs}", *args.set])
+    paths = RunPaths.for_config(cfg)
+    if not storage.exists(storage.join(paths.shards, "manifest.json")) or not storage.exists(paths.explanations):
+        sys.exit(f"{args.root} has no shards or explanations: run `entityclip data` and `entityclip explain` first")
+
+    results = {"plain torch loop (1 process)": plain_loop(cfg, paths),
+               f"Ray Train ({cfg.train.num_workers} workers)": ray_train(cfg, paths)}
+    base = next(iter(results.values()))["wall_s"]
+    print(f"{cfg.model.variant}, {args.epochs} epochs, global batch {cfg.train.batch_size * cfg.train.num_workers}, "
+          f"{cfg.train.precision}, {torch.get_num_threads()} CPU threads available")
+    header = ("", "wall s", "ratio", "samples/s", "start-up+end s", "data wait s", "compute s", "allreduce s*",
+              "checkpoint s", "final loss")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name, r in results.items():
+        cells = [name, f"{r['wall_s']:.1f}", f"{r['wall_s'] / base:.2f}x", f"{r['samples'] / r['wall_s']:.0f}",
+                 f"{r['wall_s'] - r['loop_s']:.1f}", f"{r['data_s']:.1f}", f"{r['compute_s']:.1f}",
+                 f"{r['allreduce_s']:.1f}", f"{r['checkpoint_s']:.1f}", f"{r['final_loss']:.3f}"]
+        print("| " + " | ".join(cells) + " |")
+    print("* allreduce: a gradient-sized all-reduce timed after training, times the steps; it runs inside "
+          "backward (compute s), overlapped.")
+    if "worker_peak_rss_mb" in results[f"Ray Train ({cfg.train.num_workers} workers)"]:
+        print(f"peak RSS per Ray Train worker: {results[list(results)[1]]['worker_peak_rss_mb']:.0f} MB")
+    if args.json:
+        print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""A real two-node Ray cluster on this machine (`ray start --head` and a second `ray start
+--address`): training submitted with `entityclip submit` places one DDP worker on each node,
+and its checkpoints and MLflow artifacts land on the S3-compatible server."""
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from entityclip import storage
+from entityclip.runtime import free_port
+from tests.conftest import BIN, TINY, stop, tiny_config, wait_http
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+
+
+def ray_start(*args: str, log: Path) -> subprocess.Popen:
+    """One Ray node in its own process group (so that stopping it never touches the session's
+    Ray), every port it opens chosen free."""
+    ports = {"--node-manager-port", "--object-manager-port", "--metrics-export-port", "--runtime-env-agent-port",
+             "--dashboard-agent-grpc-port", "--dashboard-agent-listen-port"}
+    cmd = [str(BIN / "ray"), "start", "--block", "--num-cpus=2", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+           *(f"{p}={free_port()}" for p in sorted(ports)), *args]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with open(log, "wb") as fh:
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster(s3_endpoint):
+    # Unix socket paths under the temp dir must stay short (108 bytes).
+    temp = Path(tempfile.mkdtemp(prefix="r2-", dir="/tmp"))
+    gcs, dashboard = free_port(), free_port()
+    head = ray_start("--head", f"--port={gcs}", f"--dashboard-port={dashboard}", "--include-dashboard=true",
+                     "--dashboard-host=127.0.0.1", f"--ray-client-server-port={free_port()}", f"--temp-dir={temp}",
+                     log=temp / "head.log")
+    nodes = [head]
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        wait_http(f"{address}/api/version", 120, head, temp / "head.log")
+        nodes.append(ray_start(f"--address=127.0.0.1:{gcs}", log=temp / "worker.log"))
+        deadline = time.time() + 120
+        while len([n for n in requests.get(f"{address}/nodes?view=summary", timeout=5).json()["data"]["summary"]
+                   if n["raylet"]["state"] == "ALIVE"]) < 2:
+            if time.time() > deadline:
+                raise RuntimeError(f"the second node never joined:\n{(temp / 'worker.log').read_text()[-3000:]}")
+            time.sleep(1)
+        yield address
+    finally:
+        for node in reversed(nodes):
+            stop_group(node)
+
+
+@pytest.fixture(scope="module")
+def s3_mlflow(s3_bucket, tmp_path_factory):
+    """An MLflow server whose artifacts live on the S3-compatible server."""
+    root = tmp_path_factory.mktemp("mlflow-s3")
+    port = free_port()
+    log = root / "server.log"
+    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+           "--artifacts-destination", f"s3://{s3_bucket}/mlflow-artifacts", "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "1"]
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=root)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", 120, proc, log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+def test_training_submitted_to_two_nodes_spreads_workers_and_stores_on_s3(
+        two_node_cluster, s3_mlflow, s3_bucket, ray_session):
+    from mlflow.tracking import MlflowClient
+
+    from entityclip.pipeline import stage_data, stage_explain
+
+    root = f"s3://{s3_bucket}/multinode"
+    stage_data(tiny_config(root), progress=False)  # on the session's Ray; the cluster reads it from S3
+    stage_explain(tiny_config(root), progress=False)
+    overrides = [*TINY, f"storage.root={root}", f"tracking.uri={s3_mlflow}", "tracking.experiment=multinode",
+                 "train.placement_strategy=STRICT_SPREAD"]
+    entrypoint = f"{sys.executable} jobs/train.py --no-progress " + " ".join(f"--set {o}" for o in overrides)
+    result = subprocess.run([str(BIN / "entityclip"), "submit", "--address", two_node_cluster,
+                             "--working-dir", str(REPO), entrypoint],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert '"status": "SUCCEEDED"' in result.stdout
+
+    client = MlflowClient(s3_mlflow)
+    (run,) = client.search_runs([client.get_experiment_by_name("multinode").experiment_id])
+    assert len(run.data.tags["worker_nodes"].split(",")) == 2  # one worker on each node
+    assert storage.exists(f"{root}/checkpoints/entityclip/model.safetensors")
+    ray_checkpoints = [u for u in storage.list_uris(f"{root}/ray_results") if u.endswith("train_state.pt")]
+    assert ray_checkpoints, "Ray Train wrote no checkpoint to S3"
+    artifacts = storage.list_uris(f"s3://{s3_bucket}/mlflow-artifacts")
+    assert any(u.endswith(f"{run.info.run_id}/artifacts/checkpoint/model.safetensors") for u in artifacts)
