@@ -3,6 +3,7 @@ server (SeaweedFS), and one tiny trained run that the index/evaluate/serve tests
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -80,11 +81,19 @@ def s3_endpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("seaweed")
     port = seaweed_port()
     log = root / "weed.log"
-    cmd = [weed, "server", f"-dir={root}", "-s3", f"-s3.port={port}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+    # With credentials, as real S3 has: SeaweedFS without any rejects the signed streaming
+    # uploads (UploadPart) that pyarrow's S3 filesystem sends, though boto3's PUTs pass. Its
+    # IAM then wants a signing key, read from the environment like security.toml's.
+    identities = {"identities": [{"name": "test", "credentials": [{"accessKey": "test", "secretKey": "test"}],
+                                  "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}
+    (root / "s3.json").write_text(json.dumps(identities))
+    cmd = [weed, "server", f"-dir={root}", "-s3", f"-s3.port={port}", f"-s3.config={root / 's3.json'}",
+           "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
            f"-master.port={seaweed_port()}", f"-volume.port={seaweed_port()}", f"-filer.port={seaweed_port()}",
            "-master.volumeSizeLimitMB=64"]
     with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
+                                env={**os.environ, "WEED_JWT_FILER_SIGNING_KEY": "entityclip-tests"})
     endpoint = f"http://127.0.0.1:{port}"
     env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
            "AWS_DEFAULT_REGION": "us-east-1"}

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 
 from entityclip import storage
 from entityclip.runtime import free_port
@@ -46,6 +45,13 @@ def stop_group(proc: subprocess.Popen) -> None:
             continue
 
 
+def alive_nodes(gcs_address: str) -> int:
+    """Asked from a separate process: this one is connected to the session's Ray."""
+    code = f"import ray; ray.init(address={gcs_address!r}); print(sum(n['Alive'] for n in ray.nodes()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0
+
+
 @pytest.fixture(scope="module")
 def two_node_cluster(s3_endpoint):
     # Unix socket paths under the temp dir must stay short (108 bytes).
@@ -58,10 +64,12 @@ def two_node_cluster(s3_endpoint):
     try:
         address = f"http://127.0.0.1:{dashboard}"
         wait_http(f"{address}/api/version", 120, head, temp / "head.log")
-        nodes.append(ray_start(f"--address=127.0.0.1:{gcs}", log=temp / "worker.log"))
+        # Its own temp dir: two nodes sharing one would share (and garbage-collect) each
+        # other's copies of the job's working directory.
+        (temp / "w").mkdir()
+        nodes.append(ray_start(f"--address=127.0.0.1:{gcs}", f"--temp-dir={temp / 'w'}", log=temp / "worker.log"))
         deadline = time.time() + 120
-        while len([n for n in requests.get(f"{address}/nodes?view=summary", timeout=5).json()["data"]["summary"]
-                   if n["raylet"]["state"] == "ALIVE"]) < 2:
+        while alive_nodes(f"127.0.0.1:{gcs}") < 2:
             if time.time() > deadline:
                 raise RuntimeError(f"the second node never joined:\n{(temp / 'worker.log').read_text()[-3000:]}")
             time.sleep(1)

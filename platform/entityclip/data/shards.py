@@ -48,6 +48,8 @@ def write_shards(samples_uri: str, shards_uri: str, rows_per_file: int) -> dict:
         .write_parquet(base, filesystem=fs, partition_cols=["split"]))
     splits: dict[str, dict] = {}
     for uri in storage.list_uris(storage.join(shards_uri, write_id)):
+        if not uri.endswith(".parquet"):  # e.g. the empty "directory" objects pyarrow puts on S3
+            continue
         relative = uri[len(shards_uri.rstrip("/")) + 1:]
         split = relative.split("/split=", 1)[1].split("/", 1)[0]
         entry = splits.setdefault(split, {"files": [], "rows": 0})
