@@ -97,10 +97,10 @@ def run_copy(trained_run, root) -> str:
     return str(root)
 
 
-def test_training_in_bf16_with_accumulation_and_clipping(trained_run, mlflow_server, tmp_path):
+def test_training_in_bf16_with_accumulation_and_clipping_streaming_from_storage(trained_run, mlflow_server, tmp_path):
     cfg = tiny_config(run_copy(trained_run, tmp_path), f"tracking.uri={mlflow_server}", "tracking.experiment=bf16",
                       "tracking.registered_model=bf16", "train.precision=bf16", "train.grad_accum_steps=2",
-                      "train.batch_size=4", "train.grad_clip_norm=0.5", "train.epochs=1")
+                      "train.batch_size=4", "train.grad_clip_norm=0.5", "train.epochs=1", "train.cache=none")
     result = stage_train(cfg, progress=False)
 
     assert result.train_loss is not None and result.train_loss == result.train_loss  # finite, not NaN
@@ -114,6 +114,7 @@ def test_training_in_bf16_with_accumulation_and_clipping(trained_run, mlflow_ser
     (["train.precision=fp16"], "needs train.use_gpu=true"),
     (["train.placement_strategy=ANYWHERE"], "placement_strategy"),
     (["train.batch_size=64"], "fewer than one optimizer step needs"),
+    (["train.cache=ram"], "train.cache"),
 ])
 def test_impossible_training_configs_are_config_errors(trained_run, mlflow_server, overrides, message):
     cfg = tiny_config(trained_run["root"], f"tracking.uri={mlflow_server}", "tracking.experiment=bad-config",

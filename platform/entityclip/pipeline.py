@@ -43,7 +43,7 @@ def stage_data(cfg: PipelineConfig, progress: bool = True) -> dict:
         storage.write_parquet(paths.samples, samples_table(rows))
         out = {"samples": paths.samples, **counts, "written": len(rows)}
     init_ray()
-    manifest = write_shards(paths.samples, paths.shards, cfg.data.shard_rows)
+    manifest = write_shards(paths.samples, paths.shards, cfg.data.shard_rows, cfg.data.seed)
     return {**out, "shards": paths.shards, **{f"{k}_rows": v["rows"] for k, v in manifest["splits"].items()}}
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import uuid
 
+import numpy as np
 import pyarrow as pa
 
 from entityclip import storage
@@ -37,13 +38,18 @@ def _with_image_bytes(batch: pa.Table) -> pa.Table:
     return batch.append_column("image", pa.array(images, pa.binary()))
 
 
-def write_shards(samples_uri: str, shards_uri: str, rows_per_file: int) -> dict:
-    """Write the samples table's rows with their image bytes as shards; returns the manifest."""
+def write_shards(samples_uri: str, shards_uri: str, rows_per_file: int, seed: int = 0) -> dict:
+    """Write the samples table's rows with their image bytes as shards; returns the manifest.
+
+    Rows go in a random order: datasets list samples by entity or source, and training reads
+    shards block by block, so a block of neighbours would fill a batch with the same entity."""
     import ray
 
     write_id = uuid.uuid4().hex[:12]
     fs, base = storage.arrow_fs(storage.join(shards_uri, write_id))
-    (ray.data.from_arrow(storage.read_parquet(samples_uri))
+    samples = storage.read_parquet(samples_uri)
+    samples = samples.take(np.random.default_rng(seed).permutation(samples.num_rows))
+    (ray.data.from_arrow(samples)
         .map_batches(_with_image_bytes, batch_format="pyarrow", batch_size=rows_per_file)
         .write_parquet(base, filesystem=fs, partition_cols=["split"]))
     splits: dict[str, dict] = {}

@@ -72,9 +72,9 @@ def preprocess(batch: dict[str, np.ndarray], image_size: int, context_length: in
 class MaskNames:
     """Worker-side collate: numpy batch -> tensors, each row's text masked with probability p."""
 
-    def __init__(self, name_mask_prob: float):
+    def __init__(self, name_mask_prob: float, seed: int | None = None):
         self.p = name_mask_prob
-        self.rng = np.random.default_rng()
+        self.rng = np.random.default_rng(seed)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         masked = batch.pop("masked_text_ids", None)
@@ -90,7 +90,7 @@ CACHES = ("none", "encoded", "decoded")
 def training_dataset(shards_uri: str, explanations_uri: str, model: ModelConfig, train: TrainConfig,
                      with_explanations: bool):
     """The train split as a model-ready Ray Data dataset, its blocks in a new random order each
-    epoch (lazy: it runs as workers read it, from the cache of `train.cache` on)."""
+    epoch, drawn from `train.seed` (lazy: it runs as workers read it, from the cache on)."""
     if train.cache not in CACHES:
         raise ConfigError(f"train.cache={train.cache!r}; choose one of {list(CACHES)}")
     ds = read_split(shards_uri, SPLIT).select_columns(["sample_id", "image", "text", "entities"])
@@ -107,4 +107,6 @@ def training_dataset(shards_uri: str, explanations_uri: str, model: ModelConfig,
         "masking": with_explanations and train.name_mask_prob > 0, "with_explanations": with_explanations})
     if train.cache == "decoded":
         ds = ds.materialize()
-    return ds.randomize_block_order()
+    from ray.data import RandomSeedConfig
+
+    return ds.randomize_block_order(seed=RandomSeedConfig(seed=train.seed, reseed_after_execution=True))

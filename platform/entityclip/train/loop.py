@@ -105,7 +105,7 @@ def train_loop_per_worker(config: dict) -> None:
     run_id = config["run_id"]
     shard = ray.train.get_dataset_shard("train")
     # Masking only helps a model that can fall back on the explanation.
-    mask_names = MaskNames(tc.name_mask_prob if model.uses_explanations else 0.0)
+    mask_names = MaskNames(tc.name_mask_prob if model.uses_explanations else 0.0, seed=tc.seed + rank)
     timings = {"data_s": 0.0, "compute_s": 0.0, "checkpoint_s": 0.0}
     step = start_epoch * steps_per_epoch
     loop_start = time.perf_counter()
@@ -113,7 +113,7 @@ def train_loop_per_worker(config: dict) -> None:
         objective.train()
         batches = iter(shard.iter_torch_batches(
             batch_size=tc.batch_size, drop_last=True, device=device, collate_fn=mask_names,
-            local_shuffle_buffer_size=tc.shuffle_buffer_rows or None))
+            local_shuffle_buffer_size=tc.shuffle_buffer_rows or None, local_shuffle_seed=tc.seed + epoch))
         epoch_loss = 0.0
         for _ in range(steps_per_epoch):
             for micro in range(tc.grad_accum_steps):
