@@ -88,9 +88,10 @@ def s3_endpoint(tmp_path_factory):
                                   "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}
     (root / "s3.json").write_text(json.dumps(identities))
     cmd = [weed, "server", f"-dir={root}", "-s3", f"-s3.port={port}", f"-s3.config={root / 's3.json'}",
-           "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+           "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3.port.iceberg=0", "-s3.port.lance=0",
            f"-master.port={seaweed_port()}", f"-volume.port={seaweed_port()}", f"-filer.port={seaweed_port()}",
-           "-master.volumeSizeLimitMB=64"]
+           "-master.volumeSizeLimitMB=64",
+           "-volume.max=0"]  # volumes as the disk allows (default 8: a full session ran out)
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
                                 env={**os.environ, "WEED_JWT_FILER_SIGNING_KEY": "entityclip-tests"})
