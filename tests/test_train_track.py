@@ -6,7 +6,8 @@ from mlflow.tracking import MlflowClient
 from entityclip import storage
 from entityclip.errors import TrackingError
 from entityclip.train.checkpoint import load_model, read_meta
-from entityclip.train.tracking import Tracker
+from entityclip.config import TrackingConfig
+from entityclip.train.tracking import Tracker, artifact_root, resolve_uri
 
 
 def test_training_logs_params_step_metrics_checkpoint_and_model_version(trained_run, mlflow_server):
@@ -48,3 +49,17 @@ def test_unreachable_tracking_server_is_a_clear_error():
 
     with pytest.raises(TrackingError, match="unreachable"):
         Tracker(f"http://127.0.0.1:{free_port()}")
+
+
+def test_the_local_default_store_keeps_artifacts_under_the_run_root(tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # MLflow's own default would be ./mlruns here
+    cfg, root = TrackingConfig(), tmp_path / "run"
+    tracker = Tracker(resolve_uri(cfg, root), artifact_root(cfg, root))
+    run_id = tracker.start_run("local", "r1", {"a": 1})
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "model.json").write_text("{}")
+    tracker.log_artifacts(run_id, tmp_path / "ckpt", "checkpoint")
+    assert (root / "mlartifacts" / run_id / "artifacts" / "checkpoint" / "model.json").is_file()
+    assert list(elsewhere.iterdir()) == []

@@ -17,9 +17,9 @@ from entityclip.runtime import init_ray, quiet_logs
 
 
 def tracker_for(cfg: PipelineConfig, paths: RunPaths):
-    from entityclip.train.tracking import Tracker, resolve_uri
+    from entityclip.train.tracking import Tracker, artifact_root, resolve_uri
 
-    return Tracker(resolve_uri(cfg.tracking, paths.local))
+    return Tracker(resolve_uri(cfg.tracking, paths.local), artifact_root(cfg.tracking, paths.local))
 
 
 

@@ -22,6 +22,13 @@ def resolve_uri(cfg: TrackingConfig, local_dir: str | Path) -> str:
     return f"sqlite:///{path / 'mlflow.db'}"
 
 
+def artifact_root(cfg: TrackingConfig, local_dir: str | Path) -> str | None:
+    """Where new experiments keep artifacts: beside the local default store, since MLflow would
+    otherwise put them in `./mlruns` of whatever folder the command ran in. A tracking server
+    decides for itself (None)."""
+    return None if cfg.uri else (Path(local_dir).resolve() / "mlartifacts").as_uri()
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     if not uri.startswith(("http://", "https://")):
         return
@@ -34,7 +41,7 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
 
 
 class Tracker:
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, artifact_root: str | None = None):
         # Fail fast rather than retry for minutes when the server goes away mid-run.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
@@ -42,6 +49,7 @@ class Tracker:
 
         check_reachable(uri)
         self.uri = uri
+        self.artifact_root = artifact_root
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
 
     def _call(self, what: str, fn):
@@ -57,7 +65,8 @@ class Tracker:
     def start_run(self, experiment: str, run_name: str, params: dict) -> str:
         def _start():
             exp = self.client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(
+                experiment, artifact_location=self.artifact_root)
             run = self.client.create_run(exp_id, run_name=run_name)
             return run.info.run_id
 
