@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     _config_args(add("config", cmd_config, "print the resolved config as YAML"))
-    _config_args(add("data", cmd_data, "generate the synthetic entity dataset (samples.parquet, images)"))
+    _config_args(add("data", cmd_data, "generate or ingest the dataset (samples.parquet, images) and write the training shards"))
     _config_args(add("explain", cmd_explain, "write explanations.parquet with Ray Data engine actors"))
     p = add("train", cmd_train, "train one variant with Ray Train DDP, tracked in MLflow")
     _config_args(p)
