@@ -14,7 +14,8 @@ COMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)
 
 def test_console_script_lists_every_stage():
     out = subprocess.run([ENTITYCLIP, "--help"], capture_output=True, text=True, check=True).stdout
-    for command in ("data", "explain", "train", "index", "evaluate", "serve", "query", "pipeline", "compare", "submit"):
+    for command in ("data", "explain", "train", "index", "evaluate", "serve", "query", "pipeline", "compare", "promote",
+                    "submit"):
         assert command in out
 
 

@@ -9,6 +9,7 @@ from entityclip import storage
 from entityclip.compare import collect, compare_runs
 from entityclip.errors import EntityClipError
 from entityclip.jobs import submit_job
+from tests.test_cli import run_cli
 from entityclip.pipeline import stage_evaluate, stage_index, stage_train, with_variant
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,3 +54,32 @@ def test_compare_tabulates_and_plots_every_evaluated_variant(trained_run, tmp_pa
     page = Path(report).read_text()
     assert page.count("<tr>") == len(rows) + 1 and "clip_zeroshot" in page
     assert 'src="data:image/png;base64,' in page  # the chart travels inside the file
+
+
+def test_compare_promotes_the_best_run_and_promote_sets_any_alias(trained_run, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    from entityclip.compare import collect, promote_best
+
+    cfg = trained_run["cfg"]
+    rows = [r for r in collect(cfg) if r["test_unseen/rsum"] is not None]
+    best = max(rows, key=lambda r: r["test_unseen/rsum"])
+    promoted = promote_best(cfg, "test_unseen/rsum")
+    client = MlflowClient(mlflow_server)
+    assert client.get_model_version_by_alias(promoted["model"], "champion").run_id == best["run_id"]
+
+    version = trained_run["train"].model_version
+    result = run_cli("promote", "entityclip-entityclip", version, "--alias", "staging",
+                     "--set", f"tracking.uri={mlflow_server}", "--set", "tracking.experiment=tests")
+    assert result.returncode == 0, result.stderr
+    assert client.get_model_version_by_alias("entityclip-entityclip", "staging").version == version
+    missing = run_cli("promote", "entityclip-entityclip", "999", "--set", f"tracking.uri={mlflow_server}")
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr and "version 999" in missing.stderr
+
+
+def test_promoting_by_an_unknown_metric_is_a_config_error(trained_run):
+    from entityclip.compare import promote_best
+    from entityclip.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="choose one of"):
+        promote_best(trained_run["cfg"], "accuracy")

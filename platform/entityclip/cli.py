@@ -152,6 +152,19 @@ def cmd_compare(args) -> None:
     print(table)
     for path in written:
         print(f"written: {path}")
+    if args.promote:
+        from entityclip.compare import promote_best
+
+        _print(promote_best(cfg, args.promote))
+
+
+def cmd_promote(args) -> None:
+    from entityclip.paths import RunPaths
+    from entityclip.pipeline import tracker_for
+
+    cfg = _cfg(args)
+    tracker_for(cfg, RunPaths.for_config(cfg)).set_alias(args.model, args.version, args.alias)
+    _print({"model": args.model, "version": args.version, "alias": args.alias})
 
 
 def cmd_submit(args) -> None:
@@ -196,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--plot", help="write a bar chart PNG here")
     p.add_argument("--html", help="write the table and chart as one HTML report here")
+    p.add_argument("--promote", metavar="METRIC", help="set alias 'champion' on the best run's model version "
+                   "by this metric, e.g. test_unseen/rsum")
+    p = add("promote", cmd_promote, "set an alias (e.g. champion) on a registered model version")
+    _config_args(p)
+    p.add_argument("model", help="registered model name, e.g. entityclip-entityclip")
+    p.add_argument("version", help="its version number")
+    p.add_argument("--alias", default="champion", help="the alias to set (default champion)")
     p = add("submit", cmd_submit, "submit a command to a Ray cluster as a Ray Job")
     p.add_argument("--address", default="http://127.0.0.1:8265", help="Ray dashboard / Jobs API address")
     p.add_argument("--working-dir", default=".", help="uploaded as the job's working directory")

@@ -4,6 +4,7 @@ one self-contained HTML report."""
 from __future__ import annotations
 
 from entityclip.config import PipelineConfig
+from entityclip.errors import ConfigError
 from entityclip.paths import RunPaths
 from entityclip.pipeline import tracker_for
 
@@ -17,7 +18,7 @@ def collect(cfg: PipelineConfig) -> list[dict]:
         m = run.data.metrics
         if not any(k.startswith("test_") for k in m):
             continue  # unfinished or failed runs have no evaluation
-        rows.append({"run": run.info.run_name, "variant": run.data.tags.get("variant", "?"),
+        rows.append({"run": run.info.run_name, "run_id": run.info.run_id, "variant": run.data.tags.get("variant", "?"),
                      **{f"{s}/{c}": m.get(f"{s}/{c}") for s in SPLITS for c in COLUMNS}})
     return rows
 
@@ -77,6 +78,24 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child,td
 <p><img alt="rsum per run, seen and unseen entities" src="data:image/png;base64,{chart}"></p></body></html>
 """)
     return path
+
+
+METRICS = [f"{s}/{c}" for s in SPLITS for c in COLUMNS]
+
+
+def promote_best(cfg: PipelineConfig, metric: str, alias: str = "champion") -> dict:
+    """Set `alias` on the model version of the compared run that is best by `metric` (higher is
+    better). Registered models are one per variant (`<tracking.registered_model>-<variant>`)."""
+    if metric not in METRICS:
+        raise ConfigError(f"cannot promote by {metric!r}; choose one of {METRICS}")
+    rows = [r for r in collect(cfg) if r[metric] is not None]
+    if not rows:
+        raise ConfigError(f"no evaluated runs in experiment {cfg.tracking.experiment!r} to promote")
+    best = max(rows, key=lambda r: r[metric])
+    tracker = tracker_for(cfg, RunPaths.for_config(cfg))
+    name, version = tracker.version_of_run(best["run_id"])
+    tracker.set_alias(name, version, alias)
+    return {"model": name, "version": version, "alias": alias, "run": best["run"], metric: best[metric]}
 
 
 def compare_runs(cfg: PipelineConfig, plot_path: str | None = None,

@@ -113,6 +113,19 @@ class Tracker:
 
         return str(self._call("register the model", _register))
 
+    def set_alias(self, name: str, version: str, alias: str) -> None:
+        """Point registered model `name`'s alias (e.g. champion) at `version`."""
+        self._call(f"set alias {alias!r} on {name} version {version}",
+                   lambda: self.client.set_registered_model_alias(name, alias, str(version)))
+
+    def version_of_run(self, run_id: str) -> tuple[str, str]:
+        """(registered model name, version) that training run `run_id` registered."""
+        versions = self._call("find the run's model version",
+                              lambda: self.client.search_model_versions(f"run_id = '{run_id}'"))
+        if not versions:
+            raise TrackingError(f"run {run_id} registered no model version")
+        return versions[0].name, str(versions[0].version)
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self._call("end the run", lambda: self.client.set_terminated(run_id, status))
 
