@@ -21,7 +21,7 @@ from entityclip.config import ModelConfig, TrainConfig
 from entityclip.data.images import decode_image, to_tensor
 from entityclip.data.pairs import mask_names
 from entityclip.data.shards import read_split
-from entityclip.errors import ConfigError, InputError
+from entityclip.errors import InputError
 from entityclip.models.backbone import input_sizes
 
 SPLIT = "train"
@@ -84,15 +84,10 @@ class MaskNames:
         return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
 
 
-CACHES = ("none", "encoded", "decoded")
-
-
 def training_dataset(shards_uri: str, explanations_uri: str, model: ModelConfig, train: TrainConfig,
                      with_explanations: bool):
     """The train split as a model-ready Ray Data dataset, its blocks in a new random order each
     epoch, drawn from `train.seed` (lazy: it runs as workers read it, from the cache on)."""
-    if train.cache not in CACHES:
-        raise ConfigError(f"train.cache={train.cache!r}; choose one of {list(CACHES)}")
     ds = read_split(shards_uri, SPLIT).select_columns(["sample_id", "image", "text", "entities"])
     if with_explanations:
         ds = ds.map_batches(attach_explanations, fn_kwargs={"explanations_uri": explanations_uri},

@@ -45,6 +45,7 @@ def _follow(future, tracker: Tracker, run_id: str, epochs: int, label: str, prog
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+CACHES = ("none", "encoded", "decoded")
 
 
 def check_train_config(cfg: PipelineConfig, rows: int) -> None:
@@ -55,6 +56,8 @@ def check_train_config(cfg: PipelineConfig, rows: int) -> None:
         raise ConfigError("train.precision=fp16 needs train.use_gpu=true; on CPU use bf16")
     if tc.placement_strategy not in PLACEMENTS:
         raise ConfigError(f"train.placement_strategy={tc.placement_strategy!r}; choose one of {list(PLACEMENTS)}")
+    if tc.cache not in CACHES:
+        raise ConfigError(f"train.cache={tc.cache!r}; choose one of {list(CACHES)}")
     if min(tc.num_workers, tc.batch_size, tc.grad_accum_steps, tc.epochs) < 1:
         raise ConfigError("train.num_workers, batch_size, grad_accum_steps and epochs must be at least 1")
     needed = tc.num_workers * tc.batch_size * tc.grad_accum_steps
