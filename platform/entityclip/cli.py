@@ -60,7 +60,7 @@ def cmd_explain(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from entityclip.pipeline import stage_evaluate, stage_index, stage_train
+    from entityclip.pipeline import stage_evaluate, stage_index, stage_register, stage_train
 
     cfg = _cfg(args)
     result = stage_train(cfg, progress=not args.no_progress)
@@ -68,6 +68,7 @@ def cmd_train(args) -> None:
     if not args.no_eval:
         stage_index(cfg)
         out["evaluate"] = stage_evaluate(cfg, result.run_id)
+    out["model"] = stage_register(cfg, result.run_id).uri
     _print(out)
 
 
@@ -86,7 +87,10 @@ def cmd_evaluate(args) -> None:
 def cmd_serve(args) -> None:
     from entityclip.pipeline import start_serving
 
-    start_serving(_cfg(args), blocking=True)
+    cfg = _cfg(args)
+    if args.model:
+        cfg.serve.model = args.model
+    start_serving(cfg, blocking=True)
 
 
 def cmd_query(args) -> None:
@@ -159,11 +163,10 @@ def cmd_compare(args) -> None:
 
 
 def cmd_promote(args) -> None:
-    from entityclip.paths import RunPaths
-    from entityclip.pipeline import tracker_for
+    from entityclip.train.tracking import tracker_for
 
     cfg = _cfg(args)
-    tracker_for(cfg, RunPaths.for_config(cfg)).set_alias(args.model, args.version, args.alias)
+    tracker_for(cfg).set_alias(args.model, args.version, args.alias)
     _print({"model": args.model, "version": args.version, "alias": args.alias})
 
 
@@ -188,12 +191,17 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(add("explain", cmd_explain, "write explanations.parquet with Ray Data engine actors"))
     p = add("train", cmd_train, "train one variant with Ray Train DDP, tracked in MLflow")
     _config_args(p)
-    p.add_argument("--no-eval", action="store_true", help="skip indexing and evaluation after training")
+    p.add_argument("--no-eval", action="store_true", help="skip indexing and evaluation after training "
+                   "(the registered model then has no gallery index: it embeds but does not search)")
     _config_args(add("index", cmd_index, "embed the gallery with a checkpoint (Ray Data) into an index"))
     p = add("evaluate", cmd_evaluate, "Recall@1/5/10 both directions from the index")
     _config_args(p)
     p.add_argument("--run-id", help="MLflow run to log the metrics to")
-    _config_args(add("serve", cmd_serve, "deploy the Ray Serve retrieval app and block"))
+    p = add("serve", cmd_serve, "deploy the Ray Serve retrieval app and block; where the app already runs "
+            "(a Ray cluster this command joins), update it in place and return")
+    _config_args(p)
+    p.add_argument("--model", help="a registered version to serve: models:/NAME@ALIAS or models:/NAME/VERSION "
+                   "(= --set serve.model=...); default: the run root's checkpoint of model.variant")
     p = add("query", cmd_query, "send a query to a running Serve app")
     p.add_argument("--url", default="http://127.0.0.1:8000")
     group = p.add_mutually_exclusive_group(required=True)

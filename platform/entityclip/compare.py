@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from entityclip.config import PipelineConfig
 from entityclip.errors import ConfigError
-from entityclip.paths import RunPaths
-from entityclip.pipeline import tracker_for
+from entityclip.train.tracking import tracker_for
 
 COLUMNS = ["t2i_r1", "t2i_r5", "i2t_r1", "i2t_r5", "rsum"]
 SPLITS = ["test_seen", "test_unseen"]
@@ -14,7 +13,7 @@ SPLITS = ["test_seen", "test_unseen"]
 
 def collect(cfg: PipelineConfig) -> list[dict]:
     rows = []
-    for run in tracker_for(cfg, RunPaths.for_config(cfg)).runs(cfg.tracking.experiment):
+    for run in tracker_for(cfg).runs(cfg.tracking.experiment):
         m = run.data.metrics
         if not any(k.startswith("test_") for k in m):
             continue  # unfinished or failed runs have no evaluation
@@ -92,7 +91,7 @@ def promote_best(cfg: PipelineConfig, metric: str, alias: str = "champion") -> d
     if not rows:
         raise ConfigError(f"no evaluated runs in experiment {cfg.tracking.experiment!r} to promote")
     best = max(rows, key=lambda r: r[metric])
-    tracker = tracker_for(cfg, RunPaths.for_config(cfg))
+    tracker = tracker_for(cfg)
     name, version = tracker.version_of_run(best["run_id"])
     tracker.set_alias(name, version, alias)
     return {"model": name, "version": version, "alias": alias, "run": best["run"], metric: best[metric]}

@@ -159,6 +159,10 @@ class AutoscalingConfig:
 
 @dataclass
 class ServeConfig:
+    # A registered model version to serve: models:/NAME@ALIAS (resolved to its version when
+    # deployed) or models:/NAME/VERSION, from tracking.uri's registry. Empty: the run root's
+    # checkpoint and index of model.variant.
+    model: str = ""
     host: str = "127.0.0.1"
     port: int = 8000
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)

@@ -1,4 +1,5 @@
-"""The stages of a run and the whole pipeline: data → explain → train → index → evaluate → serve.
+"""The stages of a run and the whole pipeline:
+data → explain → train → index → evaluate → register → serve.
 
 Every stage reads and writes under the storage root (`RunPaths`), so stages can run one at a
 time (CLI subcommands, Ray Jobs) or all together (`run_pipeline`).
@@ -14,13 +15,7 @@ from entityclip.config import PipelineConfig
 from entityclip.errors import ConfigError, EntityClipError
 from entityclip.paths import RunPaths, require
 from entityclip.runtime import init_ray, quiet_logs
-
-
-def tracker_for(cfg: PipelineConfig, paths: RunPaths):
-    from entityclip.train.tracking import Tracker, artifact_root, resolve_uri
-
-    return Tracker(resolve_uri(cfg.tracking, paths.local), artifact_root(cfg.tracking, paths.local))
-
+from entityclip.train.tracking import tracker_for
 
 
 def stage_data(cfg: PipelineConfig, progress: bool = True) -> dict:
@@ -64,7 +59,7 @@ def stage_train(cfg: PipelineConfig, progress: bool = True):
 
     paths = RunPaths.for_config(cfg)
     require(paths.explanations, "explain")
-    tracker = tracker_for(cfg, paths)
+    tracker = tracker_for(cfg)
     init_ray()
     return run_training(cfg, paths.as_dict(), tracker, paths.local / "ray_results", progress)
 
@@ -91,13 +86,28 @@ def stage_evaluate(cfg: PipelineConfig, run_id: str | None = None) -> dict:
     results = evaluate_index(EmbeddingIndex.load(index_uri), cfg.evaluate)
     storage.write_json(paths.evaluation(cfg.model.variant), results)
     if run_id:
-        tracker = tracker_for(cfg, paths)
+        tracker = tracker_for(cfg)
         tracker.log_metrics(run_id, {f"{split}/{k}": v for split, m in results.items() for k, v in m.items()})
     return results
 
 
+def stage_register(cfg: PipelineConfig, run_id: str):
+    """Log the run's MLflow Model (checkpoint, and the gallery index when built) and register it
+    as a new version of `<tracking.registered_model>-<variant>`; returns its ModelRef."""
+    from entityclip.registry import register_run
+
+    paths = RunPaths.for_config(cfg)
+    checkpoint = require(paths.checkpoint(cfg.model.variant), "train")
+    index = paths.index(cfg.model.variant)
+    has_index = storage.exists(storage.join(index, "images.faiss"))
+    return register_run(tracker_for(cfg), run_id, cfg, checkpoint, index if has_index else None, paths.entities)
+
+
 def start_serving(cfg: PipelineConfig, blocking: bool = False) -> str:
-    """Deploy the Serve app for `cfg.model.variant`; returns its base URL."""
+    """Deploy the Serve app for `cfg.serve.model` (a registry version) or else the run root's
+    `cfg.model.variant`; returns its base URL. An app already running in the Ray cluster is
+    updated in place: Serve starts the new replicas before it retires the old ones. `blocking`
+    waits for Ctrl-C, unless this call only updated a cluster's running app."""
     init_ray()  # first: Serve reads its settings from the environment on import
     from ray import serve
     from ray.exceptions import RayError
@@ -113,9 +123,16 @@ def start_serving(cfg: PipelineConfig, blocking: bool = False) -> str:
     # A Serve instance already running in this Ray keeps its own host and port.
     http = _get_global_client().http_config
     url = f"http://{http.host}:{http.port}"
-    if blocking:
-        print(f"serving {cfg.model.variant} at {url} (Ctrl-C stops)", flush=True)
-    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=blocking)
+    app = build_app(cfg)
+    updating = APP_NAME in serve.status().applications
+    serve.run(app, name=APP_NAME, route_prefix="/")
+    what = cfg.serve.model or cfg.model.variant
+    if blocking and updating:
+        print(f"updated the running app at {url} to {what}; it keeps serving after this command", flush=True)
+    elif blocking:
+        print(f"serving {what} at {url} (Ctrl-C stops)", flush=True)
+        while True:
+            time.sleep(3600)
     return url
 
 
@@ -159,7 +176,8 @@ def run_pipeline(cfg: PipelineConfig, variants: list[str], serve_query: bool = T
         trained = timer.run(f"train[{variant}]", stage_train, vcfg, progress)
         timer.run(f"index[{variant}]", stage_index, vcfg)
         metrics = timer.run(f"evaluate[{variant}]", stage_evaluate, vcfg, trained.run_id)
-        results[variant] = {"run_id": trained.run_id, "model_version": trained.model_version,
+        model = timer.run(f"register[{variant}]", stage_register, vcfg, trained.run_id)
+        results[variant] = {"run_id": trained.run_id, "model": model.uri,
                             "checkpoint": trained.checkpoint_uri, "metrics": metrics}
     summary = {"root": paths.root, "explain": explain.__dict__, "results": results, "seconds": timer.seconds}
     if serve_query:

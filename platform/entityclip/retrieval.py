@@ -12,6 +12,8 @@ Each method returns the plain dict the HTTP API answers with. Bad input raises `
 
 from __future__ import annotations
 
+import base64
+import binascii
 import mimetypes
 import threading
 from collections import OrderedDict
@@ -58,6 +60,16 @@ class ExplanationCache:
         return [found[k] for k in keys]
 
 
+def decode_base64(data: str, max_bytes: int) -> bytes:
+    # base64 is 4/3 of its bytes: refuse an oversized image before decoding it.
+    if len(data) > (max_bytes + 2) // 3 * 4:
+        raise InputTooLarge(f"image is over {max_bytes} bytes; the limit is {max_bytes}")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError("image_base64 is not valid base64") from None
+
+
 @dataclass(frozen=True)
 class Limits:
     max_k: int = 1000
@@ -73,10 +85,16 @@ class Retriever:
     """A trained matcher, its gallery index and (unless explanations come from elsewhere) an
     explanation engine with an LRU cache. Thread-safe: inference only, under no_grad."""
 
-    def __init__(self, model: EntityCLIP, index: EmbeddingIndex, explainer: ExplanationCache | None,
+    def __init__(self, model: EntityCLIP, index: EmbeddingIndex | None, explainer: ExplanationCache | None,
                  limits: Limits, info: dict):
-        self.model, self.index, self.explainer, self.limits, self.info = model, index, explainer, limits, info
-        self._gallery = {m["sample_id"]: m["image_uri"] for m in index.meta["images"]}
+        self.model, self._index, self.explainer, self.limits, self.info = model, index, explainer, limits, info
+        self._gallery = {m["sample_id"]: m["image_uri"] for m in index.meta["images"]} if index else {}
+
+    @property
+    def index(self) -> EmbeddingIndex:
+        if self._index is None:
+            raise NotFound(f"model {self.info.get('variant')} was loaded without a gallery index: it embeds, not searches")
+        return self._index
 
     @classmethod
     def load(cls, root: str | None = None, variant: str = "entityclip", config: PipelineConfig | None = None,
@@ -89,12 +107,18 @@ class Retriever:
             cfg = replace(cfg, storage=StorageConfig(root))
         paths = RunPaths.for_config(cfg)
         checkpoint = paths.checkpoint(variant)
+        return cls.from_parts(cfg, checkpoint, paths.index(variant), paths.entities,
+                              {"variant": variant, "checkpoint": checkpoint}, explain)
+
+    @classmethod
+    def from_parts(cls, cfg: PipelineConfig, checkpoint: str, index: str | None, entities: str,
+                   info: dict, explain: bool = True) -> "Retriever":
+        """A checkpoint, optionally its gallery index (without one, only embedding works), and
+        the explanation engine of `cfg.explain` (`entities`: the knowledge engine's world)."""
         model = load_model(checkpoint)
-        index = EmbeddingIndex.load(paths.index(variant))
-        explainer = ExplanationCache(make_engine(cfg.explain, paths.entities), cfg.serve.explain_cache_size) \
+        explainer = ExplanationCache(make_engine(cfg.explain, entities), cfg.serve.explain_cache_size) \
             if explain and model.uses_explanations else None
-        info = {"variant": variant, "checkpoint": checkpoint}
-        return cls(model, index, explainer, Limits.from_config(cfg.serve), info)
+        return cls(model, EmbeddingIndex.load(index) if index else None, explainer, Limits.from_config(cfg.serve), info)
 
     @property
     def needs_explanations(self) -> bool:
@@ -147,13 +171,23 @@ class Retriever:
         texts = [self.check_text(t) for t in texts]
         ks = [self.check_k(k) for k in ks]
         given = [self.check_explanation(e) for e in explanations] if explanations is not None else [None] * len(texts)
-        todo = [i for i, e in enumerate(given) if e is None]
-        for i, e in zip(todo, self.explain([texts[i] for i in todo])):
-            given[i] = e
-        embeddings = self.model.embed_texts(texts, given).numpy()
+        embeddings, given = self.embed_texts(texts, given)
         hits = self.index.search(embeddings, "images", max(ks))
         return [{"explanation": e, "results": [h.__dict__ for h in row[:k]], "model": self.info}
                 for e, row, k in zip(given, hits, ks)]
+
+    def embed_texts(self, texts: list[str], explanations: list[str | None] | None = None) -> tuple[np.ndarray, list[str]]:
+        """Unit-norm retrieval embeddings [N, D] of checked texts, and the explanations they
+        read (given ones kept, missing ones written by the engine)."""
+        given = list(explanations) if explanations is not None else [None] * len(texts)
+        todo = [i for i, e in enumerate(given) if e is None]
+        for i, e in zip(todo, self.explain([texts[i] for i in todo])):
+            given[i] = e
+        return self.model.embed_texts(texts, given).numpy(), given
+
+    def embed_images(self, images: list[bytes | Image.Image]) -> np.ndarray:
+        """Unit-norm retrieval embeddings [N, D] of images (bytes or PIL)."""
+        return self.model.embed_images(torch.stack([self.image_tensor(i) for i in images])).numpy()
 
     def search_text(self, text: str, k: int = 10, explanation: str | None = None) -> dict:
         return self.search_texts([text], [k], [explanation])[0]
@@ -161,8 +195,8 @@ class Retriever:
     def search_image(self, image: bytes | Image.Image, k: int = 10) -> dict:
         """Image → text search."""
         k = self.check_k(k)
-        embedding = self.model.embed_images(self.image_tensor(image).unsqueeze(0)).numpy()
-        return {"results": [h.__dict__ for h in self.index.search(embedding, "texts", k)[0]], "model": self.info}
+        return {"results": [h.__dict__ for h in self.index.search(self.embed_images([image]), "texts", k)[0]],
+                "model": self.info}
 
     def score(self, text: str, image: bytes | Image.Image, explanation: str | None = None) -> dict:
         """Similarity of the retrieval embeddings and, where the variant has one, P(match)
@@ -185,4 +219,4 @@ class Retriever:
         return storage.read_bytes(uri), mimetypes.guess_type(uri)[0] or "application/octet-stream"
 
     def health(self) -> dict:
-        return {"status": "ok", "index_size": len(self.index), "model": self.info}
+        return {"status": "ok", "index_size": len(self._index) if self._index else 0, "model": self.info}

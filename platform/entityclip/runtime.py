@@ -47,6 +47,7 @@ def set_verbose(verbose: bool) -> None:
     _verbose = verbose
     # MLflow sets its own log level from this variable when it is first imported.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true" if verbose else "false")
 
 
 # HAProxy's stats and Prometheus ports are fixed by default (8404, 9101); a local Ray takes

@@ -14,8 +14,6 @@ Bad input is answered with a 4xx and a one-line `detail`, never a traceback.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations as types.
-import base64
-import binascii
 import os
 from pathlib import Path
 
@@ -29,10 +27,12 @@ from ray.serve.handle import DeploymentHandle
 
 from entityclip import storage
 from entityclip.config import PipelineConfig, from_dict, to_dict
-from entityclip.errors import InputError, InputTooLarge, NotFound
+from entityclip.errors import ConfigError, InputError, InputTooLarge, NotFound
 from entityclip.explain.engines import make_engine
 from entityclip.paths import RunPaths, require
-from entityclip.retrieval import ExplanationCache, Retriever
+from entityclip.registry import MODEL_PATH, ModelRef, load_retriever, resolve
+from entityclip.retrieval import ExplanationCache, Retriever, decode_base64
+from entityclip.train.tracking import tracker_for
 
 APP_NAME = "entityclip"
 # The search page for people: plain HTML/JS/CSS, no build step, nothing from a CDN.
@@ -59,16 +59,6 @@ class PairQuery(Query):
     text: StrictStr
     image_base64: StrictStr
     explanation: StrictStr | None = None
-
-
-def decode_base64(data: str, max_bytes: int) -> bytes:
-    # base64 is 4/3 of its bytes: refuse an oversized image before decoding it.
-    if len(data) > (max_bytes + 2) // 3 * 4:
-        raise InputTooLarge(f"image is over {max_bytes} bytes; the limit is {max_bytes}")
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise InputError("image_base64 is not valid base64") from None
 
 
 def max_body_bytes(max_image_bytes: int, max_text_chars: int) -> int:
@@ -119,11 +109,17 @@ class Explainer:
 @serve.deployment
 @serve.ingress(api)
 class RetrievalServer:
-    def __init__(self, config: dict, variant: str, explainer: DeploymentHandle | None = None):
+    def __init__(self, config: dict, variant: str, explainer: DeploymentHandle | None = None,
+                 model: dict | None = None):
+        """`model`: a pinned registry version (registry.ModelRef fields) to load instead of the
+        run root's checkpoint of `variant`."""
         cfg = from_dict(PipelineConfig, config)
         # Replicas share the machine's cores; one intra-op thread each avoids oversubscription.
         torch.set_num_threads(max(1, int(cfg.serve.cpus_per_replica)))
-        self.retriever = Retriever.load(config=cfg, variant=variant, explain=explainer is None)
+        if model:
+            self.retriever = load_retriever(tracker_for(cfg), ModelRef(**model), cfg.serve, explain=explainer is None)
+        else:
+            self.retriever = Retriever.load(config=cfg, variant=variant, explain=explainer is None)
         self.explainer = explainer
         self.max_image_bytes = cfg.serve.max_image_bytes
         api.state.max_body = max_body_bytes(cfg.serve.max_image_bytes, cfg.serve.max_text_chars)
@@ -172,17 +168,25 @@ class RetrievalServer:
         return self.retriever.score(text, image, await self._explanation(text, query.explanation))
 
 
-def check_servable(cfg: PipelineConfig, variant: str) -> None:
-    """Fail in the caller's process, with one line, before any replica starts."""
+def check_servable(cfg: PipelineConfig, variant: str) -> ModelRef | None:
+    """Fail in the caller's process, with one line, before any replica starts. A registry model
+    is resolved here, once: every replica then loads the same pinned version."""
+    if cfg.serve.model:
+        tracker = tracker_for(cfg)
+        ref = resolve(tracker, cfg.serve.model)
+        if not tracker.has_artifact(ref.run_id, f"{MODEL_PATH}/artifacts/index"):
+            raise ConfigError(f"{ref.uri} has no gallery index (trained with --no-eval?): it cannot search")
+        return ref
     paths = RunPaths.for_config(cfg)
     require(storage.join(paths.checkpoint(variant), "model.json"), "train")
     for kind in ("images", "texts"):
         require(storage.join(paths.index(variant), f"{kind}.faiss"), "index")
+    return None
 
 
 def build_app(cfg: PipelineConfig, variant: str | None = None):
     variant = variant or cfg.model.variant
-    check_servable(cfg, variant)
+    ref = check_servable(cfg, variant)
     s, scaling = cfg.serve, cfg.serve.autoscaling
     explainer = None
     if cfg.explain.engine != "knowledge":
@@ -200,7 +204,7 @@ def build_app(cfg: PipelineConfig, variant: str | None = None):
             # what Serve checks look_back_period_s against: keep the two equal.
             "metrics_interval_s": float(os.environ.get("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", 10)),
         },
-    ).bind(to_dict(cfg), variant, explainer)
+    ).bind(to_dict(cfg), variant, explainer, ref.__dict__ if ref else None)
 
 
 def app_builder(args: dict):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import requests
 
-from entityclip.config import TrackingConfig
+from entityclip.config import PipelineConfig, TrackingConfig
 from entityclip.errors import TrackingError
 
 
@@ -126,6 +126,27 @@ class Tracker:
             raise TrackingError(f"run {run_id} registered no model version")
         return versions[0].name, str(versions[0].version)
 
+    def model_version(self, name: str, version: str | None = None, alias: str | None = None) -> tuple[str, str]:
+        """(version, run id) of registered model `name`'s `version`, or the one `alias` names."""
+        what = f"find {name} {'version ' + version if version else '@' + str(alias)}"
+        found = self._call(what, lambda: self.client.get_model_version(name, version) if version
+                           else self.client.get_model_version_by_alias(name, alias))
+        return str(found.version), found.run_id
+
+    def has_artifact(self, run_id: str, path: str) -> bool:
+        """Whether run `run_id` logged anything at artifact `path` (a file or folder)."""
+        return bool(self._call(f"list artifacts of run {run_id}", lambda: self.client.list_artifacts(run_id, path)))
+
+    def download_version(self, name: str, version: str, dst: str) -> str:
+        """The artifacts of registered model `name`'s `version` (its source) into local `dst`."""
+        import mlflow.artifacts
+
+        def _download():
+            source = self.client.get_model_version(name, version).source
+            return mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=dst, tracking_uri=self.uri)
+
+        return self._call(f"download {name} version {version}", _download)
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self._call("end the run", lambda: self.client.set_terminated(run_id, status))
 
@@ -137,3 +158,11 @@ class Tracker:
             return self.client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
 
         return self._call("search runs", _search)
+
+
+def tracker_for(cfg: PipelineConfig) -> Tracker:
+    """The tracker of `cfg`: its tracking server, or the local default store of its run."""
+    from entityclip.paths import RunPaths
+
+    local = RunPaths.for_config(cfg).local
+    return Tracker(resolve_uri(cfg.tracking, local), artifact_root(cfg.tracking, local))

@@ -1,5 +1,5 @@
 """Driver side of training: an MLflow run, a Ray Train TorchTrainer, and the final checkpoint
-copied to storage, logged as run artifacts and registered as a model version."""
+copied to storage and logged as run artifacts (registry.py registers the run's MLflow Model)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ from entityclip.train.tracking import Tracker
 class TrainResult:
     checkpoint_uri: str
     run_id: str
-    model_version: str
     train_loss: float | None
     seconds: float
     metrics: dict  # the workers' final report: loss, time in data/compute/checkpoints, peak RSS, nodes
@@ -138,10 +137,9 @@ def run_training(cfg: PipelineConfig, paths: dict, tracker: Tracker, ray_dir: Pa
         checkpoint_uri = storage.join(paths["checkpoints"], cfg.model.variant)
         storage.upload_dir(local, checkpoint_uri)
         tracker.log_artifacts(run_id, local, "checkpoint")
-        version = tracker.register_model(run_id, "checkpoint", f"{cfg.tracking.registered_model}-{cfg.model.variant}")
         shutil.rmtree(local, ignore_errors=True)
     except BaseException:
         tracker.end_run(run_id, "FAILED")
         raise
     tracker.end_run(run_id)  # evaluation metrics can still be logged to a finished run
-    return TrainResult(checkpoint_uri, run_id, version, train_loss, time.time() - start, final)
+    return TrainResult(checkpoint_uri, run_id, train_loss, time.time() - start, final)
