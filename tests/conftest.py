@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -151,15 +152,19 @@ def serve_port(ray_session) -> int:
     return free_port()
 
 
+MLFLOW_ARTIFACTS = "mlflow-artifacts"  # the tracking server's artifact prefix in the S3 bucket
+
+
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory) -> str:
-    """A real `mlflow server` answering over HTTP, artifacts proxied through it."""
+def mlflow_server(s3_bucket, tmp_path_factory) -> str:
+    """A real `mlflow server` answering over HTTP, its artifacts on the S3-compatible server and
+    proxied through it (clients need no S3 credentials)."""
     root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
     log = root / "server.log"
     cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1"]
+           "--artifacts-destination", f"s3://{s3_bucket}/{MLFLOW_ARTIFACTS}", "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "1"]
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=root)
     url = f"http://127.0.0.1:{port}"
@@ -176,8 +181,10 @@ def tiny_config(root: Path | str, *extra: str):
 
 @pytest.fixture(scope="session")
 def trained_run(ray_session, mlflow_server, tmp_path_factory):
-    """data → explain → train (2 DDP workers, tracked over HTTP) → index → evaluate, once."""
-    from entityclip.pipeline import stage_data, stage_evaluate, stage_explain, stage_index, stage_train
+    """data → explain → train (2 DDP workers, tracked over HTTP) → index → evaluate → register,
+    once."""
+    from entityclip.pipeline import (stage_data, stage_evaluate, stage_explain, stage_index, stage_register,
+                                     stage_train)
 
     root = tmp_path_factory.mktemp("run")
     cfg = tiny_config(root, f"tracking.uri={mlflow_server}", "tracking.experiment=tests")
@@ -186,7 +193,8 @@ def trained_run(ray_session, mlflow_server, tmp_path_factory):
     result = stage_train(cfg, progress=False)
     stage_index(cfg)
     metrics = stage_evaluate(cfg, result.run_id)
-    return {"cfg": cfg, "root": root, "train": result, "metrics": metrics}
+    model = stage_register(cfg, result.run_id)
+    return {"cfg": cfg, "root": root, "train": result, "metrics": metrics, "model": model}
 
 
 @pytest.fixture(scope="module")
@@ -196,10 +204,9 @@ def served_url(trained_run, serve_port):
 
     from entityclip.pipeline import start_serving, with_variant
 
-    cfg = with_variant(trained_run["cfg"], "entityclip")
-    cfg.serve.port = serve_port
-    cfg.serve.autoscaling.min_replicas = 1
-    yield start_serving(cfg)
+    cfg = with_variant(trained_run["cfg"], "entityclip")  # a copy: the session's config stays as it is
+    scaling = replace(cfg.serve.autoscaling, min_replicas=1)
+    yield start_serving(replace(cfg, serve=replace(cfg.serve, port=serve_port, autoscaling=scaling)))
     serve.delete("entityclip")
 
 

@@ -10,7 +10,7 @@ from entityclip.compare import collect, compare_runs
 from entityclip.errors import EntityClipError
 from entityclip.jobs import submit_job
 from tests.test_cli import run_cli
-from entityclip.pipeline import stage_evaluate, stage_index, stage_train, with_variant
+from entityclip.pipeline import stage_evaluate, stage_index, stage_register, stage_train, with_variant
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,6 +44,7 @@ def test_compare_tabulates_and_plots_every_evaluated_variant(trained_run, tmp_pa
     result = stage_train(cfg, progress=False)
     stage_index(cfg)
     stage_evaluate(cfg, result.run_id)
+    stage_register(cfg, result.run_id)
 
     rows = collect(cfg)
     assert {"entityclip", "clip_zeroshot"} <= {r["variant"] for r in rows}
@@ -68,7 +69,7 @@ def test_compare_promotes_the_best_run_and_promote_sets_any_alias(trained_run, m
     client = MlflowClient(mlflow_server)
     assert client.get_model_version_by_alias(promoted["model"], "champion").run_id == best["run_id"]
 
-    version = trained_run["train"].model_version
+    version = trained_run["model"].version
     result = run_cli("promote", "entityclip-entityclip", version, "--alias", "staging",
                      "--set", f"tracking.uri={mlflow_server}", "--set", "tracking.experiment=tests")
     assert result.returncode == 0, result.stderr

@@ -14,7 +14,7 @@ import pytest
 
 from entityclip import storage
 from entityclip.runtime import free_port
-from tests.conftest import BIN, TINY, stop, tiny_config, wait_http
+from tests.conftest import BIN, MLFLOW_ARTIFACTS, TINY, tiny_config, wait_http
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -79,26 +79,8 @@ def two_node_cluster(s3_endpoint):
             stop_group(node)
 
 
-@pytest.fixture(scope="module")
-def s3_mlflow(s3_bucket, tmp_path_factory):
-    """An MLflow server whose artifacts live on the S3-compatible server."""
-    root = tmp_path_factory.mktemp("mlflow-s3")
-    port = free_port()
-    log = root / "server.log"
-    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-           "--artifacts-destination", f"s3://{s3_bucket}/mlflow-artifacts", "--host", "127.0.0.1",
-           "--port", str(port), "--workers", "1"]
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=root)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", 120, proc, log)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop(proc)
-
-
 def test_training_submitted_to_two_nodes_spreads_workers_and_stores_on_s3(
-        two_node_cluster, s3_mlflow, s3_bucket, ray_session):
+        two_node_cluster, mlflow_server, s3_bucket, ray_session):
     from mlflow.tracking import MlflowClient
 
     from entityclip.pipeline import stage_data, stage_explain
@@ -106,7 +88,7 @@ def test_training_submitted_to_two_nodes_spreads_workers_and_stores_on_s3(
     root = f"s3://{s3_bucket}/multinode"
     stage_data(tiny_config(root), progress=False)  # on the session's Ray; the cluster reads it from S3
     stage_explain(tiny_config(root), progress=False)
-    overrides = [*TINY, f"storage.root={root}", f"tracking.uri={s3_mlflow}", "tracking.experiment=multinode",
+    overrides = [*TINY, f"storage.root={root}", f"tracking.uri={mlflow_server}", "tracking.experiment=multinode",
                  "train.placement_strategy=STRICT_SPREAD"]
     entrypoint = f"{sys.executable} jobs/train.py --no-progress " + " ".join(f"--set {o}" for o in overrides)
     result = subprocess.run([str(BIN / "entityclip"), "submit", "--address", two_node_cluster,
@@ -115,11 +97,11 @@ def test_training_submitted_to_two_nodes_spreads_workers_and_stores_on_s3(
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert '"status": "SUCCEEDED"' in result.stdout
 
-    client = MlflowClient(s3_mlflow)
+    client = MlflowClient(mlflow_server)
     (run,) = client.search_runs([client.get_experiment_by_name("multinode").experiment_id])
     assert len(run.data.tags["worker_nodes"].split(",")) == 2  # one worker on each node
     assert storage.exists(f"{root}/checkpoints/entityclip/model.safetensors")
     ray_checkpoints = [u for u in storage.list_uris(f"{root}/ray_results") if u.endswith("train_state.pt")]
     assert ray_checkpoints, "Ray Train wrote no checkpoint to S3"
-    artifacts = storage.list_uris(f"s3://{s3_bucket}/mlflow-artifacts")
+    artifacts = storage.list_uris(f"s3://{s3_bucket}/{MLFLOW_ARTIFACTS}")
     assert any(u.endswith(f"{run.info.run_id}/artifacts/checkpoint/model.safetensors") for u in artifacts)

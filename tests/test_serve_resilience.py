@@ -1,11 +1,12 @@
-"""The Serve app under real HTTP load: replicas scale out and back, and a SIGKILLed replica
-loses at most the answers it was writing at that instant. Slow (each test drives load for tens
-of seconds)."""
+"""The Serve app under real HTTP load: replicas scale out and back, a SIGKILLed replica loses
+at most the answers it was writing at that instant, and moving the app to another registered
+version fails no request. Slow (each test drives load for tens of seconds)."""
 
 import os
 import signal
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 import requests
@@ -22,6 +23,7 @@ class LoadLoop:
         self.url, self.deadline = url, time.time() + limit_s
         self.statuses: dict[str, int] = {}
         self.failed_at: list[float] = []
+        self.versions: list[str] = []  # the registry version of each answer, in arrival order
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
@@ -31,13 +33,18 @@ class LoadLoop:
         n = 0
         while not self._stop.is_set() and time.time() < self.deadline:
             n += 1
+            version = None
             try:
-                status = str(session.post(f"{self.url}/search/text", json={"text": f"Velmora Rovers {i} {n}", "k": 5},
-                                          timeout=60).status_code)
+                response = session.post(f"{self.url}/search/text", json={"text": f"Velmora Rovers {i} {n}", "k": 5},
+                                        timeout=60)
+                status = str(response.status_code)
+                version = response.json()["model"].get("model_version") if response.ok else None
             except requests.RequestException as exc:
                 status = type(exc).__name__
             with self._lock:
                 self.statuses[status] = self.statuses.get(status, 0) + 1
+                if version:
+                    self.versions.append(version)
                 if status != "200":
                     self.failed_at.append(time.time())
 
@@ -74,12 +81,10 @@ def wait_for(condition, timeout_s: float, period_s: float = 0.5) -> bool:
     return False
 
 
-def deploy(trained_run, serve_port, **autoscaling):
-    cfg = with_variant(trained_run["cfg"], "entityclip")
-    cfg.serve.port = serve_port
-    for key, value in autoscaling.items():
-        setattr(cfg.serve.autoscaling, key, value)
-    return start_serving(cfg)
+def deploy(trained_run, serve_port, model: str = "", **autoscaling):
+    cfg = with_variant(trained_run["cfg"], "entityclip")  # a copy: the session's config stays as it is
+    scaling = replace(cfg.serve.autoscaling, **autoscaling)
+    return start_serving(replace(cfg, serve=replace(cfg.serve, port=serve_port, model=model, autoscaling=scaling)))
 
 
 @pytest.fixture
@@ -120,3 +125,29 @@ def test_a_killed_replica_loses_only_the_answers_it_was_writing(trained_run, ser
     assert all(abs(t - killed_at) < 1.0 for t in load.failed_at), (killed_at, load.failed_at)
     # Serve replaces the dead replica.
     assert wait_for(lambda: len(running_replicas()) == 2 and victim.pid not in {a.pid for a in running_replicas()}, 60)
+
+
+def test_rolling_to_a_new_registered_version_fails_no_request(trained_run, serve_port, cleanup):
+    """The lifecycle's last step: the champion alias moves to another version and the app is
+    deployed again (what `entityclip serve --model models:/...@champion` does on a cluster that
+    already serves): Serve starts the new replica before it retires the old one."""
+    from entityclip.pipeline import stage_register
+    from entityclip.train.tracking import tracker_for
+
+    old = trained_run["model"]
+    tracker = tracker_for(trained_run["cfg"])
+    tracker.set_alias(old.name, old.version, "champion")
+    champion = f"models:/{old.name}@champion"
+    url = deploy(trained_run, serve_port, model=champion, min_replicas=1, max_replicas=1)
+    new = stage_register(trained_run["cfg"], old.run_id)  # another version of the same run's model
+    with LoadLoop(url, clients=4) as load:
+        time.sleep(2)
+        tracker.set_alias(new.name, new.version, "champion")
+        deploy(trained_run, serve_port, model=champion, min_replicas=1, max_replicas=1)
+        assert wait_for(lambda: load.versions[-1] == new.version, timeout_s=30)
+        time.sleep(2)
+    assert set(load.statuses) == {"200"}, load.statuses
+    assert load.versions[0] == old.version and load.versions[-1] == new.version
+    assert load.versions.count(old.version) > 10 and load.versions.count(new.version) > 10
+    health = requests.get(f"{url}/healthz", timeout=30).json()["model"]
+    assert (health["model_name"], health["model_version"]) == (new.name, new.version)

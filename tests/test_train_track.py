@@ -10,7 +10,7 @@ from entityclip.config import TrackingConfig
 from entityclip.train.tracking import Tracker, artifact_root, resolve_uri
 
 
-def test_training_logs_params_step_metrics_checkpoint_and_model_version(trained_run, mlflow_server):
+def test_training_logs_params_step_metrics_checkpoint_and_a_registered_mlflow_model(trained_run, mlflow_server):
     result = trained_run["train"]
     client = MlflowClient(mlflow_server)
     run = client.get_run(result.run_id)
@@ -21,7 +21,8 @@ def test_training_logs_params_step_metrics_checkpoint_and_model_version(trained_
     assert len(history) >= 2 and [m.step for m in history] == sorted(m.step for m in history)
     assert {a.path for a in client.list_artifacts(result.run_id, "checkpoint")} == {
         "checkpoint/model.safetensors", "checkpoint/model.json"}
-    version = client.get_model_version("entityclip-entityclip", result.model_version)
+    assert "model/MLmodel" in {a.path for a in client.list_artifacts(result.run_id, "model")}
+    version = client.get_model_version("entityclip-entityclip", trained_run["model"].version)
     assert version.run_id == result.run_id
 
 

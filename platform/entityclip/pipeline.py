@@ -116,6 +116,7 @@ def start_serving(cfg: PipelineConfig, blocking: bool = False) -> str:
     from entityclip.serving.app import APP_NAME, build_app
 
     quiet_logs()  # again: importing Serve configures its loggers
+    app = build_app(cfg)  # checks what it serves before Serve starts
     try:
         serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     except RayError as exc:  # e.g. the port is taken, or HAProxy did not come up in time
@@ -123,7 +124,6 @@ def start_serving(cfg: PipelineConfig, blocking: bool = False) -> str:
     # A Serve instance already running in this Ray keeps its own host and port.
     http = _get_global_client().http_config
     url = f"http://{http.host}:{http.port}"
-    app = build_app(cfg)
     updating = APP_NAME in serve.status().applications
     serve.run(app, name=APP_NAME, route_prefix="/")
     what = cfg.serve.model or cfg.model.variant
