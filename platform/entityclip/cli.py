@@ -63,7 +63,7 @@ def cmd_train(args) -> None:
     from entityclip.pipeline import stage_evaluate, stage_index, stage_register, stage_train
 
     cfg = _cfg(args)
-    result = stage_train(cfg, progress=not args.no_progress)
+    result = stage_train(cfg, progress=not args.no_progress, resume=args.resume)
     out = {"train": result.__dict__}
     if not args.no_eval:
         stage_index(cfg)
@@ -191,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(add("explain", cmd_explain, "write explanations.parquet with Ray Data engine actors"))
     p = add("train", cmd_train, "train one variant with Ray Train DDP, tracked in MLflow")
     _config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue the variant's interrupted training run "
+                   "from its last checkpoint (same Ray Train run and MLflow run; give the same config)")
     p.add_argument("--no-eval", action="store_true", help="skip indexing and evaluation after training "
                    "(the registered model then has no gallery index: it embeds but does not search)")
     _config_args(add("index", cmd_index, "embed the gallery with a checkpoint (Ray Data) into an index"))

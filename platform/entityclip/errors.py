@@ -29,6 +29,11 @@ class NotFound(InputError):
     """A user asked for something that does not exist, e.g. an unknown gallery image (HTTP 404)."""
 
 
+class TrainingInterrupted(EntityClipError):
+    """Training stopped (e.g. its workers died more often than train.max_failures allows); the
+    run can be resumed from its last checkpoint."""
+
+
 class TrackingError(EntityClipError):
     """The MLflow tracking server cannot be reached or refused a request."""
 

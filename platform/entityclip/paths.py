@@ -45,6 +45,12 @@ class RunPaths:
     def checkpoint(self, variant: str) -> str:
         return storage.join(self.checkpoints, variant)
 
+    @property
+    def training(self) -> str:
+        """`<variant>.json` per variant: its last training run (Ray Train run name, MLflow run
+        id, running or finished), what `entityclip train --resume` continues."""
+        return storage.join(self.root, "training")
+
     def index(self, variant: str) -> str:
         return storage.join(self.root, "index", variant)
 
@@ -53,8 +59,8 @@ class RunPaths:
 
     def as_dict(self) -> dict:
         return {"root": self.root, "samples": self.samples, "shards": self.shards, "entities": self.entities,
-                "explanations": self.explanations,
-                "checkpoints": self.checkpoints}
+                "explanations": self.explanations, "checkpoints": self.checkpoints,
+                "training": self.training}
 
 
 def require(uri: str, stage: str) -> str:

@@ -54,14 +54,14 @@ def stage_explain(cfg: PipelineConfig, progress: bool = True):
     return run_explain(cfg.explain, samples, paths.entities, paths.explanations, progress=progress)
 
 
-def stage_train(cfg: PipelineConfig, progress: bool = True):
+def stage_train(cfg: PipelineConfig, progress: bool = True, resume: bool = False):
     from entityclip.train.trainer import run_training
 
     paths = RunPaths.for_config(cfg)
     require(paths.explanations, "explain")
     tracker = tracker_for(cfg)
     init_ray()
-    return run_training(cfg, paths.as_dict(), tracker, paths.local / "ray_results", progress)
+    return run_training(cfg, paths.as_dict(), tracker, paths.local / "ray_results", progress, resume)
 
 
 def stage_index(cfg: PipelineConfig):

@@ -2,15 +2,20 @@
 
 Each worker streams its share of the train split from Ray Data (train/ingest.py), steps with
 global-batch negatives (train/objective.py), autocast precision, gradient accumulation and
-clipping; rank 0 logs per-step metrics to MLflow. A Ray Train checkpoint every
-`checkpoint_every_epochs` epochs lets a failed or interrupted run resume where it stopped.
+clipping. A Ray Train checkpoint every `checkpoint_every_epochs` epochs lets a failed or
+interrupted run resume where it stopped. Rank 0 logs metrics to MLflow and the run's `progress`
+tag every epoch; steps re-run after a restore keep the values first logged (MLflow cannot take
+a value back), so every metric has one value per step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 import resource
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -107,9 +112,19 @@ def train_loop_per_worker(config: dict) -> None:
     # Masking only helps a model that can fall back on the explanation.
     mask_names = MaskNames(tc.name_mask_prob if model.uses_explanations else 0.0, seed=tc.seed + rank)
     timings = {"data_s": 0.0, "compute_s": 0.0, "checkpoint_s": 0.0}
+    # Steps already logged by an earlier attempt of this run (a restore re-runs them).
+    logged = tracker.last_steps(run_id, "train/") if tracker else {}
+
+    def log(metrics: dict[str, float], at: int) -> None:
+        fresh = {k: v for k, v in metrics.items() if at > logged.get(k, -1)}
+        if fresh:
+            tracker.log_metrics(run_id, fresh, at)
+
     step = start_epoch * steps_per_epoch
     loop_start = time.perf_counter()
     for epoch in range(start_epoch, tc.epochs):
+        if epoch == config.get("kill_at_epoch") and start_epoch == 0 and rank == world - 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # fault injection (trainer.KILL_WORKER_ENV), first attempt only
         objective.train()
         batches = iter(shard.iter_torch_batches(
             batch_size=tc.batch_size, drop_last=True, device=device, collate_fn=mask_names,
@@ -144,12 +159,13 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics = {f"train/{k}": v.item() for k, v in losses.items()}
                 metrics["train/lr"] = scheduler.get_last_lr()[0]
                 metrics["train/logit_scale"] = model.logit_scale.item()
-                tracker.log_metrics(run_id, metrics, step)
+                log(metrics, step)
         for _ in batches:  # the partial accumulation left over: read so the shard's epoch ends
             pass
         metrics = {"epoch": epoch, "step": step, "train_loss": epoch_loss / max(1, steps_per_epoch)}
         if tracker:
-            tracker.log_metrics(run_id, {"train/epoch_loss": metrics["train_loss"]}, step)
+            log({"train/epoch_loss": metrics["train_loss"]}, step)
+            tracker.set_tags(run_id, {"progress": json.dumps({"epoch": epoch + 1, "loss": metrics["train_loss"]})})
         last = epoch == tc.epochs - 1
         if last:
             metrics.update(timings, loop_s=time.perf_counter() - loop_start,

@@ -45,6 +45,8 @@ class Tracker:
         # Fail fast rather than retry for minutes when the server goes away mid-run.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        # MLflow writes the run's URL to stdout when a run ends; our commands' stdout is JSON.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         from mlflow.tracking import MlflowClient
 
         check_reachable(uri)
@@ -88,12 +90,26 @@ class Tracker:
         items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
         self._call("log metrics", lambda: self.client.log_batch(run_id, metrics=items))
 
+    def last_steps(self, run_id: str, prefix: str = "") -> dict[str, int]:
+        """The last step logged of each of the run's metrics whose key starts with `prefix`."""
+        def _read():
+            keys = [k for k in self.client.get_run(run_id).data.metrics if k.startswith(prefix)]
+            return {k: max(m.step for m in self.client.get_metric_history(run_id, k)) for k in keys}
+
+        return self._call("read the run's metrics", _read)
+
     def metric_history(self, run_id: str, key: str) -> list:
         return self._call("read metrics", lambda: self.client.get_metric_history(run_id, key))
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         for k, v in tags.items():
             self._call("set a tag", lambda k=k, v=v: self.client.set_tag(run_id, k, v))
+
+    def tags(self, run_id: str) -> dict[str, str]:
+        return self._call("read the run", lambda: self.client.get_run(run_id).data.tags)
+
+    def params(self, run_id: str) -> dict[str, str]:
+        return self._call("read the run", lambda: self.client.get_run(run_id).data.params)
 
     def log_artifacts(self, run_id: str, local_dir: str | Path, artifact_path: str) -> None:
         self._call("log artifacts", lambda: self.client.log_artifacts(run_id, str(local_dir), artifact_path))
@@ -146,6 +162,10 @@ class Tracker:
             return mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=dst, tracking_uri=self.uri)
 
         return self._call(f"download {name} version {version}", _download)
+
+    def reopen_run(self, run_id: str) -> None:
+        """Mark an interrupted run as running again (it is being resumed)."""
+        self._call("reopen the run", lambda: self.client.update_run(run_id, "RUNNING"))
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self._call("end the run", lambda: self.client.set_terminated(run_id, status))

@@ -3,6 +3,8 @@ copied to storage and logged as run artifacts (registry.py registers the run's M
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import tempfile
 import time
@@ -14,7 +16,7 @@ from tqdm import tqdm
 
 from entityclip import storage
 from entityclip.config import PipelineConfig, flatten, to_dict
-from entityclip.errors import ConfigError, TrackingError
+from entityclip.errors import ConfigError, TrackingError, TrainingInterrupted, find_user_error
 from entityclip.models import build_model
 from entityclip.train.checkpoint import META, WEIGHTS, load_pretrained, save_checkpoint
 from entityclip.train.tracking import Tracker
@@ -29,17 +31,23 @@ class TrainResult:
     metrics: dict  # the workers' final report: loss, time in data/compute/checkpoints, peak RSS, nodes
 
 
+# Fault injection for operators and tests: the last worker SIGKILLs itself when it reaches this
+# epoch in a run that started from scratch (a restored or resumed run goes on).
+KILL_WORKER_ENV = "ENTITYCLIP_KILL_WORKER_AT_EPOCH"
+
+
 def _follow(future, tracker: Tracker, run_id: str, epochs: int, label: str, progress: bool) -> None:
-    """An epoch progress bar on the driver, read from the run's metrics (the workers log them)."""
+    """An epoch progress bar on the driver, read from the run's `progress` tag (rank 0 sets it
+    every epoch). After a restore from a checkpoint it steps back to the restored epoch."""
     with tqdm(total=epochs, desc=f"train ({label})", unit="epoch", disable=not progress) as bar:
         while not wait([future], timeout=2).done:
             try:
-                history = tracker.metric_history(run_id, "train/epoch_loss")
+                state = json.loads(tracker.tags(run_id).get("progress", "null"))
             except TrackingError:
                 continue  # a missed update is not worth failing training over
-            if len(history) > bar.n:
-                bar.update(len(history) - bar.n)
-                bar.set_postfix(loss=f"{history[-1].value:.3f}")
+            if state and state["epoch"] != bar.n:
+                bar.n = min(state["epoch"], epochs)
+                bar.set_postfix(loss=f"{state['loss']:.3f}")
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -78,7 +86,7 @@ def _fit(cfg: PipelineConfig, tracker: Tracker, run_id: str, paths: dict, ray_di
          with_explanations: bool, progress: bool) -> tuple[Path, dict]:
     """Run DDP training; returns a local directory holding the final model checkpoint, and the
     final metrics (loss, timings, worker facts)."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from entityclip.data.shards import split_rows
@@ -90,9 +98,11 @@ def _fit(cfg: PipelineConfig, tracker: Tracker, run_id: str, paths: dict, ray_di
     check_train_config(cfg, rows)
     dataset = training_dataset(paths["shards"], paths["explanations"], cfg.model, tc, with_explanations)
     storage_path, storage_fs = ray_storage(paths["root"], ray_dir)
+    kill_at = os.environ.get(KILL_WORKER_ENV)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"pipeline": to_dict(cfg), "run_id": run_id, "tracking_uri": tracker.uri, "rows": rows},
+        train_loop_config={"pipeline": to_dict(cfg), "run_id": run_id, "tracking_uri": tracker.uri, "rows": rows,
+                           "kill_at_epoch": int(kill_at) if kill_at else None},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker=dict(tc.resources_per_worker),
                                      placement_strategy=tc.placement_strategy),
@@ -106,9 +116,15 @@ def _fit(cfg: PipelineConfig, tracker: Tracker, run_id: str, paths: dict, ray_di
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(trainer.fit)
         _follow(future, tracker, run_id, tc.epochs, cfg.model.variant, progress)
-        result = future.result()
-    if result.error:
-        raise result.error
+        try:
+            result = future.result()
+            if result.error:
+                raise result.error
+        except TrainingFailedError as exc:
+            if find_user_error(exc):  # bad data or config inside a worker: resuming cannot help
+                raise
+            raise TrainingInterrupted(f"training run {run_name} failed ({str(exc).strip().splitlines()[0][:200]}); "
+                                      "`entityclip train --resume` continues it from its last checkpoint") from None
     out = Path(tempfile.mkdtemp(prefix="entityclip-final-"))
     with result.checkpoint.as_directory() as d:
         for name in (WEIGHTS, META):
@@ -116,12 +132,33 @@ def _fit(cfg: PipelineConfig, tracker: Tracker, run_id: str, paths: dict, ray_di
     return out, dict(result.metrics)
 
 
-def run_training(cfg: PipelineConfig, paths: dict, tracker: Tracker, ray_dir: Path, progress: bool = True) -> TrainResult:
-    """Train `cfg.model.variant` (or just package it, for the untrained zero-shot baseline)."""
+def _begin(cfg: PipelineConfig, tracker: Tracker, state_uri: str, resume: bool) -> tuple[str, str]:
+    """(Ray Train run name, MLflow run id): a new run, or the interrupted one to resume."""
+    if not resume:
+        run_name = f"{cfg.model.variant}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_id = tracker.start_run(cfg.tracking.experiment, run_name, flatten(cfg))
+        tracker.set_tags(run_id, {"variant": cfg.model.variant, "stage": "train"})
+        storage.write_json(state_uri, {"run_name": run_name, "run_id": run_id, "status": "running"})
+        return run_name, run_id
+    state = storage.read_json(state_uri) if storage.exists(state_uri) else {"status": "none"}
+    if state["status"] != "running":
+        raise ConfigError(f"no interrupted training of {cfg.model.variant} to resume ({state_uri}: {state['status']})")
+    logged = tracker.params(state["run_id"])
+    changed = sorted(k for k, v in flatten(cfg).items()
+                     if k.startswith(("model.", "train.", "data.")) and logged.get(k) != str(v)[:6000])
+    if changed:
+        raise ConfigError(f"resume with the config run {state['run_name']} started with; these differ: {changed[:5]}")
+    tracker.reopen_run(state["run_id"])
+    return state["run_name"], state["run_id"]
+
+
+def run_training(cfg: PipelineConfig, paths: dict, tracker: Tracker, ray_dir: Path, progress: bool = True,
+                 resume: bool = False) -> TrainResult:
+    """Train `cfg.model.variant` (or just package it, for the untrained zero-shot baseline);
+    `resume` continues the variant's interrupted run: same Ray Train run, same MLflow run."""
     start = time.time()
-    run_name = f"{cfg.model.variant}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_id = tracker.start_run(cfg.tracking.experiment, run_name, flatten(cfg))
-    tracker.set_tags(run_id, {"variant": cfg.model.variant, "stage": "train"})
+    state_uri = storage.join(paths["training"], f"{cfg.model.variant}.json")
+    run_name, run_id = _begin(cfg, tracker, state_uri, resume)
     try:
         model = build_model(cfg.model)
         if model.trainable:
@@ -142,4 +179,5 @@ def run_training(cfg: PipelineConfig, paths: dict, tracker: Tracker, ray_dir: Pa
         tracker.end_run(run_id, "FAILED")
         raise
     tracker.end_run(run_id)  # evaluation metrics can still be logged to a finished run
+    storage.write_json(state_uri, {"run_name": run_name, "run_id": run_id, "status": "finished"})
     return TrainResult(checkpoint_uri, run_id, train_loss, time.time() - start, final)
