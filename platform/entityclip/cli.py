@@ -152,14 +152,28 @@ def cmd_compare(args) -> None:
     from entityclip.compare import compare_runs
 
     cfg = _cfg(args)
-    table, written = compare_runs(cfg, args.plot, args.html)
+    table, written = compare_runs(cfg, args.plot, args.html, args.sweep)
     print(table)
     for path in written:
         print(f"written: {path}")
     if args.promote:
         from entityclip.compare import promote_best
 
-        _print(promote_best(cfg, args.promote))
+        _print(promote_best(cfg, args.promote, sweep=args.sweep))
+
+
+def cmd_sweep(args) -> None:
+    from entityclip.sweep import run_sweep
+
+    result = run_sweep(_cfg(args), args.param, args.metric, args.samples, args.concurrent, args.name,
+                       progress=not args.no_progress)
+    print(f"sweep {result.name}: {len(result.trials)} trials finished, {len(result.failed)} failed; best first")
+    for t in result.trials:
+        params = " ".join(f"{k}={v}" for k, v in t["params"].items())
+        print(f"  {result.metric}={t[result.metric]:.1f}  {params}  run {t['run_id']}  {t['model']}")
+    for line in result.failed:
+        print(f"  failed: {line}")
+    print(f"`entityclip compare --sweep {result.name} --promote {result.metric}` promotes the best trial")
 
 
 def cmd_promote(args) -> None:
@@ -221,6 +235,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", help="write the table and chart as one HTML report here")
     p.add_argument("--promote", metavar="METRIC", help="set alias 'champion' on the best run's model version "
                    "by this metric, e.g. test_unseen/rsum")
+    p.add_argument("--sweep", metavar="NAME", help="only the trials of this sweep")
+    p = add("sweep", cmd_sweep, "a Ray Tune search over config fields; each trial trains, evaluates and "
+            "registers like `train`, as one MLflow run of the experiment")
+    _config_args(p)
+    p.add_argument("--param", action="append", default=[], metavar="FIELD=SPEC", required=True,
+                   help="a swept field: a grid (train.lr=0.001,0.003) or a distribution sampled --samples times "
+                   "(train.lr=loguniform:1e-4:1e-2, uniform:LOW:HIGH); repeatable")
+    p.add_argument("--metric", default="test_unseen/rsum", help="what ranks the trials (higher is better)")
+    p.add_argument("--samples", type=int, default=1, help="Tune's num_samples: draws of the distributions "
+                   "(each crossed with the whole grid)")
+    p.add_argument("--concurrent", type=int, default=1, help="trials at once (each runs train.num_workers workers)")
+    p.add_argument("--name", help="the sweep's name (default sweep-<time>)")
     p = add("promote", cmd_promote, "set an alias (e.g. champion) on a registered model version")
     _config_args(p)
     p.add_argument("model", help="registered model name, e.g. entityclip-entityclip")

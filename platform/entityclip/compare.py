@@ -11,23 +11,31 @@ COLUMNS = ["t2i_r1", "t2i_r5", "i2t_r1", "i2t_r5", "rsum"]
 SPLITS = ["test_seen", "test_unseen"]
 
 
-def collect(cfg: PipelineConfig) -> list[dict]:
+def collect(cfg: PipelineConfig, sweep: str | None = None) -> list[dict]:
+    """One row per evaluated run of the experiment (only sweep `sweep`'s trials, if given)."""
     rows = []
     for run in tracker_for(cfg).runs(cfg.tracking.experiment):
-        m = run.data.metrics
+        m, tags = run.data.metrics, run.data.tags
         if not any(k.startswith("test_") for k in m):
             continue  # unfinished or failed runs have no evaluation
-        rows.append({"run": run.info.run_name, "run_id": run.info.run_id, "variant": run.data.tags.get("variant", "?"),
+        if sweep is not None and tags.get("sweep") != sweep:
+            continue
+        params = " ".join(f"{k[len('param.'):]}={v}" for k, v in sorted(tags.items()) if k.startswith("param."))
+        rows.append({"run": run.info.run_name, "run_id": run.info.run_id, "variant": tags.get("variant", "?"),
+                     "sweep": tags.get("sweep", ""), "params": params,
                      **{f"{s}/{c}": m.get(f"{s}/{c}") for s in SPLITS for c in COLUMNS}})
     return rows
 
 
 def table(rows: list[dict]) -> str:
+    """The recall table; sweep trials also show the values they were run with."""
     head = f"{'run':<34} " + " ".join(f"{s.split('_')[1][:6]}/{c:<7}" for s in SPLITS for c in COLUMNS)
-    lines = [head]
+    with_params = any(r["params"] for r in rows)
+    lines = [head + ("  params" if with_params else "")]
     for r in rows:
         cells = [r[f"{s}/{c}"] for s in SPLITS for c in COLUMNS]
-        lines.append(f"{r['run']:<34} " + " ".join(f"{'-' if v is None else f'{v:.1f}':>14}" for v in cells))
+        line = f"{r['run']:<34} " + " ".join(f"{'-' if v is None else f'{v:.1f}':>14}" for v in cells)
+        lines.append(line + (f"  {r['params']}" if with_params else ""))
     return "\n".join(lines)
 
 
@@ -82,14 +90,16 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child,td
 METRICS = [f"{s}/{c}" for s in SPLITS for c in COLUMNS]
 
 
-def promote_best(cfg: PipelineConfig, metric: str, alias: str = "champion") -> dict:
-    """Set `alias` on the model version of the compared run that is best by `metric` (higher is
-    better). Registered models are one per variant (`<tracking.registered_model>-<variant>`)."""
+def promote_best(cfg: PipelineConfig, metric: str, alias: str = "champion", sweep: str | None = None) -> dict:
+    """Set `alias` on the model version of the compared run (or sweep trial) that is best by
+    `metric` (higher is better). Registered models are one per variant
+    (`<tracking.registered_model>-<variant>`)."""
     if metric not in METRICS:
         raise ConfigError(f"cannot promote by {metric!r}; choose one of {METRICS}")
-    rows = [r for r in collect(cfg) if r[metric] is not None]
+    rows = [r for r in collect(cfg, sweep) if r[metric] is not None]
     if not rows:
-        raise ConfigError(f"no evaluated runs in experiment {cfg.tracking.experiment!r} to promote")
+        where = f"sweep {sweep!r} of " if sweep else ""
+        raise ConfigError(f"no evaluated runs in {where}experiment {cfg.tracking.experiment!r} to promote")
     best = max(rows, key=lambda r: r[metric])
     tracker = tracker_for(cfg)
     name, version = tracker.version_of_run(best["run_id"])
@@ -97,10 +107,10 @@ def promote_best(cfg: PipelineConfig, metric: str, alias: str = "champion") -> d
     return {"model": name, "version": version, "alias": alias, "run": best["run"], metric: best[metric]}
 
 
-def compare_runs(cfg: PipelineConfig, plot_path: str | None = None,
-                 html_path: str | None = None) -> tuple[str, list[str]]:
+def compare_runs(cfg: PipelineConfig, plot_path: str | None = None, html_path: str | None = None,
+                 sweep: str | None = None) -> tuple[str, list[str]]:
     """(table text, files written)."""
-    rows = collect(cfg)
+    rows = collect(cfg, sweep)
     if not rows:
         return f"no evaluated runs in experiment {cfg.tracking.experiment!r}", []
     written = [plot(rows, plot_path)] if plot_path else []

@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,7 +136,9 @@ def _fit(cfg: PipelineConfig, tracker: Tracker, run_id: str, paths: dict, ray_di
 def _begin(cfg: PipelineConfig, tracker: Tracker, state_uri: str, resume: bool) -> tuple[str, str]:
     """(Ray Train run name, MLflow run id): a new run, or the interrupted one to resume."""
     if not resume:
-        run_name = f"{cfg.model.variant}-{time.strftime('%Y%m%d-%H%M%S')}"
+        # Unique even for runs started in the same second (sweep trials): a Ray Train run of the
+        # same name would restore the other's checkpoints.
+        run_name = f"{cfg.model.variant}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
         run_id = tracker.start_run(cfg.tracking.experiment, run_name, flatten(cfg))
         tracker.set_tags(run_id, {"variant": cfg.model.variant, "stage": "train"})
         storage.write_json(state_uri, {"run_name": run_name, "run_id": run_id, "status": "running"})
