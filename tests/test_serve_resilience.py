@@ -81,10 +81,14 @@ def wait_for(condition, timeout_s: float, period_s: float = 0.5) -> bool:
     return False
 
 
-def deploy(trained_run, serve_port, model: str = "", **autoscaling):
+def serving_config(trained_run, serve_port, model: str = "", **autoscaling):
     cfg = with_variant(trained_run["cfg"], "entityclip")  # a copy: the session's config stays as it is
     scaling = replace(cfg.serve.autoscaling, **autoscaling)
-    return start_serving(replace(cfg, serve=replace(cfg.serve, port=serve_port, model=model, autoscaling=scaling)))
+    return replace(cfg, serve=replace(cfg.serve, port=serve_port, model=model, autoscaling=scaling))
+
+
+def deploy(trained_run, serve_port, model: str = "", **autoscaling):
+    return start_serving(serving_config(trained_run, serve_port, model, **autoscaling))
 
 
 @pytest.fixture
@@ -127,23 +131,25 @@ def test_a_killed_replica_loses_only_the_answers_it_was_writing(trained_run, ser
     assert wait_for(lambda: len(running_replicas()) == 2 and victim.pid not in {a.pid for a in running_replicas()}, 60)
 
 
-def test_rolling_to_a_new_registered_version_fails_no_request(trained_run, serve_port, cleanup):
-    """The lifecycle's last step: the champion alias moves to another version and the app is
-    deployed again (what `entityclip serve --model models:/...@champion` does on a cluster that
-    already serves): Serve starts the new replica before it retires the old one."""
-    from entityclip.pipeline import stage_register
+def test_rolling_to_a_new_champion_fails_no_request(trained_run, serve_port, cleanup):
+    """The lifecycle's last step: the champion alias moves to another version, and the serving
+    process follows it (what `entityclip serve --model models:/...@champion` does every
+    serve.follow_alias_s): Serve starts the new replica before it retires the old one."""
+    from entityclip.pipeline import follow_alias, stage_register
     from entityclip.train.tracking import tracker_for
 
     old = trained_run["model"]
     tracker = tracker_for(trained_run["cfg"])
     tracker.set_alias(old.name, old.version, "champion")
     champion = f"models:/{old.name}@champion"
-    url = deploy(trained_run, serve_port, model=champion, min_replicas=1, max_replicas=1)
+    cfg = serving_config(trained_run, serve_port, model=champion, min_replicas=1, max_replicas=1)
+    url = start_serving(cfg)
+    assert follow_alias(cfg, old.version) == old.version  # the alias has not moved: nothing to do
     new = stage_register(trained_run["cfg"], old.run_id)  # another version of the same run's model
     with LoadLoop(url, clients=4) as load:
         time.sleep(2)
         tracker.set_alias(new.name, new.version, "champion")
-        deploy(trained_run, serve_port, model=champion, min_replicas=1, max_replicas=1)
+        assert follow_alias(cfg, old.version) == new.version
         assert wait_for(lambda: load.versions[-1] == new.version, timeout_s=30)
         time.sleep(2)
     assert set(load.statuses) == {"200"}, load.statuses

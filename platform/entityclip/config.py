@@ -163,6 +163,9 @@ class ServeConfig:
     # deployed) or models:/NAME/VERSION, from tracking.uri's registry. Empty: the run root's
     # checkpoint and index of model.variant.
     model: str = ""
+    # With serve.model naming an alias, `entityclip serve` checks it this often and rolls the
+    # app to the version it moves to (0: never).
+    follow_alias_s: float = 10.0
     host: str = "127.0.0.1"
     port: int = 8000
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)

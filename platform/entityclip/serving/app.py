@@ -185,6 +185,7 @@ def check_servable(cfg: PipelineConfig, variant: str) -> ModelRef | None:
 
 
 def build_app(cfg: PipelineConfig, variant: str | None = None):
+    """(the Serve application, the registry version it serves or None)."""
     variant = variant or cfg.model.variant
     ref = check_servable(cfg, variant)
     s, scaling = cfg.serve, cfg.serve.autoscaling
@@ -204,11 +205,11 @@ def build_app(cfg: PipelineConfig, variant: str | None = None):
             # what Serve checks look_back_period_s against: keep the two equal.
             "metrics_interval_s": float(os.environ.get("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", 10)),
         },
-    ).bind(to_dict(cfg), variant, explainer, ref.__dict__ if ref else None)
+    ).bind(to_dict(cfg), variant, explainer, ref.__dict__ if ref else None), ref
 
 
 def app_builder(args: dict):
     """For `serve run` / a Serve config file: args = {"config": path?, "overrides": [...]}."""
     from entityclip.config import load_config
 
-    return build_app(load_config(args.get("config"), list(args.get("overrides", []))))
+    return build_app(load_config(args.get("config"), list(args.get("overrides", []))))[0]
