@@ -105,3 +105,4 @@ def test_training_submitted_to_two_nodes_spreads_workers_and_stores_on_s3(
     assert ray_checkpoints, "Ray Train wrote no checkpoint to S3"
     artifacts = storage.list_uris(f"s3://{s3_bucket}/{MLFLOW_ARTIFACTS}")
     assert any(u.endswith(f"{run.info.run_id}/artifacts/checkpoint/model.safetensors") for u in artifacts)
+    assert any(u.endswith(f"{run.info.run_id}/artifacts/model/MLmodel") for u in artifacts)  # the registered model

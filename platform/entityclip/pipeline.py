@@ -97,7 +97,8 @@ def stage_register(cfg: PipelineConfig, run_id: str):
     from entityclip.registry import register_run
 
     paths = RunPaths.for_config(cfg)
-    checkpoint = require(paths.checkpoint(cfg.model.variant), "train")
+    checkpoint = paths.checkpoint(cfg.model.variant)
+    require(storage.join(checkpoint, "model.json"), "train")  # a checkpoint is a folder or S3 prefix
     index = paths.index(cfg.model.variant)
     has_index = storage.exists(storage.join(index, "images.faiss"))
     return register_run(tracker_for(cfg), run_id, cfg, checkpoint, index if has_index else None, paths.entities)
