@@ -38,7 +38,7 @@ class LoadLoop:
                 response = session.post(f"{self.url}/search/text", json={"text": f"Velmora Rovers {i} {n}", "k": 5},
                                         timeout=60)
                 status = str(response.status_code)
-                version = response.json()["model"].get("model_version") if response.ok else None
+                version = response.json()["model"].get("version") if response.ok else None
             except requests.RequestException as exc:
                 status = type(exc).__name__
             with self._lock:
@@ -156,4 +156,4 @@ def test_rolling_to_a_new_champion_fails_no_request(trained_run, serve_port, cle
     assert load.versions[0] == old.version and load.versions[-1] == new.version
     assert load.versions.count(old.version) > 10 and load.versions.count(new.version) > 10
     health = requests.get(f"{url}/healthz", timeout=30).json()["model"]
-    assert (health["model_name"], health["model_version"]) == (new.name, new.version)
+    assert (health["name"], health["version"]) == (new.name, new.version)

@@ -131,6 +131,9 @@ def cmd_pipeline(args) -> None:
                            keep_serving=args.keep_serving, progress=not args.no_progress)
     print("\nRecall@K (%) per test split")
     print(_table(summary["results"]))
+    print("\nRegistered models (promote one with `entityclip promote NAME VERSION`):")
+    for variant, r in summary["results"].items():
+        print(f"  {variant:<18} {r['model']}")
     print("\nStage seconds:", json.dumps(summary["seconds"]))
     if "query" in summary:
         q = summary["query"]

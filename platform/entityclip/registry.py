@@ -144,7 +144,7 @@ def load_retriever(tracker: Tracker, ref: ModelRef, serve: ServeConfig, explain:
     local = tracker.download_version(ref.name, ref.version, tempfile.mkdtemp(prefix="entityclip-registry-"))
     try:  # everything is read into memory on load
         model = mlflow.pyfunc.load_model(local, model_config={
-            "explain": explain, "serve": to_dict(serve), "info": {"model_name": ref.name, "model_version": ref.version}})
+            "explain": explain, "serve": to_dict(serve), "info": {"name": ref.name, "version": ref.version}})
         return model.unwrap_python_model().retriever
     finally:
         shutil.rmtree(local, ignore_errors=True)
