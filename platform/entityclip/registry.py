@@ -83,7 +83,8 @@ class MatcherModel(mlflow.pyfunc.PythonModel):
         if not set(model_input.columns) & set(INPUT_COLUMNS):
             # MLflow's signature check has already dropped columns it does not know.
             raise InputError(f"the input has none of the columns {list(INPUT_COLUMNS)}")
-        rows = model_input.reindex(columns=list(INPUT_COLUMNS)).astype(object).where(model_input.notna(), None)
+        rows = model_input.reindex(columns=list(INPUT_COLUMNS)).astype(object)
+        rows = rows.where(rows.notna(), None)  # NaN and absent columns alike
         has_text, has_image = rows["text"].notna().to_numpy(), rows["image_base64"].notna().to_numpy()
         if (has_text == has_image).any():
             raise InputError("each row needs exactly one of text or image_base64")

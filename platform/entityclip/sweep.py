@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from entityclip.config import PipelineConfig, apply_overrides, from_dict, to_dict
-from entityclip.errors import ConfigError, EntityClipError
+from entityclip.errors import ConfigError, EntityClipError, find_user_error
 from entityclip.paths import RunPaths
 
 DISTRIBUTIONS = ("uniform", "loguniform")
@@ -68,6 +68,12 @@ def trial(config: dict) -> None:
     model = stage_register(cfg, result.run_id)
     tune.report({f"{split}/{k}": v for split, m in metrics.items() for k, v in m.items()}
                 | {"run_id": result.run_id, "model": model.uri})
+
+
+def _one_line(error: BaseException) -> str:
+    """A failed trial: the user error inside it (bad config, data), else the error's first line."""
+    found = find_user_error(error)
+    return str(found) if found else str(error).strip().splitlines()[0][:300]
 
 
 @dataclass
@@ -130,7 +136,7 @@ def run_sweep(cfg: PipelineConfig, specs: list[str], metric: str, samples: int =
     grid = tuner.fit()
     finished = sorted((r for r in grid if r.error is None and r.metrics and metric in r.metrics),
                       key=lambda r: -r.metrics[metric])
-    failed = [str(r.error).strip().splitlines()[0][:300] for r in grid if r.error is not None]
+    failed = [_one_line(r.error) for r in grid if r.error is not None]
     if not finished:
         raise EntityClipError(f"every trial of sweep {name} failed: {failed[:3]}")
     trials = [{"params": r.config["params"], metric: r.metrics[metric], "run_id": r.metrics["run_id"],
