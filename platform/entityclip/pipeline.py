@@ -42,6 +42,29 @@ def stage_data(cfg: PipelineConfig, progress: bool = True) -> dict:
     return {**out, "shards": paths.shards, **{f"{k}_rows": v["rows"] for k, v in manifest["splits"].items()}}
 
 
+def stage_lm(cfg: PipelineConfig) -> dict:
+    """Train the synthetic world's LM (explain/world_lm.py) into <root>/lm, in vLLM's environment
+    (transformers lives there); returns what training measured."""
+    import json
+    import subprocess
+
+    from entityclip.explain.engines import llm_python
+
+    paths = RunPaths.for_config(cfg)
+    entities = require(paths.entities, "data")
+    if storage.is_s3(paths.root):
+        raise ConfigError("the world LM is trained into a local run root (vLLM loads a local folder)")
+    python = llm_python(cfg.explain)
+    if not python:
+        raise ConfigError("training the world LM needs .venv-llm (./scripts/setup makes it) or explain.python")
+    done = subprocess.run([python, "-m", "entityclip.explain.world_lm", entities, paths.world_lm,
+                           "--steps", str(cfg.explain.world_lm_steps), "--seed", str(cfg.data.seed)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise EntityClipError(f"training the world LM failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def stage_explain(cfg: PipelineConfig, progress: bool = True):
     from entityclip.explain.pipeline import run_explain
 
@@ -50,8 +73,12 @@ def stage_explain(cfg: PipelineConfig, progress: bool = True):
     if cfg.explain.engine == "knowledge" and not storage.exists(paths.entities):
         raise ConfigError("the knowledge engine reads the synthetic world's entities.parquet; "
                           "for a real dataset use explain.engine=vllm")
+    explain = cfg.explain
+    if explain.engine == "vllm" and explain.model == "world":
+        require(storage.join(paths.world_lm, "config.json"), "lm")
+        explain = replace(explain, model=paths.world_lm)
     init_ray()
-    return run_explain(cfg.explain, samples, paths.entities, paths.explanations, progress=progress)
+    return run_explain(explain, samples, paths.entities, paths.explanations, progress=progress)
 
 
 def stage_train(cfg: PipelineConfig, progress: bool = True, resume: bool = False):
@@ -197,6 +224,8 @@ def run_pipeline(cfg: PipelineConfig, variants: list[str], serve_query: bool = T
     timer = StageTimer()
     paths = RunPaths.for_config(cfg)
     timer.run("data", stage_data, cfg, progress)
+    if cfg.explain.engine == "vllm" and cfg.explain.model == "world":
+        timer.run("lm", stage_lm, cfg)
     explain = timer.run("explain", stage_explain, cfg, progress)
     results = {}
     for variant in variants:

