@@ -25,6 +25,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from entityclip import storage
 from entityclip.config import PipelineConfig, from_dict
 from entityclip.models import build_model
 from entityclip.train.checkpoint import load_pretrained, save_checkpoint
@@ -123,8 +124,10 @@ def train_loop_per_worker(config: dict) -> None:
     step = start_epoch * steps_per_epoch
     loop_start = time.perf_counter()
     for epoch in range(start_epoch, tc.epochs):
-        if epoch == config.get("kill_at_epoch") and start_epoch == 0 and rank == world - 1:
-            os.kill(os.getpid(), signal.SIGKILL)  # fault injection (trainer.KILL_WORKER_ENV), first attempt only
+        if epoch == config.get("kill_at_epoch") and rank == world - 1 and not storage.exists(config["kill_marker"]):
+            # Fault injection (trainer.KILL_WORKER_ENV), once per run: the marker outlives this process.
+            storage.write_bytes(config["kill_marker"], b"")
+            os.kill(os.getpid(), signal.SIGKILL)
         objective.train()
         batches = iter(shard.iter_torch_batches(
             batch_size=tc.batch_size, drop_last=True, device=device, collate_fn=mask_names,

@@ -33,7 +33,7 @@ class TrainResult:
 
 
 # Fault injection for operators and tests: the last worker SIGKILLs itself when it reaches this
-# epoch in a run that started from scratch (a restored or resumed run goes on).
+# epoch, once per run (a restored or resumed run goes on).
 KILL_WORKER_ENV = "ENTITYCLIP_KILL_WORKER_AT_EPOCH"
 
 
@@ -103,7 +103,8 @@ def _fit(cfg: PipelineConfig, tracker: Tracker, run_id: str, paths: dict, ray_di
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"pipeline": to_dict(cfg), "run_id": run_id, "tracking_uri": tracker.uri, "rows": rows,
-                           "kill_at_epoch": int(kill_at) if kill_at else None},
+                           "kill_at_epoch": int(kill_at) if kill_at else None,
+                           "kill_marker": storage.join(paths["training"], f"{run_name}.worker-killed")},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker=dict(tc.resources_per_worker),
                                      placement_strategy=tc.placement_strategy),
