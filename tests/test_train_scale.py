@@ -3,7 +3,6 @@
 import os
 import shutil
 
-import open_clip
 import pytest
 import torch
 import torch.distributed as dist
@@ -176,7 +175,7 @@ def test_pretrained_weights_load_from_s3(s3_bucket, tmp_path):
 
 def test_weights_of_another_architecture_are_a_clear_error(registry_weights):
     _, files = registry_weights
-    with pytest.raises(StorageError, match=f"not a checkpoint for backbone 'tiny'"):
+    with pytest.raises(StorageError, match="not a checkpoint for backbone 'tiny'"):
         load_pretrained(build_model(ModelConfig(variant="clip_finetune")), files["safetensors"])
     with pytest.raises(StorageError, match="pretrained weights not found"):
         load_pretrained(build_model(ModelConfig(variant="clip_finetune")), "/nonexistent/model.pt")

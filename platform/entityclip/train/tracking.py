@@ -98,9 +98,6 @@ class Tracker:
 
         return self._call("read the run's metrics", _read)
 
-    def metric_history(self, run_id: str, key: str) -> list:
-        return self._call("read metrics", lambda: self.client.get_metric_history(run_id, key))
-
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         for k, v in tags.items():
             self._call("set a tag", lambda k=k, v=v: self.client.set_tag(run_id, k, v))
