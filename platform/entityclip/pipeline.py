@@ -61,7 +61,8 @@ def stage_lm(cfg: PipelineConfig) -> dict:
                            "--steps", str(cfg.explain.world_lm_steps), "--seed", str(cfg.data.seed)],
                           capture_output=True, text=True)
     if done.returncode != 0:
-        raise EntityClipError(f"training the world LM failed: {done.stderr.strip().splitlines()[-1:]}")
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise EntityClipError(f"training the world LM failed: {last}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
