@@ -28,7 +28,7 @@ TINY = [
     "model.layers=1", "model.heads=2", "model.context_length=64",
     "model.n_vision_experts=1", "model.n_shared_experts=1", "model.n_text_experts=1",
     "train.epochs=2", "train.batch_size=8", "train.log_every_steps=1", "train.checkpoint_every_epochs=1",
-    "explain.batch_size=8", "explain.chunk_size=16", "index.batch_size=32",
+    "explain.engine=knowledge", "explain.batch_size=8", "explain.chunk_size=16", "index.batch_size=32",
 ]
 
 

@@ -13,7 +13,7 @@ def test_defaults_describe_the_whole_pipeline():
     assert isinstance(cfg, PipelineConfig)
     assert cfg.model.variant == "entityclip"
     assert cfg.train.num_workers == 2
-    assert cfg.explain.engine == "knowledge"
+    assert (cfg.explain.engine, cfg.explain.model) == ("vllm", "world")  # a real LLM: the synthetic world's
 
 
 def test_file_then_overrides_take_precedence(tmp_path):

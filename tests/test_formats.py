@@ -1,6 +1,7 @@
 """Ingesting the real datasets' own formats (tiny fixtures written in each format)."""
 
 import json
+from dataclasses import replace
 
 import pytest
 from PIL import Image
@@ -87,7 +88,9 @@ def test_the_data_stage_ingests_a_real_format_and_explain_asks_for_an_llm(n24new
     cfg = load_config(None, [f"storage.root={tmp_path / 'run'}", "data.source=n24news", f"data.source_path={n24news}"])
     out = stage_data(cfg)
     assert out["written"] == 4 and storage.read_parquet(out["samples"]).num_rows == 4
+    with pytest.raises(ConfigError, match="set explain.model to a local LLM folder"):
+        stage_explain(cfg)  # the default model is the synthetic world's LM
     with pytest.raises(ConfigError, match="explain.engine=vllm"):
-        stage_explain(cfg)
+        stage_explain(replace(cfg, explain=replace(cfg.explain, engine="knowledge")))
     with pytest.raises(ConfigError, match="needs data.source_path"):
         stage_data(load_config(None, [f"storage.root={tmp_path / 'r2'}", "data.source=goodnews"]))

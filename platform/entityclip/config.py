@@ -44,10 +44,12 @@ class DataConfig:
 
 @dataclass
 class ExplainConfig:
-    engine: str = "knowledge"  # knowledge | vllm
-    # The vllm engine's model: a local Hugging Face model directory, or "world": the run's own
+    # vllm: a real LLM through ray.data.llm; hf: transformers generate (the peer); knowledge:
+    # reads the synthetic world's records (no LLM).
+    engine: str = "vllm"
+    # The LLM engines' model: a local Hugging Face model directory, or "world": the run's own
     # world LM (`entityclip lm` trains it on the synthetic world's knowledge into <root>/lm).
-    model: str = ""
+    model: str = "world"
     world_lm_steps: int = 600  # training steps of the world LM (about 0.12 s each on 2 cores)
     num_actors: int = 1
     batch_size: int = 32
@@ -62,6 +64,9 @@ class ExplainConfig:
     dtype: str = "bfloat16"
     enforce_eager: bool = True
     max_model_len: int = 1024
+    tensor_parallel_size: int = 1  # GPUs per vLLM engine
+    # Clean-up of generations (explain/hygiene.py): longer explanations are cut at a sentence.
+    max_explanation_chars: int = 400
 
 
 @dataclass

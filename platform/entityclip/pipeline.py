@@ -42,18 +42,34 @@ def stage_data(cfg: PipelineConfig, progress: bool = True) -> dict:
     return {**out, "shards": paths.shards, **{f"{k}_rows": v["rows"] for k, v in manifest["splits"].items()}}
 
 
+def check_world_lm(cfg: PipelineConfig) -> None:
+    if cfg.data.source != "synthetic":
+        raise ConfigError("explain.model=world is the synthetic world's LM; for a real dataset set explain.model "
+                          "to a local LLM folder (or explain.engine=knowledge only for synthetic data)")
+
+
 def stage_lm(cfg: PipelineConfig) -> dict:
-    """Train the synthetic world's LM (explain/world_lm.py) into <root>/lm, in vLLM's environment
-    (transformers lives there); returns what training measured."""
+    """Train the synthetic world's LM (explain/world_lm.py) into <root>/lm, in vLLM's environment;
+    returns what training measured. An LM already trained on the same world with the same
+    steps and seed is kept."""
+    import hashlib
     import json
     import subprocess
 
     from entityclip.explain.engines import llm_python
 
+    check_world_lm(cfg)
     paths = RunPaths.for_config(cfg)
     entities = require(paths.entities, "data")
     if storage.is_s3(paths.root):
         raise ConfigError("the world LM is trained into a local run root (vLLM loads a local folder)")
+    facts_uri = storage.join(paths.world_lm, "training.json")
+    wanted = {"steps": cfg.explain.world_lm_steps, "seed": cfg.data.seed,
+              "entities_sha256": hashlib.sha256(storage.read_bytes(entities)).hexdigest()}
+    if storage.exists(facts_uri):
+        facts = storage.read_json(facts_uri)
+        if all(facts.get(k) == v for k, v in wanted.items()):
+            return facts
     python = llm_python(cfg.explain)
     if not python:
         raise ConfigError("training the world LM needs .venv-llm (./scripts/setup makes it) or explain.python")
@@ -67,6 +83,7 @@ def stage_lm(cfg: PipelineConfig) -> dict:
 
 
 def stage_explain(cfg: PipelineConfig, progress: bool = True):
+    from entityclip.explain.engines import run_explain_config
     from entityclip.explain.pipeline import run_explain
 
     paths = RunPaths.for_config(cfg)
@@ -74,10 +91,10 @@ def stage_explain(cfg: PipelineConfig, progress: bool = True):
     if cfg.explain.engine == "knowledge" and not storage.exists(paths.entities):
         raise ConfigError("the knowledge engine reads the synthetic world's entities.parquet; "
                           "for a real dataset use explain.engine=vllm")
-    explain = cfg.explain
-    if explain.engine == "vllm" and explain.model == "world":
+    explain = run_explain_config(cfg)
+    if explain.model == paths.world_lm:
+        check_world_lm(cfg)
         require(storage.join(paths.world_lm, "config.json"), "lm")
-        explain = replace(explain, model=paths.world_lm)
     init_ray()
     return run_explain(explain, samples, paths.entities, paths.explanations, progress=progress)
 
@@ -225,7 +242,7 @@ def run_pipeline(cfg: PipelineConfig, variants: list[str], serve_query: bool = T
     timer = StageTimer()
     paths = RunPaths.for_config(cfg)
     timer.run("data", stage_data, cfg, progress)
-    if cfg.explain.engine == "vllm" and cfg.explain.model == "world":
+    if cfg.explain.engine != "knowledge" and cfg.explain.model == "world":
         timer.run("lm", stage_lm, cfg)
     explain = timer.run("explain", stage_explain, cfg, progress)
     results = {}

@@ -11,6 +11,9 @@ The MLflow Model of a run (run artifact path `model/`) holds, beside MLmodel:
     model = mlflow.pyfunc.load_model("models:/entityclip-entityclip@champion")
     model.predict(pd.DataFrame({"text": ["Velmora Rovers lift the cup"]}))   # [1, D] float32
     model.predict(pd.DataFrame({"image_base64": [b64]}))                    # [1, D] float32
+
+A model whose explanations come from an LLM (explain.engine vllm or hf) does not carry the
+LLM: `predict` then needs each text row's `explanation` (Serve gets it from its Explainer).
 """
 
 from __future__ import annotations
@@ -75,8 +78,9 @@ class MatcherModel(mlflow.pyfunc.PythonModel):
         if options.get("serve"):
             cfg = replace(cfg, serve=from_dict(ServeConfig, options["serve"]))
         info = {"variant": cfg.model.variant, **options.get("info", {})}
+        explain = options.get("explain", True) and cfg.explain.engine == "knowledge"  # the only packaged engine
         self.retriever = Retriever.from_parts(cfg, artifacts["checkpoint"], artifacts.get("index"),
-                                              artifacts.get("entities", ""), info, options.get("explain", True))
+                                              artifacts.get("entities", ""), info, explain)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
         r = self.retriever

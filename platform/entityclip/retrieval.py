@@ -15,8 +15,6 @@ from __future__ import annotations
 import base64
 import binascii
 import mimetypes
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -27,37 +25,12 @@ from entityclip import storage
 from entityclip.config import PipelineConfig, ServeConfig, StorageConfig, load_config
 from entityclip.data.images import load_image_tensor, to_tensor
 from entityclip.errors import InputError, InputTooLarge, NotFound
-from entityclip.explain.engines import ExplainRequest, ExplanationEngine, make_engine
-from entityclip.explain.prompts import explanation_key
+from entityclip.explain.cache import ExplanationCache
+from entityclip.explain.engines import make_engine
 from entityclip.index import EmbeddingIndex
 from entityclip.models import EntityCLIP
 from entityclip.paths import RunPaths
 from entityclip.train.checkpoint import load_model
-
-
-class ExplanationCache:
-    """LRU of explanations keyed like the explanation stage's cache (hash of the prompt)."""
-
-    def __init__(self, engine: ExplanationEngine, size: int):
-        self.engine, self.size = engine, size
-        self._items: OrderedDict[str, str] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def explain(self, texts: list[str]) -> list[str]:
-        keys = [explanation_key(t, []) for t in texts]
-        with self._lock:
-            found = {k: self._items[k] for k in keys if k in self._items}
-            for k in found:
-                self._items.move_to_end(k)
-        missing = {k: t for k, t in zip(keys, texts) if k not in found}
-        if missing:
-            explained = self.engine.explain([ExplainRequest(t) for t in missing.values()])
-            found.update(zip(missing, explained))
-            with self._lock:
-                self._items.update(zip(missing, explained))
-                while len(self._items) > self.size:
-                    self._items.popitem(last=False)
-        return [found[k] for k in keys]
 
 
 def decode_base64(data: str, max_bytes: int) -> bytes:

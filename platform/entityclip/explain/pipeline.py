@@ -1,4 +1,6 @@
-"""The explain stage: Ray Data shards unexplained samples across engine actors.
+"""The explain stage: Ray Data shards unexplained samples across engine actors: vLLM engines
+through Ray Data's LLM processor (`ray.data.llm`), the CPU engines through a map over
+`ExplainActor`s.
 
 Resumable and cached: results stream back in chunks that are written to
 `explanations.parts/` as they arrive; a rerun skips every key already explained by the same
@@ -8,6 +10,10 @@ written atomically only when every sample has an explanation.
 
 from __future__ import annotations
 
+import functools
+import os
+import signal
+import time
 import uuid
 from dataclasses import asdict, dataclass
 
@@ -18,8 +24,15 @@ from tqdm import tqdm
 
 from entityclip import storage
 from entityclip.config import ExplainConfig
-from entityclip.explain.engines import ExplainRequest, engine_model_name, make_engine, vllm_runtime_env
-from entityclip.explain.prompts import PROMPT_VERSION, explanation_key
+from entityclip.explain.engines import (ExplainRequest, engine_model_name, local_model, make_engine,
+                                       sampling_params, vllm_engine_kwargs, vllm_runtime_env)
+from entityclip.explain.hygiene import NO_EXPLANATION, clean_explanation
+from entityclip.explain.prompts import PROMPT_VERSION, explanation_key, fit_prompt
+from entityclip.runtime import quiet
+
+# Fault injection for the resume test: the stage kills its own process (SIGKILL, nothing
+# cleaned up) after writing this many chunks.
+CRASH_AFTER_CHUNKS_ENV = "ENTITYCLIP_EXPLAIN_CRASH_AFTER_CHUNKS"
 
 EXPLANATIONS_SCHEMA = pa.schema([
     ("key", pa.string()), ("sample_id", pa.string()), ("explanation", pa.string()),
@@ -38,6 +51,57 @@ class ExplainActor:
         return {"key": batch["key"], "explanation": np.array(self.engine.explain(requests), dtype=object)}
 
 
+@functools.lru_cache(maxsize=2)
+def _token_counter(model: str):
+    """The model's own token count (loaded once per Ray worker process)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    return lambda text: len(tokenizer(text)["input_ids"])
+
+
+def vllm_processor(cfg: ExplainConfig):
+    """Ray Data's vLLM processor over rows {key, text, entities} → {key, explanation}: prompts
+    fitted to the window (in the platform's environment), generation in vLLM engine actors
+    (their own interpreter, placed on a CPU or GPU bundle), then the clean-up rules."""
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    model = cfg.model
+    budget, params, max_chars = cfg.max_model_len - cfg.max_tokens, sampling_params(cfg), cfg.max_explanation_chars
+    if cfg.num_gpus_per_actor:
+        placement = {"bundle_per_worker": {"GPU": cfg.num_gpus_per_actor, "CPU": 1}}
+    else:  # the default bundle asks for a GPU and would never be scheduled here
+        placement = {"bundles": [{"CPU": 1}] * cfg.tensor_parallel_size}
+
+    def prepare(row: dict) -> dict:
+        prompt, _ = fit_prompt(row["text"], list(row["entities"]), _token_counter(model), budget)
+        return {"key": row["key"], "names": list(row["entities"]), "prompt": prompt, "sampling_params": params}
+
+    def finish(row: dict) -> dict:
+        return {"key": row["key"], "explanation": clean_explanation(row["generated_text"], list(row["names"]), max_chars)}
+
+    config = vLLMEngineProcessorConfig(
+        model_source=model, engine_kwargs=vllm_engine_kwargs(cfg), batch_size=cfg.batch_size,
+        concurrency=cfg.num_actors, runtime_env=vllm_runtime_env(cfg), placement_group_config=placement,
+        # Plain completion prompts; vLLM tokenizes and detokenizes inside the engine.
+        chat_template_stage=False, tokenize_stage=False, detokenize_stage=False, log_engine_metrics=False)
+    with quiet("ray"):  # build_processor calls ray.init again, which warns about the running cluster
+        return build_processor(config, preprocess=prepare, postprocess=finish)
+
+
+def explained(cfg: ExplainConfig, rows: list[dict], entities_uri: str) -> ray.data.Dataset:
+    """Rows {key, text, entities} → a dataset of {key, explanation}, streamed by the engine."""
+    if cfg.engine != "knowledge":
+        local_model(cfg)  # before any actor starts: a bad model is a config error, said once
+    ds = ray.data.from_items(rows)
+    if cfg.engine == "vllm":
+        return vllm_processor(cfg)(ds)
+    return ds.map_batches(
+        ExplainActor, fn_constructor_kwargs={"cfg": asdict(cfg), "entities_uri": entities_uri},
+        batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+        num_gpus=cfg.num_gpus_per_actor or None)
+
+
 @dataclass
 class ExplainStats:
     samples: int
@@ -45,6 +109,9 @@ class ExplainStats:
     cached: int
     generated: int
     output: str
+    no_explanation: int = 0  # generations the clean-up rules left empty (explain/hygiene.py)
+    seconds: float = 0.0  # from the start of generation to the written table
+    first_chunk_s: float = 0.0  # to the first written chunk: start-up plus one chunk
 
 
 def _load_cache(out_uri: str, parts_uri: str, engine: str, model: str) -> dict[str, str]:
@@ -70,18 +137,13 @@ def run_explain(cfg: ExplainConfig, samples_uri: str, entities_uri: str, out_uri
     for key, s in zip(keys, samples):
         if key not in cache and key not in todo:
             todo[key] = {"key": key, "text": s["text"], "entities": list(s["entities"])}
-    generated = 0
+    generated, start, first_chunk_s, chunks = 0, time.time(), 0.0, 0
+    crash_after = int(os.environ.get(CRASH_AFTER_CHUNKS_ENV, 0))
     if todo:
-        ds = ray.data.from_items(list(todo.values())).map_batches(
-            ExplainActor,
-            fn_constructor_kwargs={"cfg": asdict(cfg), "entities_uri": entities_uri},
-            batch_size=cfg.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-            num_gpus=cfg.num_gpus_per_actor or None,
-            runtime_env=vllm_runtime_env(cfg) if cfg.engine == "vllm" else None,
-        )
+        ds = explained(cfg, list(todo.values()), entities_uri)
         with tqdm(total=len(todo), desc=f"explain ({cfg.engine})", disable=not progress) as bar:
             for chunk in ds.iter_batches(batch_size=cfg.chunk_size, batch_format="numpy"):
+                first_chunk_s = first_chunk_s or time.time() - start
                 # Parts are keyed by input; sample ids are attached in the final table.
                 rows = [{"key": k, "sample_id": "", "explanation": str(e), "engine": cfg.engine,
                          "model": model, "prompt_version": PROMPT_VERSION}
@@ -91,6 +153,9 @@ def run_explain(cfg: ExplainConfig, samples_uri: str, entities_uri: str, out_uri
                 cache.update((r["key"], r["explanation"]) for r in rows)
                 generated += len(rows)
                 bar.update(len(rows))
+                chunks += 1
+                if chunks == crash_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
 
     missing = [k for k in keys if k not in cache]
     if missing:  # never pass a partial table off as complete
@@ -100,4 +165,6 @@ def run_explain(cfg: ExplainConfig, samples_uri: str, entities_uri: str, out_uri
     storage.write_parquet(out_uri, pa.Table.from_pylist(final, schema=EXPLANATIONS_SCHEMA))
     for uri in storage.list_uris(parts_uri):
         storage.delete(uri)
-    return ExplainStats(len(samples), len(set(keys)), len(set(keys)) - generated, generated, out_uri)
+    return ExplainStats(len(samples), len(set(keys)), len(set(keys)) - generated, generated, out_uri,
+                        no_explanation=sum(cache[k] == NO_EXPLANATION for k in set(keys)),
+                        seconds=round(time.time() - start, 2), first_chunk_s=round(first_chunk_s, 2))

@@ -14,6 +14,7 @@ Runs in .venv-llm, where transformers lives (`stage_lm` starts it as a subproces
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import time
@@ -30,12 +31,15 @@ from entityclip.explain.prompts import build_prompt
 
 
 def examples(engine: KnowledgeEngine, names: list[str], rng: random.Random, n: int) -> list[tuple[str, str]]:
-    """(prompt, answer) pairs naming one or two entities, as the data's texts do."""
+    """(prompt, answer) pairs naming one or two entities, as the data's texts do; one in five
+    without the entity list, as an online query's prompt is."""
     out = []
     for _ in range(n):
         named = rng.sample(names, 2 if rng.random() < 0.3 else 1)
         text = f"{' and '.join(named)} {rng.choice(EVENTS)} in {rng.choice(CITIES)}."
-        out.append((build_prompt(text, named), " " + " ".join(engine.describe(x) for x in named)))
+        # Online queries come without an entity list: the LM finds the names in the text.
+        listed = named if rng.random() < 0.8 else []
+        out.append((build_prompt(text, listed), " " + " ".join(engine.describe(x) for x in named)))
     return out
 
 
@@ -96,7 +100,8 @@ def train(entities_uri: str, out_dir: str, steps: int = 1500, batch_size: int = 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    facts = {"steps": steps, "final_loss": round(loss.item(), 4), "exact_answers": exact,
+    facts = {"steps": steps, "seed": seed, "entities_sha256": hashlib.sha256(storage.read_bytes(entities_uri)).hexdigest(),
+             "final_loss": round(loss.item(), 4), "exact_answers": exact,
              "seconds": round(time.time() - start, 1), "parameters": sum(p.numel() for p in model.parameters())}
     (out / "training.json").write_text(json.dumps(facts, indent=2))
     return facts

@@ -1,7 +1,7 @@
 """Ray Serve application: one autoscaled deployment whose replicas each hold a `Retriever`
 (model, FAISS index, explanation engine with its LRU cache) and answer HTTP themselves, behind
-HAProxy (runtime.SERVE_ENV). A separate, batched `Explainer` deployment exists only for engines
-that need their own resources (vLLM on a GPU).
+HAProxy (runtime.SERVE_ENV). A separate, batched `Explainer` deployment (serving/explainer.py)
+exists only for LLM engines, which need their own resources and, for vLLM, their own interpreter.
 
 Endpoints (JSON):
 - POST /search/text   {"text", "k"?, "explanation"?} → images ranked for the text
@@ -28,10 +28,10 @@ from ray.serve.handle import DeploymentHandle
 from entityclip import storage
 from entityclip.config import PipelineConfig, from_dict, to_dict
 from entityclip.errors import ConfigError, InputError, InputTooLarge, NotFound
-from entityclip.explain.engines import make_engine
 from entityclip.paths import RunPaths, require
 from entityclip.registry import MODEL_PATH, ModelRef, load_retriever, resolve
-from entityclip.retrieval import ExplanationCache, Retriever, decode_base64
+from entityclip.retrieval import Retriever, decode_base64
+from entityclip.serving.explainer import Explainer, explainer_options
 from entityclip.train.tracking import tracker_for
 
 APP_NAME = "entityclip"
@@ -90,20 +90,6 @@ async def _limit_body(request: Request, call_next):
     if length.isdigit() and int(length) > limit:
         return JSONResponse({"detail": f"request body is {length} bytes; the limit is {limit}"}, status_code=413)
     return await call_next(request)
-
-
-@serve.deployment
-class Explainer:
-    """Explanations from an engine that needs its own resources, batched across requests."""
-
-    def __init__(self, config: dict):
-        cfg = from_dict(PipelineConfig, config)
-        engine = make_engine(cfg.explain, RunPaths.for_config(cfg).entities)
-        self.cache = ExplanationCache(engine, cfg.serve.explain_cache_size)
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.05)
-    async def explain(self, texts: list[str]) -> list[str]:
-        return self.cache.explain(texts)
 
 
 @serve.deployment
@@ -191,8 +177,7 @@ def build_app(cfg: PipelineConfig, variant: str | None = None):
     s, scaling = cfg.serve, cfg.serve.autoscaling
     explainer = None
     if cfg.explain.engine != "knowledge":
-        explainer = Explainer.options(
-            ray_actor_options={"num_cpus": 1, "num_gpus": cfg.explain.num_gpus_per_actor}).bind(to_dict(cfg))
+        explainer = Explainer.options(ray_actor_options=explainer_options(cfg)).bind(to_dict(cfg))
     return RetrievalServer.options(
         ray_actor_options={"num_cpus": s.cpus_per_replica},
         max_ongoing_requests=scaling.max_ongoing_requests,
