@@ -19,7 +19,7 @@ from entityclip.data.synthetic import generate
 from entityclip.errors import EntityClipError
 from entityclip.config import to_dict
 from entityclip.errors import ConfigError
-from entityclip.explain.engines import LLM_VENV_PYTHON, ExplainRequest, KnowledgeEngine, VLLMEngine
+from entityclip.explain.engines import LLM_VENV_PYTHON, ExplainRequest, KnowledgeEngine, VLLMEngine, in_process
 from entityclip.explain.hygiene import NO_EXPLANATION, clean_explanation
 from entityclip.explain.pipeline import CRASH_AFTER_CHUNKS_ENV, EXPLANATIONS_SCHEMA, run_explain
 from entityclip.explain.prompts import PROMPT_VERSION, build_prompt, explanation_key, fit_prompt
@@ -179,6 +179,12 @@ def test_a_vllm_run_killed_mid_way_resumes_without_regenerating_what_it_wrote(ra
     resumed = stage_explain(tiny_config(root, *sets[len(TINY):]), progress=False)
     assert resumed.cached == 8 and resumed.generated == resumed.unique_inputs - 8
     assert storage.read_parquet(resumed.output).num_rows == 24
+
+
+def test_in_this_environment_vllm_queries_are_explained_by_transformers_on_the_same_model():
+    cfg = ExplainConfig(engine="vllm", model="/models/m")
+    assert in_process(cfg) == ExplainConfig(engine="hf", model="/models/m")  # .venv has no vllm
+    assert in_process(ExplainConfig(engine="knowledge")).engine == "knowledge"
 
 
 def test_the_hf_peer_explains_through_the_same_stage(ray_session, world_root, tmp_path):

@@ -31,6 +31,12 @@ def test_text_search_explains_the_query_and_ranks_k_images(retriever, sample, tr
     assert body["model"]["variant"] == "entityclip"
 
 
+def test_a_run_loaded_by_its_root_alone_explains_queries_with_the_engine_that_explained_its_data(
+        retriever, sample, trained_run):
+    by_root = Retriever.load(str(trained_run["root"]))  # the default config says vllm; this run used knowledge
+    assert by_root.search_text(sample["text"], k=3) == retriever.search_text(sample["text"], k=3)
+
+
 def test_a_batch_of_text_queries_answers_each_as_if_alone(retriever, sample):
     texts = [sample["text"], "Velmora Rovers lift the cup", sample["text"] + " again"]
     batch = retriever.search_texts(texts, [3, 7, 1])
@@ -50,6 +56,14 @@ def test_score_gives_similarity_and_match_probability(retriever, sample):
     body = retriever.score(sample["text"], sample["image_bytes"])
     assert -1.0 <= body["similarity"] <= 1.0
     assert 0.0 < body["match_probability"] < 1.0
+
+
+def test_a_retriever_without_an_engine_searches_with_given_explanations(sample, trained_run):
+    # Serve's ingress, when an Explainer deployment writes the explanations
+    bare = Retriever.load(str(trained_run["root"]), config=trained_run["cfg"], explain=False)
+    assert bare.search_text(sample["text"], k=2, explanation="A red circle.")["explanation"] == "A red circle."
+    with pytest.raises(InputError, match="no explanation engine"):
+        bare.search_text(sample["text"], k=2)
 
 
 def test_a_given_explanation_is_used_instead_of_the_engine(retriever, sample):

@@ -50,7 +50,7 @@ class ExplainConfig:
     # The LLM engines' model: a local Hugging Face model directory, or "world": the run's own
     # world LM (`entityclip lm` trains it on the synthetic world's knowledge into <root>/lm).
     model: str = "world"
-    world_lm_steps: int = 600  # training steps of the world LM (about 0.12 s each on 2 cores)
+    world_lm_steps: int = 1000  # training steps of the world LM (about 0.17 s each on 2 cores)
     num_actors: int = 1
     batch_size: int = 32
     chunk_size: int = 256  # samples per resumable chunk written to storage

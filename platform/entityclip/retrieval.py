@@ -26,7 +26,7 @@ from entityclip.config import PipelineConfig, ServeConfig, StorageConfig, load_c
 from entityclip.data.images import load_image_tensor, to_tensor
 from entityclip.errors import InputError, InputTooLarge, NotFound
 from entityclip.explain.cache import ExplanationCache
-from entityclip.explain.engines import make_engine
+from entityclip.explain.engines import engine_of_run, in_process, make_engine, run_explain_config
 from entityclip.index import EmbeddingIndex
 from entityclip.models import EntityCLIP
 from entityclip.paths import RunPaths
@@ -79,6 +79,8 @@ class Retriever:
         if root is not None:
             cfg = replace(cfg, storage=StorageConfig(root))
         paths = RunPaths.for_config(cfg)
+        if config is None:  # explain queries with the engine that explained the run's data
+            cfg = replace(cfg, explain=engine_of_run(paths.explanations, cfg.explain))
         checkpoint = paths.checkpoint(variant)
         return cls.from_parts(cfg, checkpoint, paths.index(variant), paths.entities,
                               {"variant": variant, "checkpoint": checkpoint}, explain)
@@ -89,7 +91,8 @@ class Retriever:
         """A checkpoint, optionally its gallery index (without one, only embedding works), and
         the explanation engine of `cfg.explain` (`entities`: the knowledge engine's world)."""
         model = load_model(checkpoint)
-        explainer = ExplanationCache(make_engine(cfg.explain, entities), cfg.serve.explain_cache_size) \
+        explainer = ExplanationCache(make_engine(in_process(run_explain_config(cfg)), entities),
+                                     cfg.serve.explain_cache_size) \
             if explain and model.uses_explanations else None
         return cls(model, EmbeddingIndex.load(index) if index else None, explainer, Limits.from_config(cfg.serve), info)
 
@@ -154,8 +157,9 @@ class Retriever:
         read (given ones kept, missing ones written by the engine)."""
         given = list(explanations) if explanations is not None else [None] * len(texts)
         todo = [i for i, e in enumerate(given) if e is None]
-        for i, e in zip(todo, self.explain([texts[i] for i in todo])):
-            given[i] = e
+        if todo:  # a retriever without an engine embeds texts whose explanations are given
+            for i, e in zip(todo, self.explain([texts[i] for i in todo])):
+                given[i] = e
         return self.model.embed_texts(texts, given).numpy(), given
 
     def embed_images(self, images: list[bytes | Image.Image]) -> np.ndarray:

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -197,6 +198,27 @@ def make_engine(cfg: ExplainConfig, entities_uri: str) -> ExplanationEngine:
     if cfg.engine == "hf":
         return HFEngine(cfg)
     raise ConfigError(f"unknown explain.engine {cfg.engine!r}; choose vllm, knowledge or hf")
+
+
+def engine_of_run(explanations_uri: str, base: ExplainConfig) -> ExplainConfig:
+    """`base` with the engine (and LLM folder) that wrote a run's explanations table: a run's
+    queries are explained the way its gallery and training data were."""
+    if not storage.exists(explanations_uri):
+        return base
+    first = storage.read_parquet(explanations_uri).slice(0, 1).to_pylist()
+    if not first:
+        return base
+    engine, model = first[0]["engine"], first[0]["model"]
+    return replace(base, engine=engine, model=base.model if engine == "knowledge" else model.rsplit("@", 1)[0])
+
+
+def in_process(cfg: ExplainConfig) -> ExplainConfig:
+    """The engine to run in this interpreter: vLLM where it is installed; elsewhere (the
+    platform's own .venv) transformers generate on the same model, which decodes greedily to
+    the same text (benchmarks/explain_throughput.py measures how often)."""
+    if cfg.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        return replace(cfg, engine="hf")
+    return cfg
 
 
 def run_explain_config(cfg: PipelineConfig) -> ExplainConfig:

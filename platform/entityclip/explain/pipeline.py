@@ -28,7 +28,7 @@ from entityclip.explain.engines import (ExplainRequest, engine_model_name, local
                                        sampling_params, vllm_engine_kwargs, vllm_runtime_env)
 from entityclip.explain.hygiene import NO_EXPLANATION, clean_explanation
 from entityclip.explain.prompts import PROMPT_VERSION, explanation_key, fit_prompt
-from entityclip.runtime import quiet
+from entityclip.runtime import quiet, quiet_logs
 
 # Fault injection for the resume test: the stage kills its own process (SIGKILL, nothing
 # cleaned up) after writing this many chunks.
@@ -85,8 +85,11 @@ def vllm_processor(cfg: ExplainConfig):
         concurrency=cfg.num_actors, runtime_env=vllm_runtime_env(cfg), placement_group_config=placement,
         # Plain completion prompts; vLLM tokenizes and detokenizes inside the engine.
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False, log_engine_metrics=False)
-    with quiet("ray"):  # build_processor calls ray.init again, which warns about the running cluster
-        return build_processor(config, preprocess=prepare, postprocess=finish)
+    # build_processor calls ray.init again: it says so, and resets Ray's loggers to INFO.
+    with quiet("ray._private.worker"):
+        processor = build_processor(config, preprocess=prepare, postprocess=finish)
+    quiet_logs()
+    return processor
 
 
 def explained(cfg: ExplainConfig, rows: list[dict], entities_uri: str) -> ray.data.Dataset:

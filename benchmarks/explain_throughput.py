@@ -1,0 +1,149 @@
+"""Explanation engines side by side on the same prompts, each through the product's explain stage
+(Ray Data, one engine actor, the same batch size, greedy, the same max tokens):
+
+- vllm: vLLM engine actors through `ray.data.llm` (.venv-llm's interpreter), the default
+- hf: transformers `generate`, batched, left-padded: what a user writes by hand without vLLM
+- knowledge: the CPU engine that reads the synthetic world's records (no LLM)
+
+For each engine, a short run (`--warmup-rows`) measures start-up (actor, model load, engine
+start, one batch), then a full run of `--rows` unique inputs; throughput is the full run's extra
+rows over its extra seconds, so start-up is not counted twice. Tokens are those of the written
+explanations counted with the LM's own tokenizer, the same count for every engine. Peak RSS is
+the largest Ray worker process's high-water mark (the engine's process). Every run writes to a
+fresh output, so nothing comes from the explanation cache.
+
+    .venv/bin/python benchmarks/explain_throughput.py [--root runs/default] [--rows 512] [--json FILE]
+
+The root needs the data stage and the world LM (`entityclip data`, `entityclip lm`); both are
+made when missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow as pa
+
+from entityclip import storage
+from entityclip.config import load_config
+from entityclip.explain.engines import run_explain_config
+from entityclip.explain.pipeline import run_explain
+from entityclip.paths import RunPaths
+from entityclip.pipeline import stage_data, stage_lm
+from entityclip.runtime import init_ray
+
+ENGINES = ("vllm", "hf", "knowledge")
+
+
+class PeakWorkerRSS:
+    """Samples /proc for Ray worker processes ("ray::..." titles) and keeps the largest
+    high-water mark (VmHWM) seen: the engine actor's peak resident memory."""
+
+    def __init__(self, every_s: float = 0.2):
+        self.every_s, self.peak_kb, self._stop = every_s, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::"):
+                    for line in (proc / "status").read_text().splitlines():
+                        if line.startswith("VmHWM:"):
+                            self.peak_kb = max(self.peak_kb, int(line.split()[1]))
+            except OSError:  # the process ended between listing and reading
+                continue
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._sample()
+
+    def __enter__(self) -> "PeakWorkerRSS":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def subset(samples_uri: str, n: int, out: Path) -> str:
+    """The first n samples with distinct texts, as their own samples table."""
+    table, seen, keep = storage.read_parquet(samples_uri), set(), []
+    for i, text in enumerate(table.column("text").to_pylist()):
+        if text not in seen and len(keep) < n:
+            seen.add(text)
+            keep.append(i)
+    storage.write_parquet(str(out), table.take(pa.array(keep)))
+    return str(out)
+
+
+def timed_run(cfg, samples: str, entities: str, out: Path) -> tuple[float, float, list[str]]:
+    """(wall seconds, peak worker RSS in MB, the explanations written)."""
+    with PeakWorkerRSS() as rss:
+        start = time.time()
+        stats = run_explain(cfg, samples, entities, str(out), progress=False)
+        wall = time.time() - start
+    return wall, rss.peak_kb / 1024, [r["explanation"] for r in storage.read_parquet(stats.output).to_pylist()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default=None, help="run root with the synthetic data and world LM (default: the config's)")
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--rows", type=int, default=512, help="unique prompts in the full run")
+    parser.add_argument("--warmup-rows", type=int, default=8, help="prompts in the start-up run")
+    parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
+    args = parser.parse_args()
+
+    overrides = [f"storage.root={args.root}"] if args.root else []
+    cfg = load_config(args.config, overrides + ["explain.engine=vllm", "explain.model=world"])
+    paths = RunPaths.for_config(cfg)
+    if not storage.exists(paths.samples):
+        stage_data(cfg, progress=False)
+    stage_lm(cfg)  # kept when already trained on this world
+    init_ray()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(paths.world_lm)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="explain-bench-") as tmp:
+        full = subset(paths.samples, args.rows, Path(tmp) / "full.parquet")
+        warm = subset(paths.samples, args.warmup_rows, Path(tmp) / "warm.parquet")
+        n_full, n_warm = storage.read_parquet(full).num_rows, storage.read_parquet(warm).num_rows
+        for engine in args.engines.split(","):
+            ecfg = run_explain_config(replace(cfg, explain=replace(cfg.explain, engine=engine)))
+            startup, _, _ = timed_run(ecfg, warm, paths.entities, Path(tmp) / f"{engine}-warm.parquet")
+            wall, rss_mb, texts = timed_run(ecfg, full, paths.entities, Path(tmp) / f"{engine}-full.parquet")
+            tokens = sum(len(tokenizer(t)["input_ids"]) for t in texts)
+            steady = max(wall - startup, 1e-6)
+            rows.append({"engine": engine, "rows": n_full, "startup_s": round(startup, 1), "wall_s": round(wall, 1),
+                         "rows_per_s": round((n_full - n_warm) / steady, 1),
+                         "tokens_per_s": round(tokens * (n_full - n_warm) / n_full / steady, 0),
+                         "peak_rss_mb": round(rss_mb), "texts": texts})
+            print(f"{engine}: {rows[-1]['rows_per_s']} rows/s", flush=True)
+
+    by = {r["engine"]: r for r in rows}
+    header = ["engine", "rows", "start-up s", "wall s", "rows/s", "tokens/s", "peak RSS MB", "tokens/s vs hf", "same text as vllm"]
+    print(f"\n{n_full} prompts, batch {cfg.explain.batch_size}, max {cfg.explain.max_tokens} new tokens, greedy, "
+          f"one engine actor; world LM {paths.world_lm}")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        vs_hf = f"{r['tokens_per_s'] / by['hf']['tokens_per_s']:.2f}x" if "hf" in by and by["hf"]["tokens_per_s"] else "-"
+        same = (f"{sum(a == b for a, b in zip(r['texts'], by['vllm']['texts'])) / len(r['texts']):.1%}"
+                if "vllm" in by else "-")
+        print(f"| {r['engine']} | {r['rows']} | {r['startup_s']} | {r['wall_s']} | {r['rows_per_s']} | "
+              f"{r['tokens_per_s']:.0f} | {r['peak_rss_mb']} | {vs_hf} | {same} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps([{k: v for k, v in r.items() if k != "texts"} for r in rows], indent=2))
+
+
+if __name__ == "__main__":  # vLLM starts its workers with spawn
+    main()
