@@ -5,14 +5,17 @@
 - hf: transformers `generate`, batched, left-padded: what a user writes by hand without vLLM
 - knowledge: the CPU engine that reads the synthetic world's records (no LLM)
 
-For each engine, a short run (`--warmup-rows`) measures start-up (actor, model load, engine
-start, one batch), then a full run of `--rows` unique inputs; throughput is the full run's extra
-rows over its extra seconds, so start-up is not counted twice. Tokens are those of the written
-explanations counted with the LM's own tokenizer, the same count for every engine. Peak RSS is
-the largest Ray worker process's high-water mark (the engine's process). Every run writes to a
-fresh output, so nothing comes from the explanation cache.
+The prompts are news sentences about the world's entities in the data's own phrasing (one or
+two names, an event, a city: `data.synthetic.caption`), as many as `--rows`, all distinct. For
+each engine, a short run (`--warmup-rows`) measures start-up (actor, model load, engine start,
+one batch), then a full run; throughput is the full run's extra rows over its extra seconds, so
+start-up is not counted twice (Ray Data's LLM processor returns rows in bursts, so the time to
+the first written chunk would not measure start-up). Tokens are those of the written explanations counted with the
+LM's own tokenizer, the same count for every engine. Peak RSS is the engine actor's process
+(Ray Data's MapWorker), sampled every 0.2 s. Every run writes to a fresh output, so nothing
+comes from the explanation cache.
 
-    .venv/bin/python benchmarks/explain_throughput.py [--root runs/default] [--rows 512] [--json FILE]
+    .venv/bin/python benchmarks/explain_throughput.py [--root runs/default] [--rows 4096] [--json FILE]
 
 The root needs the data stage and the world LM (`entityclip data`, `entityclip lm`); both are
 made when missing.
@@ -22,16 +25,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import tempfile
 import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow as pa
 
 from entityclip import storage
 from entityclip.config import load_config
+from entityclip.data.synthetic import caption
 from entityclip.explain.engines import run_explain_config
 from entityclip.explain.pipeline import run_explain
 from entityclip.paths import RunPaths
@@ -41,9 +47,9 @@ from entityclip.runtime import init_ray
 ENGINES = ("vllm", "hf", "knowledge")
 
 
-class PeakWorkerRSS:
-    """Samples /proc for Ray worker processes ("ray::..." titles) and keeps the largest
-    high-water mark (VmHWM) seen: the engine actor's peak resident memory."""
+class PeakEngineRSS:
+    """Samples /proc for the engine actors' processes (Ray Data map actors, titled
+    "ray::MapWorker(...)") and keeps the largest resident set seen."""
 
     def __init__(self, every_s: float = 0.2):
         self.every_s, self.peak_kb, self._stop = every_s, 0, threading.Event()
@@ -52,9 +58,9 @@ class PeakWorkerRSS:
     def _sample(self) -> None:
         for proc in Path("/proc").iterdir():
             try:
-                if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::"):
+                if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::MapWorker"):
                     for line in (proc / "status").read_text().splitlines():
-                        if line.startswith("VmHWM:"):
+                        if line.startswith("VmRSS:"):
                             self.peak_kb = max(self.peak_kb, int(line.split()[1]))
             except OSError:  # the process ended between listing and reading
                 continue
@@ -63,7 +69,7 @@ class PeakWorkerRSS:
         while not self._stop.wait(self.every_s):
             self._sample()
 
-    def __enter__(self) -> "PeakWorkerRSS":
+    def __enter__(self) -> "PeakEngineRSS":
         self._thread.start()
         return self
 
@@ -72,31 +78,33 @@ class PeakWorkerRSS:
         self._thread.join()
 
 
-def subset(samples_uri: str, n: int, out: Path) -> str:
-    """The first n samples with distinct texts, as their own samples table."""
-    table, seen, keep = storage.read_parquet(samples_uri), set(), []
-    for i, text in enumerate(table.column("text").to_pylist()):
-        if text not in seen and len(keep) < n:
+def prompts(entities_uri: str, n: int, out: Path, seed: int) -> str:
+    """n distinct samples {sample_id, text, entities} in the data's phrasing, as a samples table."""
+    rng, names, rows, seen = random.Random(seed), [r["name"] for r in storage.read_parquet(entities_uri).to_pylist()], [], set()
+    while len(rows) < n:
+        named = rng.sample(names, 2 if rng.random() < 0.3 else 1)
+        text = caption([SimpleNamespace(name=x) for x in named], rng)
+        if text not in seen:
             seen.add(text)
-            keep.append(i)
-    storage.write_parquet(str(out), table.take(pa.array(keep)))
+            rows.append({"sample_id": f"p{len(rows):06d}", "text": text, "entities": named})
+    storage.write_parquet(str(out), pa.Table.from_pylist(rows))
     return str(out)
 
 
-def timed_run(cfg, samples: str, entities: str, out: Path) -> tuple[float, float, list[str]]:
-    """(wall seconds, peak worker RSS in MB, the explanations written)."""
-    with PeakWorkerRSS() as rss:
+def timed_run(cfg, samples: str, entities: str, out: Path):
+    """(the stage's stats, wall seconds, peak engine RSS in MB, the explanations written)."""
+    with PeakEngineRSS() as rss:
         start = time.time()
         stats = run_explain(cfg, samples, entities, str(out), progress=False)
         wall = time.time() - start
-    return wall, rss.peak_kb / 1024, [r["explanation"] for r in storage.read_parquet(stats.output).to_pylist()]
+    return stats, wall, rss.peak_kb / 1024, [r["explanation"] for r in storage.read_parquet(stats.output).to_pylist()]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default=None, help="run root with the synthetic data and world LM (default: the config's)")
     parser.add_argument("--config", default=None)
-    parser.add_argument("--rows", type=int, default=512, help="unique prompts in the full run")
+    parser.add_argument("--rows", type=int, default=4096, help="distinct prompts in the full run")
     parser.add_argument("--warmup-rows", type=int, default=8, help="prompts in the start-up run")
     parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
@@ -114,13 +122,13 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(paths.world_lm)
     rows = []
     with tempfile.TemporaryDirectory(prefix="explain-bench-") as tmp:
-        full = subset(paths.samples, args.rows, Path(tmp) / "full.parquet")
-        warm = subset(paths.samples, args.warmup_rows, Path(tmp) / "warm.parquet")
+        full = prompts(paths.entities, args.rows, Path(tmp) / "full.parquet", seed=1)
+        warm = prompts(paths.entities, args.warmup_rows, Path(tmp) / "warm.parquet", seed=2)
         n_full, n_warm = storage.read_parquet(full).num_rows, storage.read_parquet(warm).num_rows
         for engine in args.engines.split(","):
             ecfg = run_explain_config(replace(cfg, explain=replace(cfg.explain, engine=engine)))
-            startup, _, _ = timed_run(ecfg, warm, paths.entities, Path(tmp) / f"{engine}-warm.parquet")
-            wall, rss_mb, texts = timed_run(ecfg, full, paths.entities, Path(tmp) / f"{engine}-full.parquet")
+            _, startup, _, _ = timed_run(ecfg, warm, paths.entities, Path(tmp) / f"{engine}-warm.parquet")
+            _, wall, rss_mb, texts = timed_run(ecfg, full, paths.entities, Path(tmp) / f"{engine}-full.parquet")
             tokens = sum(len(tokenizer(t)["input_ids"]) for t in texts)
             steady = max(wall - startup, 1e-6)
             rows.append({"engine": engine, "rows": n_full, "startup_s": round(startup, 1), "wall_s": round(wall, 1),
@@ -131,7 +139,7 @@ def main() -> None:
 
     by = {r["engine"]: r for r in rows}
     header = ["engine", "rows", "start-up s", "wall s", "rows/s", "tokens/s", "peak RSS MB", "tokens/s vs hf", "same text as vllm"]
-    print(f"\n{n_full} prompts, batch {cfg.explain.batch_size}, max {cfg.explain.max_tokens} new tokens, greedy, "
+    print(f"\n{n_full} distinct prompts, batch {cfg.explain.batch_size}, max {cfg.explain.max_tokens} new tokens, greedy, "
           f"one engine actor; world LM {paths.world_lm}")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))

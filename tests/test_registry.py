@@ -12,7 +12,8 @@ import pytest
 from entityclip import Retriever, storage
 from entityclip.errors import ConfigError, InputError, TrackingError
 from entityclip.paths import RunPaths
-from entityclip.registry import register_run
+from entityclip.pipeline import stage_lm
+from entityclip.registry import register_run, save_package
 from entityclip.serving.app import check_servable
 from entityclip.train.tracking import Tracker, tracker_for
 from tests.conftest import MLFLOW_ARTIFACTS, tiny_config
@@ -52,6 +53,25 @@ def test_the_champion_embeds_base64_images_as_the_trained_model_does(champion, i
     embeddings = champion.predict(rows)
     np.testing.assert_allclose(embeddings[0], in_process.embed_images([image])[0], atol=1e-5)
     np.testing.assert_allclose(embeddings[1], in_process.embed_texts([unseen_sample["text"]])[0][0], atol=1e-5)
+
+
+def test_a_model_explained_by_the_world_lm_carries_it_and_explains_text_rows_itself(trained_run, tmp_path):
+    root = tmp_path / "world"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "entities.parquet").write_bytes((trained_run["root"] / "data" / "entities.parquet").read_bytes())
+    cfg = tiny_config(root, "explain.engine=vllm", "explain.model=world", "explain.world_lm_steps=20",
+                      "explain.max_tokens=8")
+    stage_lm(cfg)
+    package = save_package(cfg, RunPaths.for_config(trained_run["cfg"]).checkpoint("entityclip"), None,
+                           str(root / "data" / "entities.parquet"), tmp_path / "model")
+    assert (package / "artifacts" / "lm" / "config.json").is_file()
+    model = mlflow.pyfunc.load_model(str(package))
+    retriever = model.unwrap_python_model().retriever
+    text = "Velmora Rovers lift the cup"
+    written = retriever.explain([text])[0]  # transformers on the packaged LM (no vLLM in this interpreter)
+    assert written.strip()
+    np.testing.assert_allclose(model.predict(pd.DataFrame({"text": [text]})), retriever.embed_texts([text], [written])[0],
+                               atol=1e-5)
 
 
 def test_the_model_declares_its_signature_and_example(champion):

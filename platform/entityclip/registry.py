@@ -6,14 +6,17 @@ The MLflow Model of a run (run artifact path `model/`) holds, beside MLmodel:
   artifacts/checkpoint/        model.safetensors + model.json (model config, tokenizer)
   artifacts/index/             the gallery index (FAISS + tables), when it was built
   artifacts/entities.parquet   the knowledge engine's world, when that engine explains
+  artifacts/lm/                the synthetic world's LM, when it explains (explain.model=world)
   artifacts/config.json        the run's full pipeline config (explanation engine, limits)
 
     model = mlflow.pyfunc.load_model("models:/entityclip-entityclip@champion")
     model.predict(pd.DataFrame({"text": ["Velmora Rovers lift the cup"]}))   # [1, D] float32
     model.predict(pd.DataFrame({"image_base64": [b64]}))                    # [1, D] float32
 
-A model whose explanations come from an LLM (explain.engine vllm or hf) does not carry the
-LLM: `predict` then needs each text row's `explanation` (Serve gets it from its Explainer).
+A model explained by the synthetic world's LM carries it (artifacts/lm/, 3 MB) and explains
+text rows with transformers on it; one explained by another LLM (explain.engine vllm or hf with
+a model folder of its own) does not carry it: `predict` then needs each text row's
+`explanation` (Serve gets it from its Explainer deployment).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import pandas as pd
 from entityclip import __version__, storage
 from entityclip.config import PipelineConfig, ServeConfig, from_dict, to_dict
 from entityclip.errors import ConfigError, InputError
+from entityclip.paths import RunPaths
 from entityclip.retrieval import Retriever, decode_base64
 from entityclip.train.checkpoint import read_meta
 from entityclip.train.tracking import Tracker
@@ -78,7 +82,9 @@ class MatcherModel(mlflow.pyfunc.PythonModel):
         if options.get("serve"):
             cfg = replace(cfg, serve=from_dict(ServeConfig, options["serve"]))
         info = {"variant": cfg.model.variant, **options.get("info", {})}
-        explain = options.get("explain", True) and cfg.explain.engine == "knowledge"  # the only packaged engine
+        if "lm" in artifacts:
+            cfg = replace(cfg, explain=replace(cfg.explain, model=artifacts["lm"]))
+        explain = options.get("explain", True) and (cfg.explain.engine == "knowledge" or "lm" in artifacts)
         self.retriever = Retriever.from_parts(cfg, artifacts["checkpoint"], artifacts.get("index"),
                                               artifacts.get("entities", ""), info, explain)
 
@@ -120,6 +126,8 @@ def save_package(cfg: PipelineConfig, checkpoint: str, index: str | None, entiti
         if cfg.explain.engine == "knowledge" and storage.exists(entities):
             parts["entities"] = Path(staging) / "entities.parquet"
             parts["entities"].write_bytes(storage.read_bytes(entities))
+        elif cfg.explain.engine != "knowledge" and cfg.explain.model == "world":
+            parts["lm"] = storage.download_dir(RunPaths.for_config(cfg).world_lm, Path(staging) / "lm")
         parts["config"] = Path(staging) / "config.json"
         parts["config"].write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True))
         mlflow.pyfunc.save_model(
