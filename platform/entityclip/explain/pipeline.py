@@ -114,7 +114,6 @@ class ExplainStats:
     output: str
     no_explanation: int = 0  # generations the clean-up rules left empty (explain/hygiene.py)
     seconds: float = 0.0  # from the start of generation to the written table
-    first_chunk_s: float = 0.0  # to the first written chunk: start-up plus one chunk
 
 
 def _load_cache(out_uri: str, parts_uri: str, engine: str, model: str) -> dict[str, str]:
@@ -140,13 +139,12 @@ def run_explain(cfg: ExplainConfig, samples_uri: str, entities_uri: str, out_uri
     for key, s in zip(keys, samples):
         if key not in cache and key not in todo:
             todo[key] = {"key": key, "text": s["text"], "entities": list(s["entities"])}
-    generated, start, first_chunk_s, chunks = 0, time.time(), 0.0, 0
+    generated, start, chunks = 0, time.time(), 0
     crash_after = int(os.environ.get(CRASH_AFTER_CHUNKS_ENV, 0))
     if todo:
         ds = explained(cfg, list(todo.values()), entities_uri)
         with tqdm(total=len(todo), desc=f"explain ({cfg.engine})", disable=not progress) as bar:
             for chunk in ds.iter_batches(batch_size=cfg.chunk_size, batch_format="numpy"):
-                first_chunk_s = first_chunk_s or time.time() - start
                 # Parts are keyed by input; sample ids are attached in the final table.
                 rows = [{"key": k, "sample_id": "", "explanation": str(e), "engine": cfg.engine,
                          "model": model, "prompt_version": PROMPT_VERSION}
@@ -170,4 +168,4 @@ def run_explain(cfg: ExplainConfig, samples_uri: str, entities_uri: str, out_uri
         storage.delete(uri)
     return ExplainStats(len(samples), len(set(keys)), len(set(keys)) - generated, generated, out_uri,
                         no_explanation=sum(cache[k] == NO_EXPLANATION for k in set(keys)),
-                        seconds=round(time.time() - start, 2), first_chunk_s=round(first_chunk_s, 2))
+                        seconds=round(time.time() - start, 2))

@@ -7,7 +7,7 @@ The training texts are news sentences drawn from the same event/city vocabulary 
 (general news phrasing, not the dataset's samples); the answer is `KnowledgeEngine.describe` of
 each named entity, so the LM learns exactly what the knowledge engine writes.
 
-Runs in .venv-llm, where transformers lives (`stage_lm` starts it as a subprocess):
+Runs in .venv-llm (`stage_lm` starts it as a subprocess, beside the torch vLLM serves it with):
     .venv-llm/bin/python -m entityclip.explain.world_lm ENTITIES_URI OUT_DIR [--steps N] [--seed S]
 """
 
