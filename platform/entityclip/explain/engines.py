@@ -142,8 +142,7 @@ class VLLMEngine:
                 "the vllm engine runs in .venv-llm (./scripts/setup makes it) or, on a GPU machine, an environment "
                 "with pip install 'entityclip-platform[gpu]'; this interpreter has no vllm") from None
         self.model, self._cfg = local_model(cfg), cfg
-        self._llm = vllm.LLM(model=cfg.model, dtype=cfg.dtype, enforce_eager=cfg.enforce_eager,
-                             max_model_len=cfg.max_model_len, tensor_parallel_size=cfg.tensor_parallel_size)
+        self._llm = vllm.LLM(model=cfg.model, **vllm_engine_kwargs(cfg))
         self._tokenizer = self._llm.get_tokenizer()
         self._params = vllm.SamplingParams(**sampling_params(cfg))
 
@@ -163,8 +162,12 @@ def sampling_params(cfg: ExplainConfig) -> dict:
 
 
 def vllm_engine_kwargs(cfg: ExplainConfig) -> dict:
-    return {"dtype": cfg.dtype, "enforce_eager": cfg.enforce_eager, "max_model_len": cfg.max_model_len,
-            "tensor_parallel_size": cfg.tensor_parallel_size}
+    kwargs = {"dtype": cfg.dtype, "enforce_eager": cfg.enforce_eager, "max_model_len": cfg.max_model_len,
+              "tensor_parallel_size": cfg.tensor_parallel_size}
+    for name in ("max_num_seqs", "max_num_batched_tokens"):  # 0: vLLM's own default for the device
+        if getattr(cfg, name):
+            kwargs[name] = getattr(cfg, name)
+    return kwargs
 
 
 LLM_VENV_PYTHON = Path(__file__).resolve().parents[3] / ".venv-llm" / "bin" / "python"
