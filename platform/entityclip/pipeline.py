@@ -237,12 +237,12 @@ def query_text(base_url: str, text: str, k: int = 5, timeout_s: float = 60.0) ->
 def run_pipeline(cfg: PipelineConfig, variants: list[str], serve_query: bool = True,
                  keep_serving: bool = False, progress: bool = True) -> dict:
     """The whole job; returns a summary (stage timings, recall per variant, a served query)."""
-    from entityclip.explain.engines import KnowledgeEngine
+    from entityclip.explain.engines import KnowledgeEngine, uses_world_lm
 
     timer = StageTimer()
     paths = RunPaths.for_config(cfg)
     timer.run("data", stage_data, cfg, progress)
-    if cfg.explain.engine != "knowledge" and cfg.explain.model == "world":
+    if uses_world_lm(cfg.explain):
         timer.run("lm", stage_lm, cfg)
     explain = timer.run("explain", stage_explain, cfg, progress)
     results = {}

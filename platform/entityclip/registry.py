@@ -35,6 +35,7 @@ import pandas as pd
 from entityclip import __version__, storage
 from entityclip.config import PipelineConfig, ServeConfig, from_dict, to_dict
 from entityclip.errors import ConfigError, InputError
+from entityclip.explain.engines import uses_world_lm
 from entityclip.paths import RunPaths
 from entityclip.retrieval import Retriever, decode_base64
 from entityclip.train.checkpoint import read_meta
@@ -126,7 +127,7 @@ def save_package(cfg: PipelineConfig, checkpoint: str, index: str | None, entiti
         if cfg.explain.engine == "knowledge" and storage.exists(entities):
             parts["entities"] = Path(staging) / "entities.parquet"
             parts["entities"].write_bytes(storage.read_bytes(entities))
-        elif cfg.explain.engine != "knowledge" and cfg.explain.model == "world":
+        elif uses_world_lm(cfg.explain):
             parts["lm"] = storage.download_dir(RunPaths.for_config(cfg).world_lm, Path(staging) / "lm")
         parts["config"] = Path(staging) / "config.json"
         parts["config"].write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True))

@@ -112,10 +112,9 @@ def init_ray() -> None:
 
     if not ray.is_initialized():
         # A new local Ray enables token authentication and warns that it did: our choice too.
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
-            logging.INFO if _verbose else logging.ERROR)
-        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.INFO if _verbose else logging.WARNING,
-                 configure_logging=True, log_to_driver=_verbose)
+        with quiet("ray._private.authentication.authentication_token_setup"):
+            ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.INFO if _verbose else logging.WARNING,
+                     configure_logging=True, log_to_driver=_verbose)
     quiet_logs()
     # Ray Data logs each failure, traceback included, and then raises it; the raised error is
     # what we report (one line for bad input, the full traceback for anything else).

@@ -224,9 +224,14 @@ def in_process(cfg: ExplainConfig) -> ExplainConfig:
     return cfg
 
 
+def uses_world_lm(cfg: ExplainConfig) -> bool:
+    """An LLM engine on the run's own world LM (explain.model "world")."""
+    return cfg.engine != "knowledge" and cfg.model == "world"
+
+
 def run_explain_config(cfg: PipelineConfig) -> ExplainConfig:
     """The run's explain config, with model "world" resolved to the run's own world LM."""
-    if cfg.explain.engine != "knowledge" and cfg.explain.model == "world":
+    if uses_world_lm(cfg.explain):
         return replace(cfg.explain, model=RunPaths.for_config(cfg).world_lm)
     return cfg.explain
 
