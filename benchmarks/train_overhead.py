@@ -32,7 +32,8 @@ from entityclip.models import build_model
 from entityclip.models.backbone import input_sizes
 from entityclip.paths import RunPaths
 from entityclip.train.ingest import MaskNames, attach_explanations, preprocess
-from entityclip.train.loop import autocast, warmup_cosine
+from entityclip.train.loop import warmup_cosine
+from entityclip.train.precision import autocast
 from entityclip.train.objective import Objective
 
 

@@ -17,7 +17,7 @@ from entityclip.models import build_model
 from entityclip.pipeline import stage_train
 from entityclip.runtime import free_port
 from entityclip.train.checkpoint import load_pretrained
-from entityclip.train.loop import autocast
+from entityclip.train.precision import autocast
 from entityclip.train.objective import Objective
 from tests.conftest import tiny_config
 

@@ -31,16 +31,10 @@ from entityclip.models import build_model
 from entityclip.train.checkpoint import load_pretrained, save_checkpoint
 from entityclip.train.ingest import MaskNames
 from entityclip.train.objective import Objective
+from entityclip.train.precision import autocast, grad_scaler
 from entityclip.train.tracking import Tracker
 
 TRAIN_STATE = "train_state.pt"
-
-
-def autocast(precision: str, device: torch.device):
-    """The autocast context of `train.precision`; fp32 runs without one."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def warmup_cosine(total_steps: int):
@@ -95,7 +89,7 @@ def train_loop_per_worker(config: dict) -> None:
     total_steps = max(1, tc.epochs * steps_per_epoch)
     optimizer = torch.optim.AdamW(objective.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
+    scaler = grad_scaler(tc.precision, device)
 
     start_epoch = 0
     resume = ray.train.get_checkpoint()

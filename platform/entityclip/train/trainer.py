@@ -20,6 +20,7 @@ from entityclip.config import PipelineConfig, flatten, to_dict
 from entityclip.errors import ConfigError, TrackingError, TrainingInterrupted, find_user_error
 from entityclip.models import build_model
 from entityclip.train.checkpoint import META, WEIGHTS, load_pretrained, save_checkpoint
+from entityclip.train.precision import PRECISIONS
 from entityclip.train.tracking import Tracker
 
 
@@ -51,7 +52,6 @@ def _follow(future, tracker: Tracker, run_id: str, epochs: int, label: str, prog
                 bar.set_postfix(loss=f"{state['loss']:.3f}")
 
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 CACHES = ("none", "encoded", "decoded")
 
