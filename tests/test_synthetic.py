@@ -1,11 +1,12 @@
 import re
 
+import numpy as np
 import pytest
 
 from entityclip import storage
 from entityclip.config import DataConfig
 from entityclip.data.images import decode_image
-from entityclip.data.synthetic import COLOURS, PATTERNS, SHAPES, generate, make_world
+from entityclip.data.synthetic import COLOURS, PATTERNS, SETTINGS, SHAPES, generate, make_world
 
 
 @pytest.fixture(scope="module")
@@ -18,9 +19,29 @@ def dataset(tmp_path_factory):
 
 def test_samples_follow_the_table_contract(dataset):
     s = dataset["samples"][0]
-    assert set(s) == {"sample_id", "image_uri", "text", "entities", "split", "source"}
+    assert set(s) == {"sample_id", "image_uri", "text", "entities", "split", "source", "boxes"}
     assert len(dataset["samples"]) == 40
     assert len({s["sample_id"] for s in dataset["samples"]}) == 40
+
+
+def test_each_entity_comes_with_the_box_its_emblem_was_drawn_in(dataset):
+    for s in dataset["samples"]:
+        assert len(s["boxes"]) == len(s["entities"])
+        for x0, y0, x1, y1 in s["boxes"]:
+            assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
+    # The emblems are drawn where the boxes say: pixels far from the scene's background colour
+    # are common inside the first box and rarer outside every box.
+    entity = {e["name"]: e for e in dataset["entities"]}
+    for s in dataset["samples"][:10]:
+        pixels = np.asarray(decode_image(storage.read_bytes(s["image_uri"])).convert("RGB"), dtype=np.float32)
+        off_background = np.abs(pixels - SETTINGS[entity[s["entities"][0]]["setting"]]).sum(-1) > 60
+        size = pixels.shape[0]
+        in_box = np.zeros_like(off_background)
+        for x0, y0, x1, y1 in s["boxes"]:
+            in_box[int(y0 * size):int(y1 * size), int(x0 * size):int(x1 * size)] = True
+        x0, y0, x1, y1 = s["boxes"][0]
+        first = off_background[int(y0 * size):int(y1 * size), int(x0 * size):int(x1 * size)]
+        assert first.mean() > 0.3 and first.mean() > off_background[~in_box].mean()
 
 
 def test_unseen_entities_never_appear_in_training(dataset):

@@ -75,7 +75,7 @@ class ExplainConfig:
 
 @dataclass
 class ModelConfig:
-    # entityclip | clip_finetune | clip_zeroshot | entityclip_noexpl
+    # entityclip | entityclip_noexpl | clip_finetune | clip_zeroshot | cprd | qperturb (models/entityclip.py)
     variant: str = "entityclip"
     # open_clip model name from its registry (e.g. ViT-B-32) or "tiny" for the built-in test size.
     backbone: str = "tiny"
@@ -89,6 +89,10 @@ class ModelConfig:
     n_vision_experts: int = 2
     n_shared_experts: int = 2
     n_text_experts: int = 2
+    # qperturb: image features grow by (1 + alpha) inside the span of their object regions' top
+    # `perturb_rank` feature directions (models/perturbation.py).
+    perturb_alpha: float = 1.0
+    perturb_rank: int = 2
     # Weights to start from (train/pretrained.py), local or s3://: an open_clip or OpenAI-format
     # CLIP checkpoint file (.pt/.bin/.safetensors) for this backbone, or one of our checkpoint
     # folders. Empty = random init; nothing is ever downloaded.
@@ -123,6 +127,12 @@ class TrainConfig:
     gated_weight: float = 1.0  # contrastive loss on gated expert features (retrieval embeddings)
     itm_weight: float = 0.1  # η: GI-ITM matching loss
     explanation_weight: float = 1.0  # images vs their explanation's embedding (see train/objective.py)
+    # cprd: each query's `distill_candidates` hardest in-batch candidates (by the dual encoder)
+    # are ranked by the GI-ITM head; the dual encoder learns the top `distill_ranked` places of
+    # that order (train/objective.py).
+    distill_weight: float = 0.1
+    distill_candidates: int = 6
+    distill_ranked: int = 3
     # Hide entity names in this share of training texts (data/pairs.py); entityclip only.
     name_mask_prob: float = 0.5
     checkpoint_every_epochs: int = 5  # Ray Train checkpoints: resume point after a failure

@@ -36,7 +36,8 @@ class Embedder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.kind == "images":
             images = torch.stack([read_image_tensor(u, self.model.image_size) for u in batch["image_uri"]])
-            emb = self.model.embed_images(images)
+            boxes = [[list(map(float, box)) for box in boxes] for boxes in batch["boxes"]]
+            emb = self.model.embed_images(images, boxes)
         else:
             emb = self.model.embed_texts(list(batch["text"]), list(batch["explanation"]))
         return {**batch, "embedding": emb.numpy().astype(np.float32)}
@@ -52,7 +53,8 @@ class IndexStats:
 def build_index(checkpoint_uri: str, samples_uri: str, explanations_uri: str, out_uri: str,
                 cfg: IndexConfig) -> IndexStats:
     rows = [{"sample_id": p.sample_id, "image_uri": p.image_uri, "text": p.text, "explanation": p.explanation,
-             "entities": list(p.entities), "split": p.split} for p in load_pairs(samples_uri, explanations_uri)]
+             "entities": list(p.entities), "split": p.split, "boxes": [list(b) for b in p.boxes]}
+            for p in load_pairs(samples_uri, explanations_uri)]
     dim = 0
     for kind in KINDS:
         ds = ray.data.from_items(rows).map_batches(

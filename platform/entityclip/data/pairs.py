@@ -17,6 +17,7 @@ class Pair:
     explanation: str
     entities: tuple[str, ...]
     split: str
+    boxes: tuple[tuple[float, ...], ...] = ()  # object regions (data/samples.py)
 
 
 def load_pairs(samples_uri: str, explanations_uri: str, splits: list[str] | None = None) -> list[Pair]:
@@ -29,7 +30,7 @@ def load_pairs(samples_uri: str, explanations_uri: str, splits: list[str] | None
         if s["sample_id"] not in explanations:
             raise InputError(f"sample {s['sample_id']} has no explanation in {explanations_uri}; rerun `entityclip explain`")
         pairs.append(Pair(s["sample_id"], s["image_uri"], s["text"], explanations[s["sample_id"]],
-                          tuple(s["entities"]), s["split"]))
+                          tuple(s["entities"]), s["split"], tuple(tuple(b) for b in s.get("boxes") or ())))
     return pairs
 
 

@@ -1,4 +1,7 @@
-"""The samples table contract: sample_id, image_uri, text, entities[], split, source."""
+"""The samples table contract: sample_id, image_uri, text, entities[], split, source, and
+boxes[]: the image's object regions as [x0, y0, x1, y1] fractions of its width and height
+(the synthetic world draws them; other sources may leave them empty, or take them from a
+detector's output). Object-aware variants (qperturb) read them; the others ignore them."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import pyarrow as pa
 SAMPLES_SCHEMA = pa.schema([
     ("sample_id", pa.string()), ("image_uri", pa.string()), ("text", pa.string()),
     ("entities", pa.list_(pa.string())), ("split", pa.string()), ("source", pa.string()),
+    ("boxes", pa.list_(pa.list_(pa.float32(), 4))),
 ])
 
 

@@ -121,8 +121,9 @@ def _emblem(entity: Entity, size: int) -> Image.Image:
     return fill
 
 
-def draw_scene(entities: list[Entity], size: int, rng: random.Random) -> Image.Image:
-    """A noisy scene in the first entity's setting with each entity's emblem and distractors."""
+def draw_scene(entities: list[Entity], size: int, rng: random.Random) -> tuple[Image.Image, list[list[float]]]:
+    """A noisy scene in the first entity's setting with each entity's emblem and distractors;
+    with the emblems' boxes ([x0, y0, x1, y1] as fractions of the side)."""
     bg = np.array(SETTINGS[entities[0].setting], dtype=np.float32)
     np_rng = np.random.default_rng(rng.getrandbits(32))
     pixels = np.clip(bg + np_rng.normal(0, 12, (size, size, 3)), 0, 255).astype(np.uint8)
@@ -133,13 +134,15 @@ def draw_scene(entities: list[Entity], size: int, rng: random.Random) -> Image.I
         x, y = rng.uniform(r, size - r), rng.uniform(r, size - r)
         g = rng.randint(90, 170)
         draw.ellipse([x - r, y - r, x + r, y + r], fill=(g, g, g))
+    boxes = []
     for i, entity in enumerate(entities):
         scale = rng.uniform(0.45, 0.7) if i == 0 else rng.uniform(0.25, 0.35)
         esize = max(int(size * scale), 6)
         x, y = rng.randint(0, size - esize), rng.randint(0, size - esize)
         emblem = _emblem(entity, esize)
         img.paste(emblem, (x, y), emblem)
-    return img
+        boxes.append([x / size, y / size, (x + esize) / size, (y + esize) / size])
+    return img, boxes
 
 
 def caption(entities: list[Entity], rng: random.Random) -> str:
@@ -172,10 +175,11 @@ def generate(cfg: DataConfig, root: str, progress: bool = True) -> dict[str, str
                 split = "test_seen" if j < n_test_seen else "train"
             sample_id = f"{entity.entity_id}-{j:03d}"
             image_uri = storage.join(root, "images", f"{sample_id}.png")
-            storage.write_bytes(image_uri, encode_png(draw_scene(in_scene, cfg.image_size, rng)))
+            image, boxes = draw_scene(in_scene, cfg.image_size, rng)
+            storage.write_bytes(image_uri, encode_png(image))
             rows.append({
                 "sample_id": sample_id, "image_uri": image_uri, "text": caption(in_scene, rng),
-                "entities": [e.name for e in in_scene], "split": split, "source": "synthetic",
+                "entities": [e.name for e in in_scene], "split": split, "source": "synthetic", "boxes": boxes,
             })
             bar.update()
     bar.close()

@@ -7,6 +7,11 @@ Variants:
   (ablation: no external knowledge).
 - `clip_finetune`: plain CLIP features, contrastive loss only.
 - `clip_zeroshot`: plain CLIP features, never trained.
+- `cprd`: EntityCLIP whose dual-encoder similarities also learn the GI-ITM cross-encoder's
+  ranking of each query's hardest candidates (contrastive partial ranking distillation, CVPR
+  2024; train/objective.py).
+- `qperturb`: EntityCLIP trained as usual; at inference an image's feature is perturbed toward
+  its object regions' subspace (Object-Aware Query Perturbation, ECCV 2024; models/perturbation.py).
 
 Retrieval embeddings. The paper scores with plain CLIP features at inference; here the gated
 features are the retrieval embeddings, so the explanation of a query still helps when matching
@@ -25,8 +30,11 @@ from entityclip.config import ModelConfig
 from entityclip.errors import ConfigError
 from entityclip.models import backbone
 from entityclip.models.mmae import MMAE, Gate
+from entityclip.models.perturbation import patch_mask, perturb_toward_objects
 
-VARIANTS = ("entityclip", "entityclip_noexpl", "clip_finetune", "clip_zeroshot")
+VARIANTS = ("entityclip", "entityclip_noexpl", "clip_finetune", "clip_zeroshot", "cprd", "qperturb")
+# Variants that are EntityCLIP (experts, gates, ITM head, explanations) trained or used differently.
+ENTITYCLIP_LIKE = ("entityclip", "cprd", "qperturb")
 
 
 @dataclass
@@ -61,8 +69,8 @@ class EntityCLIP(nn.Module):
         self.clip = backbone.build_clip(cfg)
         self.tokenizer = backbone.build_tokenizer(self.clip)
         self.image_size = backbone.image_size(self.clip)
-        self.uses_experts = cfg.variant in ("entityclip", "entityclip_noexpl")
-        self.uses_explanations = cfg.variant == "entityclip"
+        self.uses_experts = cfg.variant in (*ENTITYCLIP_LIKE, "entityclip_noexpl")
+        self.uses_explanations = cfg.variant in ENTITYCLIP_LIKE
         if self.uses_experts:
             dim = self.clip.text_projection.shape[-1]
             nv, ns, nt = cfg.n_vision_experts, cfg.n_shared_experts, cfg.n_text_experts
@@ -97,12 +105,19 @@ class EntityCLIP(nn.Module):
             expl_eot, expl_tokens, expl_padding = eot, tokens, padding
         return TextFeatures(eot, tokens, padding, ids.argmax(dim=-1), expl_eot, expl_tokens, expl_padding)
 
-    def image_embedding(self, img: ImageFeatures) -> torch.Tensor:
-        """Unit-norm retrieval embedding: gated over [CLS, vision experts] or plain CLS."""
+    def image_embedding(self, img: ImageFeatures, boxes: list | None = None) -> torch.Tensor:
+        """Unit-norm retrieval embedding: gated over [CLS, vision experts] or plain CLS. The
+        qperturb variant perturbs it toward the object regions in `boxes` (one list per image)."""
         if not self.uses_experts:
             return backbone.normalize(img.cls)
         candidates = torch.cat([img.cls.unsqueeze(1), self.mmae.vision_experts(img.tokens)], dim=1)
-        return backbone.normalize(self.image_gate(img.cls, candidates))
+        embedding = self.image_gate(img.cls, candidates)
+        if self.cfg.variant == "qperturb" and boxes is not None:
+            patches = img.tokens[:, 1:]
+            grid = round(patches.shape[1] ** 0.5)
+            masks = torch.stack([patch_mask(b, grid) for b in boxes]).to(patches.device)
+            embedding = perturb_toward_objects(embedding, patches, masks, self.cfg.perturb_alpha, self.cfg.perturb_rank)
+        return backbone.normalize(embedding)
 
     def text_embedding(self, txt: TextFeatures) -> torch.Tensor:
         """Unit-norm retrieval embedding: gated over [EOT, explanation EOT, text experts,
@@ -132,8 +147,8 @@ class EntityCLIP(nn.Module):
 
     # Convenience entry points for inference (evaluation, index, serving).
     @torch.no_grad()
-    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
-        return self.image_embedding(self.encode_images(images))
+    def embed_images(self, images: torch.Tensor, boxes: list | None = None) -> torch.Tensor:
+        return self.image_embedding(self.encode_images(images), boxes)
 
     @torch.no_grad()
     def embed_texts(self, texts: list[str], explanations: list[str] | None = None) -> torch.Tensor:

@@ -9,6 +9,16 @@ contrasts images with their explanation's own embedding E: the paper starts from
 CLIP whose text tower already knows what "a red circle" looks like; a backbone trained from
 scratch must learn it, or it matches by memorised names and cannot reach unseen entities.
 
+The cprd variant adds contrastive partial ranking distillation (Chen et al., CVPR 2024):
+for each text, its `distill_candidates` hardest negative images in the worker's batch by the
+dual encoder (and for each image, its hardest negative texts) are scored by the GI-ITM
+cross-encoder, the teacher (no gradient flows into it from this term); the dual encoder's
+similarities over those negatives then learn the teacher's order of its top `distill_ranked`
+places, Plackett-Luce style: the negative the teacher ranks r-th should win a softmax against
+every negative it ranks below. Only negatives are ranked: the positive's place is the
+contrastive loss's job, so the two objectives never pull against each other, and places below
+`distill_ranked` are not ordered among themselves (partial ranking).
+
 Negatives span the global batch: each worker gathers every worker's features with gradients
 and scores its own rows against all of them (open_clip's gather_with_grad + local_loss). With
 DDP averaging the gradients, N workers of batch b learn exactly what one process of batch N·b
@@ -57,6 +67,24 @@ def sample_hard_negatives(similarity: torch.Tensor) -> tuple[torch.Tensor, torch
     return neg_text_for_image, neg_image_for_text
 
 
+def partial_ranking_loss(student: torch.Tensor, teacher: torch.Tensor, ranked: int) -> torch.Tensor:
+    """Mean Plackett-Luce negative log-likelihood of the teacher's order of each row's candidates
+    under the student's scores, over the first `ranked` places. student, teacher: [N, k]."""
+    order = teacher.argsort(dim=1, descending=True)
+    in_teacher_order = student.gather(1, order)
+    # logsumexp of the scores at places r..k, for every r
+    rest = torch.logcumsumexp(in_teacher_order.flip(1), dim=1).flip(1)
+    return (rest - in_teacher_order)[:, :ranked].mean()
+
+
+def hardest_negatives(similarity: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, k] column indices of each row's k most similar columns, its own pair (the diagonal)
+    excluded; k is capped at N - 1."""
+    n = similarity.shape[0]
+    masked = similarity.masked_fill(torch.eye(n, dtype=torch.bool, device=similarity.device), float("-inf"))
+    return masked.topk(min(k, n - 1), dim=1).indices
+
+
 class Objective(nn.Module):
     def __init__(self, model: EntityCLIP, cfg: TrainConfig):
         super().__init__()
@@ -71,8 +99,8 @@ class Objective(nn.Module):
         out = {"loss_plain": contrastive_loss(cls_img, cls_txt, scale)}
         loss = self.cfg.plain_weight * out["loss_plain"]
         if m.uses_experts:
-            image_emb = m.image_embedding(img)
-            out["loss_gated"] = contrastive_loss(image_emb, m.text_embedding(txt), scale)
+            image_emb, text_emb = m.image_embedding(img), m.text_embedding(txt)
+            out["loss_gated"] = contrastive_loss(image_emb, text_emb, scale)
             loss = loss + self.cfg.gated_weight * out["loss_gated"]
             if m.uses_explanations and self.cfg.explanation_weight:
                 out["loss_explanation"] = contrastive_loss(image_emb, F.normalize(txt.expl_eot, dim=-1), scale)
@@ -80,6 +108,9 @@ class Objective(nn.Module):
             if images.shape[0] > 1:
                 out["loss_itm"] = self._itm_loss(img, txt, scale * cls_img @ cls_txt.T)
                 loss = loss + self.cfg.itm_weight * out["loss_itm"]
+            if m.cfg.variant == "cprd" and images.shape[0] > 1 and self.cfg.distill_weight:
+                out["loss_distill"] = self._distill_loss(img, txt, scale * image_emb @ text_emb.T)
+                loss = loss + self.cfg.distill_weight * out["loss_distill"]
         out["loss"] = loss
         return out
 
@@ -92,3 +123,17 @@ class Objective(nn.Module):
         logits = torch.cat([pos, neg_a, neg_b])
         labels = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg_a) + len(neg_b))]).long().to(logits.device)
         return F.cross_entropy(logits, labels)
+
+    def _distill_loss(self, img, txt, similarity: torch.Tensor) -> torch.Tensor:
+        """CPRD both ways: texts' negative images and images' negative texts."""
+        k, ranked = self.cfg.distill_candidates, self.cfg.distill_ranked
+        losses = []
+        for sim, queries_are_texts in ((similarity.T, True), (similarity, False)):
+            candidates = hardest_negatives(sim.detach(), k)  # [N, k]
+            rows = torch.arange(sim.shape[0], device=sim.device).unsqueeze(1).expand_as(candidates)
+            image_rows, text_rows = (candidates, rows) if queries_are_texts else (rows, candidates)
+            with torch.no_grad():
+                logits = self.model.itm_logits(img.select(image_rows.reshape(-1)), txt.select(text_rows.reshape(-1)))
+                teacher = (logits[:, 1] - logits[:, 0]).reshape(candidates.shape)
+            losses.append(partial_ranking_loss(sim.gather(1, candidates), teacher, ranked))
+        return sum(losses) / 2
