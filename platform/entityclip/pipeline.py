@@ -105,7 +105,6 @@ def stage_train(cfg: PipelineConfig, progress: bool = True, resume: bool = False
     paths = RunPaths.for_config(cfg)
     require(paths.explanations, "explain")
     tracker = tracker_for(cfg)
-    init_ray()
     return run_training(cfg, paths.as_dict(), tracker, paths.local / "ray_results", progress, resume)
 
 

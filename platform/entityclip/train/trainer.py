@@ -19,6 +19,7 @@ from entityclip import storage
 from entityclip.config import PipelineConfig, flatten, to_dict
 from entityclip.errors import ConfigError, TrackingError, TrainingInterrupted, find_user_error
 from entityclip.models import build_model
+from entityclip.runtime import init_ray
 from entityclip.train.checkpoint import META, WEIGHTS, load_pretrained, save_checkpoint
 from entityclip.train.precision import PRECISIONS
 from entityclip.train.tracking import Tracker
@@ -166,6 +167,7 @@ def run_training(cfg: PipelineConfig, paths: dict, tracker: Tracker, ray_dir: Pa
     try:
         model = build_model(cfg.model)
         if model.trainable:
+            init_ray()  # after _begin: a resume that cannot go ahead says so without starting Ray
             local, final = _fit(cfg, tracker, run_id, paths, ray_dir, run_name, model.uses_explanations, progress)
             train_loss = final.get("train_loss")
             tracker.log_metrics(run_id, {"train/worker_peak_rss_mb": final["worker_peak_rss_mb"]})
