@@ -127,7 +127,7 @@ class TrainConfig:
     gated_weight: float = 1.0  # contrastive loss on gated expert features (retrieval embeddings)
     itm_weight: float = 0.1  # η: GI-ITM matching loss
     explanation_weight: float = 1.0  # images vs their explanation's embedding (see train/objective.py)
-    # cprd: each query's `distill_candidates` hardest in-batch candidates (by the dual encoder)
+    # cprd: each query's `distill_candidates` hardest in-batch negatives (by the dual encoder)
     # are ranked by the GI-ITM head; the dual encoder learns the top `distill_ranked` places of
     # that order (train/objective.py).
     distill_weight: float = 0.1
