@@ -92,12 +92,12 @@ def prompts(entities_uri: str, n: int, out: Path, seed: int) -> str:
 
 
 def timed_run(cfg, samples: str, entities: str, out: Path):
-    """(the stage's stats, wall seconds, peak engine RSS in MB, the explanations written)."""
+    """(wall seconds, peak engine RSS in MB, the explanations written)."""
     with PeakEngineRSS() as rss:
         start = time.time()
         stats = run_explain(cfg, samples, entities, str(out), progress=False)
         wall = time.time() - start
-    return stats, wall, rss.peak_kb / 1024, [r["explanation"] for r in storage.read_parquet(stats.output).to_pylist()]
+    return wall, rss.peak_kb / 1024, [r["explanation"] for r in storage.read_parquet(stats.output).to_pylist()]
 
 
 def main() -> None:
@@ -127,8 +127,8 @@ def main() -> None:
         n_full, n_warm = storage.read_parquet(full).num_rows, storage.read_parquet(warm).num_rows
         for engine in args.engines.split(","):
             ecfg = run_explain_config(replace(cfg, explain=replace(cfg.explain, engine=engine)))
-            _, startup, _, _ = timed_run(ecfg, warm, paths.entities, Path(tmp) / f"{engine}-warm.parquet")
-            _, wall, rss_mb, texts = timed_run(ecfg, full, paths.entities, Path(tmp) / f"{engine}-full.parquet")
+            startup, _, _ = timed_run(ecfg, warm, paths.entities, Path(tmp) / f"{engine}-warm.parquet")
+            wall, rss_mb, texts = timed_run(ecfg, full, paths.entities, Path(tmp) / f"{engine}-full.parquet")
             tokens = sum(len(tokenizer(t)["input_ids"]) for t in texts)
             steady = max(wall - startup, 1e-6)
             rows.append({"engine": engine, "rows": n_full, "startup_s": round(startup, 1), "wall_s": round(wall, 1),

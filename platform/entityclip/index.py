@@ -36,8 +36,7 @@ class Embedder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.kind == "images":
             images = torch.stack([read_image_tensor(u, self.model.image_size) for u in batch["image_uri"]])
-            boxes = [[list(map(float, box)) for box in boxes] for boxes in batch["boxes"]]
-            emb = self.model.embed_images(images, boxes)
+            emb = self.model.embed_images(images, list(batch["boxes"]))
         else:
             emb = self.model.embed_texts(list(batch["text"]), list(batch["explanation"]))
         return {**batch, "embedding": emb.numpy().astype(np.float32)}

@@ -8,7 +8,7 @@ Variants:
 - `clip_finetune`: plain CLIP features, contrastive loss only.
 - `clip_zeroshot`: plain CLIP features, never trained.
 - `cprd`: EntityCLIP whose dual-encoder similarities also learn the GI-ITM cross-encoder's
-  ranking of each query's hardest candidates (contrastive partial ranking distillation, CVPR
+  ranking of each query's hardest negatives (contrastive partial ranking distillation, CVPR
   2024; train/objective.py).
 - `qperturb`: EntityCLIP trained as usual; at inference an image's feature is perturbed toward
   its object regions' subspace (Object-Aware Query Perturbation, ECCV 2024; models/perturbation.py).
