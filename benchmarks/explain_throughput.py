@@ -130,7 +130,10 @@ def main() -> None:
             startup, _, _ = timed_run(ecfg, warm, paths.entities, Path(tmp) / f"{engine}-warm.parquet")
             wall, rss_mb, texts = timed_run(ecfg, full, paths.entities, Path(tmp) / f"{engine}-full.parquet")
             tokens = sum(len(tokenizer(t)["input_ids"]) for t in texts)
-            steady = max(wall - startup, 1e-6)
+            steady = wall - startup
+            if steady <= 0:  # machine noise larger than the extra work: no throughput to report
+                raise SystemExit(f"{engine}: the {n_full}-row run took no longer than the {n_warm}-row start-up run "
+                                 f"({wall:.1f} s vs {startup:.1f} s); raise --rows")
             rows.append({"engine": engine, "rows": n_full, "startup_s": round(startup, 1), "wall_s": round(wall, 1),
                          "rows_per_s": round((n_full - n_warm) / steady, 1),
                          "tokens_per_s": round(tokens * (n_full - n_warm) / n_full / steady, 0),
