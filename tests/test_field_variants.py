@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+import torch.nn.functional as F
+
 from entityclip.config import ModelConfig, TrainConfig
+from entityclip.errors import ConfigError
 from entityclip.models import build_model
+from entityclip.models.late_interaction import pair_similarities, token_similarities
+from entityclip.models.xattn_fusion import LayerFusion
 from entityclip.models.perturbation import object_subspace, patch_mask, perturb_toward_objects
 from entityclip.train.objective import Objective, hardest_negatives, partial_ranking_loss
 
@@ -112,6 +117,89 @@ def test_only_cprd_pays_for_distillation():
     assert "loss_distill" not in out
 
 
+# --- filip: token-wise late interaction --------------------------------------------------------
+
+def test_late_interaction_is_the_mean_of_each_tokens_best_match():
+    # Image tokens and text tokens on the unit axes, so every cosine is 0 or 1 (or -1).
+    img = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]])  # [1 image, 3 tokens, 2 dims]
+    txt = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])  # [1 text, 3 tokens]; the last is padding
+    padding = torch.tensor([[False, False, True]])
+    image_to_text, text_to_image = token_similarities(img, txt, padding)
+    # image → text: each image token's best non-padding text token: 1, 0, -1 → mean 0
+    assert image_to_text.item() == pytest.approx(0.0)
+    # text → image: each non-padding text token's best image token: 1, 1 → mean 1
+    assert text_to_image.item() == pytest.approx(1.0)
+    i2t, t2i = pair_similarities(img, txt, padding)
+    assert (i2t.item(), t2i.item()) == (pytest.approx(0.0), pytest.approx(1.0))
+
+
+def test_the_all_pairs_and_aligned_pairs_late_interactions_agree():
+    torch.manual_seed(0)
+    img, txt = torch.randn(3, 5, 8), torch.randn(3, 4, 8)
+    padding = torch.tensor([[False] * 4, [False, False, True, True], [False, True, True, True]])
+    image_to_text, text_to_image = token_similarities(img, txt, padding)
+    i2t, t2i = pair_similarities(img, txt, padding)
+    assert torch.allclose(image_to_text.diagonal(), i2t, atol=1e-6)
+    assert torch.allclose(text_to_image.diagonal(), t2i, atol=1e-6)
+
+
+def test_filip_trains_its_tokens_with_the_token_wise_contrastive_loss():
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(variant="filip", **TINY)).train()
+    only_tokens = TrainConfig(plain_weight=0, token_weight=1.0)
+    images, ids = torch.randn(5, 3, 32, 32), m.tokenize(TEXTS)
+    out = Objective(m, only_tokens)(images, ids, None)
+    img, txt = m.encode_images(images), m.encode_texts(ids)
+    image_to_text, text_to_image = token_similarities(img.tokens, txt.tokens, txt.padding)
+    target = torch.arange(5)
+    expected = (F.cross_entropy(m.logit_scale * image_to_text, target)
+                + F.cross_entropy(m.logit_scale * text_to_image.T, target)) / 2
+    assert out["loss_token"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert m.reranker == "late_interaction" and not m.uses_explanations
+
+
+# --- xattn_fusion: cross-modal attention over features fused from several layers --------------
+
+def test_layer_fusion_starts_as_the_mean_of_the_layers_and_learns_their_weights():
+    fusion = LayerFusion(2)
+    shallow, deep = torch.zeros(1, 3, 4), torch.ones(1, 3, 4)
+    assert torch.allclose(fusion([shallow, deep]), torch.full((1, 3, 4), 0.5))
+    with torch.no_grad():
+        fusion.logits.copy_(torch.tensor([-1e9, 0.0]))
+    assert torch.allclose(fusion([shallow, deep]), deep)
+
+
+def test_xattn_fusion_reads_several_layers_and_scores_pairs_by_cross_attention():
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(variant="xattn_fusion", **{**TINY, "layers": 2}, fusion_layers=2)).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        m.image_fusion.logits.copy_(torch.tensor([-1e9, 0.0]))  # only the last layer
+        last_only = m.encode_images(images).tokens
+        m.image_fusion.logits.zero_()
+        fused = m.encode_images(images).tokens
+    assert not torch.allclose(last_only, fused, atol=1e-4)  # the earlier layer reaches the matcher
+    img, txt = m.encode_images(images), m.text_features(TEXTS[:2])
+    swapped = txt.select(torch.tensor([1, 0]))
+    # The image's side of the matcher attends to the text: another text, another score.
+    assert not torch.allclose(m.pair_scores(img, txt, True), m.pair_scores(img, swapped, True), atol=1e-5)
+
+
+def test_xattn_fusion_learns_matching_with_hard_negatives():
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(variant="xattn_fusion", **TINY, fusion_layers=1)).train()
+    out = Objective(m, TrainConfig(plain_weight=0, itm_weight=1.0))(torch.randn(5, 3, 32, 32), m.tokenize(TEXTS), None)
+    out["loss"].backward()
+    assert out["loss_itm"].item() > 0
+    assert m.matcher.head[-1].weight.grad.abs().sum() > 0
+    assert m.image_fusion.logits.grad is not None
+
+
+def test_fusing_more_layers_than_the_backbone_has_is_a_config_error():
+    with pytest.raises(ConfigError, match="fusion_layers"):
+        build_model(ModelConfig(variant="xattn_fusion", **TINY, fusion_layers=3))
+
+
 # --- end to end: the same trainer, index and evaluator ------------------------------------------
 
 def _index_and_evaluate(cfg, run_id=None):
@@ -163,3 +251,47 @@ def test_qperturb_indexes_the_gallery_with_its_object_boxes(trained_run):
     plain = EmbeddingIndex.load(paths.index("entityclip"))  # the same weights without the perturbation
     assert not np.allclose(index.embeddings["images"], plain.embeddings["images"], atol=1e-4)
     assert np.allclose(index.embeddings["texts"], plain.embeddings["texts"], atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant, loss, reranker", [("filip", "loss_token", "late_interaction"),
+                                                     ("xattn_fusion", "loss_itm", "xattn_fusion")])
+def test_a_reranking_variant_trains_evaluates_and_serves_two_stage_retrieval(trained_run, unseen_sample,
+                                                                             variant, loss, reranker):
+    from mlflow.tracking import MlflowClient
+
+    from entityclip.data.images import read_image_tensor
+    from entityclip.pipeline import stage_train, with_variant
+    from entityclip.retrieval import Retriever
+
+    cfg = with_variant(trained_run["cfg"], variant)
+    cfg = replace(cfg, train=replace(cfg.train, epochs=1, num_workers=1),  # the path, not the recall
+                  model=replace(cfg.model, layers=2, fusion_layers=2))
+    result = stage_train(cfg, progress=False)
+    assert MlflowClient(cfg.tracking.uri).get_run(result.run_id).data.metrics[f"train/{loss}"] > 0
+    _index_and_evaluate(cfg, result.run_id)
+    metrics = _saved_evaluation(cfg)
+    for split in ("test_seen", "test_unseen"):  # the first stage alone and the two-stage retrieval
+        assert metrics[f"{reranker}/{split}"]["rerank_k"] == cfg.serve.rerank_k
+        assert 0 <= metrics[f"{reranker}/{split}"]["rsum"] <= 600
+
+    retriever = Retriever.load(config=cfg, variant=variant)
+    assert retriever.info["reranker"] == reranker  # serve.rerank = auto runs the variant's own
+    answer = retriever.search_text(unseen_sample["text"], k=cfg.serve.rerank_k + 2)
+    rescored = [h["rerank_score"] for h in answer["results"]]
+    assert rescored[:cfg.serve.rerank_k] == sorted(rescored[:cfg.serve.rerank_k], reverse=True)
+    assert rescored[cfg.serve.rerank_k:] == [None, None]  # beyond rerank_k: the first stage's order
+    # The gallery's stored tokens give the score the model gives the image itself.
+    top = answer["results"][0]
+    model = retriever.model
+    pixels = read_image_tensor(top["image_uri"], model.image_size).unsqueeze(0)
+    with torch.no_grad():
+        fresh = model.pair_scores(model.encode_images(pixels), model.text_features([unseen_sample["text"]]), True)
+    assert fresh.item() == pytest.approx(top["rerank_score"], abs=1e-2)
+
+
+def _saved_evaluation(cfg) -> dict:
+    from entityclip import storage
+    from entityclip.paths import RunPaths
+
+    return storage.read_json(RunPaths.for_config(cfg).evaluation(cfg.model.variant))

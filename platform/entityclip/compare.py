@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from entityclip.config import PipelineConfig
 from entityclip.errors import ConfigError
+from entityclip.rerank import DEFINING
 from entityclip.train.tracking import tracker_for
 
 COLUMNS = ["t2i_r1", "t2i_r5", "i2t_r1", "i2t_r5", "rsum"]
@@ -21,9 +22,17 @@ def collect(cfg: PipelineConfig, sweep: str | None = None) -> list[dict]:
         if sweep is not None and tags.get("sweep") != sweep:
             continue
         params = " ".join(f"{k[len('param.'):]}={v}" for k, v in sorted(tags.items()) if k.startswith("param."))
-        rows.append({"run": run.info.run_name, "run_id": run.info.run_id, "variant": tags.get("variant", "?"),
-                     "sweep": tags.get("sweep", ""), "params": params,
-                     **{f"{s}/{c}": m.get(f"{s}/{c}") for s in SPLITS for c in COLUMNS}})
+        # A re-ranked evaluation logs "<reranker>/<split>/<metric>" (pipeline.stage_evaluate);
+        # `served` marks the row that serve.rerank's default (auto) serves.
+        rerankers = sorted({k.split("/")[0] for k in m if k.count("/") == 2 and k.split("/")[1] in SPLITS})
+        served = next((r for r in rerankers if r in DEFINING), "")
+        for reranker in ["", *rerankers]:
+            prefix = f"{reranker}/" if reranker else ""
+            rows.append({"run": run.info.run_name + (f" +{reranker}" if reranker else ""),
+                         "run_id": run.info.run_id, "variant": tags.get("variant", "?"),
+                         "sweep": tags.get("sweep", ""), "params": params, "reranker": reranker,
+                         "served": reranker == served,
+                         **{f"{s}/{c}": m.get(f"{prefix}{s}/{c}") for s in SPLITS for c in COLUMNS}})
     return rows
 
 
@@ -53,7 +62,7 @@ def plot(rows: list[dict], path: str) -> str:
     ax.set_xticks(x, [r["run"] for r in rows], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("rsum (sum of R@1/5/10, both directions)")
     ax.set_title("EntityCLIP runs: seen vs unseen entities")
-    ax.legend()
+    ax.legend(loc="lower left", bbox_to_anchor=(0, 1.08), ncol=len(SPLITS), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -92,11 +101,12 @@ METRICS = [f"{s}/{c}" for s in SPLITS for c in COLUMNS]
 
 def promote_best(cfg: PipelineConfig, metric: str, alias: str = "champion", sweep: str | None = None) -> dict:
     """Set `alias` on the model version of the compared run (or sweep trial) that is best by
-    `metric` (higher is better). Registered models are one per variant
+    `metric` (higher is better), as served by default (a re-ranked row counts for the variants
+    whose retrieval it defines, rerank.py). Registered models are one per variant
     (`<tracking.registered_model>-<variant>`)."""
     if metric not in METRICS:
         raise ConfigError(f"cannot promote by {metric!r}; choose one of {METRICS}")
-    rows = [r for r in collect(cfg, sweep) if r[metric] is not None]
+    rows = [r for r in collect(cfg, sweep) if r[metric] is not None and r["served"]]
     if not rows:
         where = f"sweep {sweep!r} of " if sweep else ""
         raise ConfigError(f"no evaluated runs in {where}experiment {cfg.tracking.experiment!r} to promote")

@@ -75,7 +75,8 @@ class ExplainConfig:
 
 @dataclass
 class ModelConfig:
-    # entityclip | entityclip_noexpl | clip_finetune | clip_zeroshot | cprd | qperturb (models/entityclip.py)
+    # entityclip | entityclip_noexpl | clip_finetune | clip_zeroshot | cprd | qperturb | filip | xattn_fusion
+    # (models/entityclip.py)
     variant: str = "entityclip"
     # open_clip model name from its registry (e.g. ViT-B-32) or "tiny" for the built-in test size.
     backbone: str = "tiny"
@@ -93,6 +94,8 @@ class ModelConfig:
     # `perturb_rank` feature directions (models/perturbation.py).
     perturb_alpha: float = 1.0
     perturb_rank: int = 2
+    # xattn_fusion: token features of the last this many layers of each tower are fused.
+    fusion_layers: int = 2
     # Weights to start from (train/pretrained.py), local or s3://: an open_clip or OpenAI-format
     # CLIP checkpoint file (.pt/.bin/.safetensors) for this backbone, or one of our checkpoint
     # folders. Empty = random init; nothing is ever downloaded.
@@ -125,7 +128,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     plain_weight: float = 1.0  # contrastive loss on plain CLIP features
     gated_weight: float = 1.0  # contrastive loss on gated expert features (retrieval embeddings)
-    itm_weight: float = 0.1  # η: GI-ITM matching loss
+    itm_weight: float = 0.1  # η: matching loss of GI-ITM (or of xattn_fusion's matcher)
     explanation_weight: float = 1.0  # images vs their explanation's embedding (see train/objective.py)
     # cprd: each query's `distill_candidates` hardest in-batch negatives (by the dual encoder)
     # are ranked by the GI-ITM head; the dual encoder learns the top `distill_ranked` places of
@@ -133,6 +136,7 @@ class TrainConfig:
     distill_weight: float = 0.1
     distill_candidates: int = 6
     distill_ranked: int = 3
+    token_weight: float = 1.0  # filip: weight of the token-wise (late interaction) contrastive loss
     # Hide entity names in this share of training texts (data/pairs.py); entityclip only.
     name_mask_prob: float = 0.5
     checkpoint_every_epochs: int = 5  # Ray Train checkpoints: resume point after a failure
@@ -205,6 +209,11 @@ class ServeConfig:
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.0
     explain_cache_size: int = 10_000  # explanations kept in each replica's LRU cache
+    # Second stage (rerank.py): the top `rerank_k` candidates of the index re-scored by the
+    # model's re-ranker. auto = the variant's own (filip: late_interaction, xattn_fusion:
+    # xattn_fusion; none for the others); itm = EntityCLIP's GI-ITM head; none = index only.
+    rerank: str = "auto"
+    rerank_k: int = 20
     max_k: int = 1000
     max_text_chars: int = 1000
     max_image_bytes: int = 8_000_000

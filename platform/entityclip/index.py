@@ -4,11 +4,17 @@ checkpoint, and `EmbeddingIndex` searches them with FAISS (inner product of unit
 Layout under the index URI, per kind (images, texts): `<kind>.parquet` with sample_id,
 image_uri, text, entities, split and a fixed-size `embedding` column, and `<kind>.faiss`, the
 serialized FAISS index over the same rows (structure from `index.kind`, vector_index.py).
+For a model with a re-ranker (rerank.py), `images.tokens.npy` also holds every image's token
+features [N, T, D] in float16, row-aligned with images.parquet: the re-ranker reads the gallery's
+candidates from it instead of decoding and encoding their images again. It costs N × T × D × 2
+bytes (65 tokens × 64 dims = 8 KB an image at the default size; 50 × 512 = 51 KB for ViT-B-32).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import io
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +29,7 @@ from entityclip.errors import InputError
 from entityclip.train.checkpoint import load_model
 
 KINDS = ("images", "texts")
+TOKENS = "images.tokens.npy"
 
 
 class Embedder:
@@ -36,7 +43,11 @@ class Embedder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.kind == "images":
             images = torch.stack([read_image_tensor(u, self.model.image_size) for u in batch["image_uri"]])
-            emb = self.model.embed_images(images, list(batch["boxes"]))
+            with torch.no_grad():
+                features = self.model.encode_images(images)
+                emb = self.model.image_embedding(features, list(batch["boxes"]))
+            if self.model.reranker:
+                batch = {**batch, "tokens": features.tokens.numpy().astype(np.float16)}
         else:
             emb = self.model.embed_texts(list(batch["text"]), list(batch["explanation"]))
         return {**batch, "embedding": emb.numpy().astype(np.float32)}
@@ -60,7 +71,11 @@ def build_index(checkpoint_uri: str, samples_uri: str, explanations_uri: str, ou
             Embedder, fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "kind": kind},
             batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
             batch_format="numpy")
-        table = pa.Table.from_pylist(ds.take_all())
+        items = ds.take_all()
+        if items and "tokens" in items[0]:
+            tokens = np.stack([item.pop("tokens") for item in items])
+            storage.write_bytes(storage.join(out_uri, TOKENS), _npy_bytes(tokens))
+        table = pa.Table.from_pylist(items)
         embeddings = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
         dim = embeddings.shape[1]
         table = table.drop_columns(["embedding"]).append_column(
@@ -70,30 +85,40 @@ def build_index(checkpoint_uri: str, samples_uri: str, explanations_uri: str, ou
     return IndexStats(out_uri, len(rows), dim)
 
 
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
 @dataclass
 class Hit:
     sample_id: str
-    score: float
+    score: float  # the first stage's similarity
     image_uri: str
     text: str
     split: str
+    rerank_score: float | None = None  # the re-ranker's score, for the candidates it re-ranked
 
 
 class EmbeddingIndex:
     """Row metadata, the embeddings (for evaluation) and one FAISS index per kind."""
 
-    def __init__(self, tables: dict[str, pa.Table], searchers: dict):
+    def __init__(self, tables: dict[str, pa.Table], searchers: dict, image_tokens: np.ndarray | None = None):
         self.meta = {k: t.drop_columns(["embedding"]).to_pylist() for k, t in tables.items()}
         self.embeddings = {
             k: np.asarray(t.column("embedding").combine_chunks().flatten(), dtype=np.float32).reshape(t.num_rows, -1)
             for k, t in tables.items()
         }
         self.searchers = searchers
+        self.image_tokens = image_tokens  # [N, T, D] float16 when the model has a re-ranker
 
     @classmethod
     def load(cls, uri: str) -> "EmbeddingIndex":
         tables = {k: storage.read_parquet(storage.join(uri, f"{k}.parquet")) for k in KINDS}
-        return cls(tables, {k: vector_index.load(storage.join(uri, f"{k}.faiss")) for k in KINDS})
+        tokens_uri = storage.join(uri, TOKENS)
+        tokens = np.load(io.BytesIO(storage.read_bytes(tokens_uri))) if storage.exists(tokens_uri) else None
+        return cls(tables, {k: vector_index.load(storage.join(uri, f"{k}.faiss")) for k in KINDS}, tokens)
 
     def __len__(self) -> int:
         return len(self.meta["images"])
@@ -102,13 +127,29 @@ class EmbeddingIndex:
     def dim(self) -> int:
         return self.embeddings["images"].shape[1]
 
-    def search(self, queries: np.ndarray, kind: str, k: int = 10) -> list[list[Hit]]:
-        """Top-k items of `kind` ("images" or "texts") for each row of unit-norm [Q, D] queries."""
+    def search(self, queries: np.ndarray, kind: str, k: int = 10, rerank=None, rerank_k: int = 0) -> list[list[Hit]]:
+        """Top-k items of `kind` ("images" or "texts") for each row of unit-norm [Q, D] queries.
+        With `rerank(query_rows, item_rows) → scores` (rerank.py), each query's first `rerank_k`
+        candidates are re-scored and put first, best first."""
         if kind not in KINDS:
             raise InputError(f"unknown index kind {kind!r}")
-        scores, ids = vector_index.search(self.searchers[kind], queries, k)
+        scores, ids = vector_index.search(self.searchers[kind], queries, max(k, rerank_k) if rerank else k)
+        rescored = np.full(ids.shape, np.nan)
+        if rerank:
+            # FAISS pads with id -1 when an approximate index finds fewer items than asked.
+            rows, cols = np.nonzero(ids[:, :rerank_k] >= 0)
+            if len(rows):
+                rescored[rows, cols] = rerank(rows, ids[rows, cols])
+            order = rerank_order(rescored)
+            scores, ids, rescored = (np.take_along_axis(a, order, axis=1) for a in (scores, ids, rescored))
         meta = self.meta[kind]
-        # FAISS pads with id -1 when an approximate index finds fewer than k items.
-        return [[Hit(meta[i]["sample_id"], float(s), meta[i]["image_uri"], meta[i]["text"], meta[i]["split"])
-                 for s, i in zip(row_scores, row_ids) if i >= 0]
-                for row_scores, row_ids in zip(scores, ids)]
+        return [[Hit(meta[i]["sample_id"], float(s), meta[i]["image_uri"], meta[i]["text"], meta[i]["split"],
+                     None if np.isnan(r) else float(r))
+                 for s, i, r in zip(row_scores, row_ids, row_rescored) if i >= 0][:k]
+                for row_scores, row_ids, row_rescored in zip(scores, ids, rescored)]
+
+
+def rerank_order(scores: np.ndarray) -> np.ndarray:
+    """[Q, K] column order that sorts each row's re-ranked candidates by descending score; NaN
+    (not re-ranked) columns keep their order after them."""
+    return np.argsort(np.where(np.isnan(scores), np.inf, -scores), axis=1, kind="stable")

@@ -120,14 +120,24 @@ def stage_index(cfg: PipelineConfig):
 
 
 def stage_evaluate(cfg: PipelineConfig, run_id: str | None = None) -> dict:
-    """Recall@K per test split → eval/<variant>.json and, when given, the training MLflow run."""
+    """Recall@K per test split → eval/<variant>.json and, when given, the training MLflow run.
+    A model with a re-ranker is evaluated twice: the index alone (`<split>`) and two-stage
+    retrieval with `serve.rerank_k` candidates (`<reranker>/<split>`, e.g. itm/test_unseen)."""
     from entityclip.evaluate import evaluate_index
     from entityclip.index import EmbeddingIndex
+    from entityclip.rerank import Reranker
+    from entityclip.train.checkpoint import load_model
 
     paths = RunPaths.for_config(cfg)
     index_uri = paths.index(cfg.model.variant)
     require(storage.join(index_uri, "images.parquet"), "index")
-    results = evaluate_index(EmbeddingIndex.load(index_uri), cfg.evaluate)
+    index = EmbeddingIndex.load(index_uri)
+    results = evaluate_index(index, cfg.evaluate)
+    model = load_model(paths.checkpoint(cfg.model.variant))
+    if model.reranker:
+        reranker = Reranker(model, index, model.reranker, cfg.serve.rerank_k)
+        results |= {f"{model.reranker}/{split}": {**m, "rerank_k": reranker.k}
+                    for split, m in evaluate_index(index, cfg.evaluate, reranker).items()}
     storage.write_json(paths.evaluation(cfg.model.variant), results)
     if run_id:
         tracker = tracker_for(cfg)

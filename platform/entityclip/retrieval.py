@@ -30,6 +30,7 @@ from entityclip.explain.engines import engine_of_run, in_process, make_engine, r
 from entityclip.index import EmbeddingIndex
 from entityclip.models import EntityCLIP
 from entityclip.paths import RunPaths
+from entityclip.rerank import Reranker
 from entityclip.train.checkpoint import load_model
 
 
@@ -55,12 +56,15 @@ class Limits:
 
 
 class Retriever:
-    """A trained matcher, its gallery index and (unless explanations come from elsewhere) an
-    explanation engine with an LRU cache. Thread-safe: inference only, under no_grad."""
+    """A trained matcher, its gallery index, its re-ranker where `serve.rerank` asks for one, and
+    (unless explanations come from elsewhere) an explanation engine with an LRU cache.
+    Thread-safe: inference only, under no_grad."""
 
     def __init__(self, model: EntityCLIP, index: EmbeddingIndex | None, explainer: ExplanationCache | None,
-                 limits: Limits, info: dict):
-        self.model, self._index, self.explainer, self.limits, self.info = model, index, explainer, limits, info
+                 limits: Limits, info: dict, reranker: Reranker | None = None):
+        self.model, self._index, self.explainer, self.limits = model, index, explainer, limits
+        self.reranker = reranker
+        self.info = {**info, **reranker.info} if reranker else info
         self._gallery = {m["sample_id"]: m["image_uri"] for m in index.meta["images"]} if index else {}
 
     @property
@@ -94,7 +98,9 @@ class Retriever:
         explainer = ExplanationCache(make_engine(in_process(run_explain_config(cfg)), entities),
                                      cfg.serve.explain_cache_size) \
             if explain and model.uses_explanations else None
-        return cls(model, EmbeddingIndex.load(index) if index else None, explainer, Limits.from_config(cfg.serve), info)
+        gallery = EmbeddingIndex.load(index) if index else None
+        reranker = Reranker.for_model(model, gallery, cfg.serve.rerank, cfg.serve.rerank_k)
+        return cls(model, gallery, explainer, Limits.from_config(cfg.serve), info, reranker)
 
     @property
     def needs_explanations(self) -> bool:
@@ -147,20 +153,28 @@ class Retriever:
         texts = [self.check_text(t) for t in texts]
         ks = [self.check_k(k) for k in ks]
         given = [self.check_explanation(e) for e in explanations] if explanations is not None else [None] * len(texts)
-        embeddings, given = self.embed_texts(texts, given)
-        hits = self.index.search(embeddings, "images", max(ks))
+        features, given = self._text_features(texts, given)
+        with torch.no_grad():
+            embeddings = self.model.text_embedding(features).numpy()
+        rerank = (lambda q, c: self.reranker.score_images(features, q, c)) if self.reranker else None
+        hits = self.index.search(embeddings, "images", max(ks), rerank, self.reranker.k if rerank else 0)
         return [{"explanation": e, "results": [h.__dict__ for h in row[:k]], "model": self.info}
                 for e, row, k in zip(given, hits, ks)]
 
     def embed_texts(self, texts: list[str], explanations: list[str | None] | None = None) -> tuple[np.ndarray, list[str]]:
         """Unit-norm retrieval embeddings [N, D] of checked texts, and the explanations they
         read (given ones kept, missing ones written by the engine)."""
+        features, given = self._text_features(texts, explanations)
+        with torch.no_grad():
+            return self.model.text_embedding(features).numpy(), given
+
+    def _text_features(self, texts: list[str], explanations: list[str | None] | None) -> tuple:
         given = list(explanations) if explanations is not None else [None] * len(texts)
         todo = [i for i, e in enumerate(given) if e is None]
         if todo:  # a retriever without an engine embeds texts whose explanations are given
             for i, e in zip(todo, self.explain([texts[i] for i in todo])):
                 given[i] = e
-        return self.model.embed_texts(texts, given).numpy(), given
+        return self.model.text_features(texts, given), given
 
     def embed_images(self, images: list[bytes | Image.Image]) -> np.ndarray:
         """Unit-norm retrieval embeddings [N, D] of images (bytes or PIL)."""
@@ -172,8 +186,12 @@ class Retriever:
     def search_image(self, image: bytes | Image.Image, k: int = 10) -> dict:
         """Image → text search."""
         k = self.check_k(k)
-        return {"results": [h.__dict__ for h in self.index.search(self.embed_images([image]), "texts", k)[0]],
-                "model": self.info}
+        with torch.no_grad():
+            features = self.model.encode_images(self.image_tensor(image).unsqueeze(0))
+            embedding = self.model.image_embedding(features).numpy()
+        rerank = (lambda q, c: self.reranker.score_texts(features, q, c)) if self.reranker else None
+        hits = self.index.search(embedding, "texts", k, rerank, self.reranker.k if rerank else 0)
+        return {"results": [h.__dict__ for h in hits[0]], "model": self.info}
 
     def score(self, text: str, image: bytes | Image.Image, explanation: str | None = None) -> dict:
         """Similarity of the retrieval embeddings and, where the variant has one, P(match)

@@ -63,23 +63,48 @@ def image_size(clip: open_clip.CLIP) -> int:
 def image_tokens(clip: open_clip.CLIP, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(pooled [B, D], tokens [B, 1 + patches, D]): every token projected into the joint space,
     token 0 being the standard CLIP image embedding."""
+    return image_layers(clip, images, 1)[-1]
+
+
+def image_layers(clip: open_clip.CLIP, images: torch.Tensor, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`image_tokens` read after each of the last `n` transformer layers (the last one last);
+    every layer goes through the same final norm and projection."""
     visual = clip.visual
-    x = visual.transformer(visual._embeds(images))
-    pooled, patches = visual._pool(x)
-    if visual.proj is not None:
-        pooled, patches = pooled @ visual.proj, patches @ visual.proj
-    return pooled, torch.cat([pooled.unsqueeze(1), patches], dim=1)
+    _, layers = visual.transformer.forward_intermediates(visual._embeds(images), indices=n)
+    out = []
+    for x in layers:
+        pooled, patches = visual._pool(x)
+        if visual.proj is not None:
+            pooled, patches = pooled @ visual.proj, patches @ visual.proj
+        out.append((pooled, torch.cat([pooled.unsqueeze(1), patches], dim=1)))
+    return out
 
 
 def text_tokens(clip: open_clip.CLIP, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(pooled [B, D] at EOT, tokens [B, L, D], padding mask [B, L] True where padding)."""
+    pooled, tokens = text_layers(clip, ids, 1)[-1]
+    return pooled, tokens, text_padding(ids)
+
+
+def text_layers(clip: open_clip.CLIP, ids: torch.Tensor, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(pooled [B, D] at EOT, tokens [B, L, D]) after each of the last `n` layers (the last one
+    last), each through the final norm and the text projection."""
     x = clip.token_embedding(ids) + clip.positional_embedding
-    x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask))
-    x = x @ clip.text_projection if not isinstance(clip.text_projection, torch.nn.Linear) else clip.text_projection(x)
+    _, layers = clip.transformer.forward_intermediates(x, attn_mask=clip.attn_mask, indices=n)
     eot = ids.argmax(dim=-1)
-    pooled = x[torch.arange(x.shape[0], device=x.device), eot]
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    out = []
+    for x in layers:
+        x = clip.ln_final(x)
+        x = x @ clip.text_projection if not isinstance(clip.text_projection, torch.nn.Linear) else clip.text_projection(x)
+        out.append((x[rows, eot], x))
+    return out
+
+
+def text_padding(ids: torch.Tensor) -> torch.Tensor:
+    """[B, L] True at the positions after each row's EOT token (the highest id)."""
     positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
-    return pooled, x, positions > eot.unsqueeze(1)
+    return positions > ids.argmax(dim=-1).unsqueeze(1)
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:

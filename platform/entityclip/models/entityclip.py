@@ -12,6 +12,17 @@ Variants:
   2024; train/objective.py).
 - `qperturb`: EntityCLIP trained as usual; at inference an image's feature is perturbed toward
   its object regions' subspace (Object-Aware Query Perturbation, ECCV 2024; models/perturbation.py).
+- `filip`: plain CLIP features for the first stage, plus FILIP's token-wise late interaction
+  (ICLR 2022; models/late_interaction.py) trained with its own contrastive loss and used to
+  re-rank the first stage's top candidates.
+- `xattn_fusion`: plain CLIP features for the first stage, plus a cross-modal attention matcher
+  over features fused from several layers (arXiv 2406.15306; models/xattn_fusion.py) trained
+  with a matching loss and used to re-rank.
+
+Re-rankers. Each trainable variant but clip_finetune has one second stage that scores an
+(image, text) pair from token features (`reranker`): the GI-ITM head (`itm`) for the
+EntityCLIP architecture, `late_interaction` for filip, `xattn_fusion` for xattn_fusion.
+Retrieval (rerank.py) re-scores the single-vector search's top candidates with it.
 
 Retrieval embeddings. The paper scores with plain CLIP features at inference; here the gated
 features are the retrieval embeddings, so the explanation of a query still helps when matching
@@ -29,10 +40,13 @@ from torch import nn
 from entityclip.config import ModelConfig
 from entityclip.errors import ConfigError
 from entityclip.models import backbone
+from entityclip.models.late_interaction import pair_similarities
 from entityclip.models.mmae import MMAE, Gate
 from entityclip.models.perturbation import patch_mask, perturb_toward_objects
+from entityclip.models.xattn_fusion import CrossAttentionMatcher, LayerFusion
 
-VARIANTS = ("entityclip", "entityclip_noexpl", "clip_finetune", "clip_zeroshot", "cprd", "qperturb")
+VARIANTS = ("entityclip", "entityclip_noexpl", "clip_finetune", "clip_zeroshot", "cprd", "qperturb", "filip",
+            "xattn_fusion")
 # Variants that are EntityCLIP (experts, gates, ITM head, explanations) trained or used differently.
 ENTITYCLIP_LIKE = ("entityclip", "cprd", "qperturb")
 
@@ -40,7 +54,12 @@ ENTITYCLIP_LIKE = ("entityclip", "cprd", "qperturb")
 @dataclass
 class ImageFeatures:
     cls: torch.Tensor  # [B, D] plain CLIP image embedding
-    tokens: torch.Tensor  # [B, T, D]
+    tokens: torch.Tensor  # [B, T, D] (xattn_fusion: fused over layers); token 0 is `cls` otherwise
+
+    @classmethod
+    def from_tokens(cls, tokens: torch.Tensor) -> "ImageFeatures":
+        """Features rebuilt from stored tokens (a gallery index), token 0 standing for `cls`."""
+        return cls(tokens[:, 0], tokens)
 
     def select(self, index: torch.Tensor) -> "ImageFeatures":
         return ImageFeatures(*(getattr(self, f.name)[index] for f in fields(self)))
@@ -79,10 +98,28 @@ class EntityCLIP(nn.Module):
             self.text_gate = Gate(dim, 2 + nt + ns)
             self.pair_gate = Gate(2 * dim, nv + ns + nt + ns)
             self.itm_head = nn.Linear(dim, 2)  # class 1 = match
+        if cfg.variant == "xattn_fusion":
+            depth = min(len(self.clip.visual.transformer.resblocks), len(self.clip.transformer.resblocks))
+            if not 1 <= cfg.fusion_layers <= depth:
+                raise ConfigError(f"model.fusion_layers is {cfg.fusion_layers}; this backbone has {depth} layers per tower")
+            dim = self.clip.text_projection.shape[-1]
+            self.image_fusion, self.text_fusion = LayerFusion(cfg.fusion_layers), LayerFusion(cfg.fusion_layers)
+            self.matcher = CrossAttentionMatcher(dim)
 
     @property
     def trainable(self) -> bool:
         return self.cfg.variant != "clip_zeroshot"
+
+    @property
+    def reranker(self) -> str | None:
+        """The second stage this model scores (image, text) pairs with, if any."""
+        if self.uses_experts:
+            return "itm"
+        return {"filip": "late_interaction", "xattn_fusion": "xattn_fusion"}.get(self.cfg.variant)
+
+    @property
+    def has_match_head(self) -> bool:
+        return self.uses_experts or self.cfg.variant == "xattn_fusion"
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -92,11 +129,19 @@ class EntityCLIP(nn.Module):
         return self.tokenizer(list(texts))
 
     def encode_images(self, images: torch.Tensor) -> ImageFeatures:
+        if self.cfg.variant == "xattn_fusion":
+            layers = backbone.image_layers(self.clip, images, self.cfg.fusion_layers)
+            return ImageFeatures(layers[-1][0], self.image_fusion([tokens for _, tokens in layers]))
         cls, tokens = backbone.image_tokens(self.clip, images)
         return ImageFeatures(cls, tokens)
 
     def encode_texts(self, ids: torch.Tensor, expl_ids: torch.Tensor | None = None) -> TextFeatures:
-        eot, tokens, padding = backbone.text_tokens(self.clip, ids)
+        if self.cfg.variant == "xattn_fusion":
+            layers = backbone.text_layers(self.clip, ids, self.cfg.fusion_layers)
+            eot, tokens = layers[-1][0], self.text_fusion([t for _, t in layers])
+            padding = backbone.text_padding(ids)
+        else:
+            eot, tokens, padding = backbone.text_tokens(self.clip, ids)
         if self.uses_explanations:
             if expl_ids is None:
                 raise ValueError("the entityclip variant needs explanation token ids")
@@ -132,10 +177,29 @@ class EntityCLIP(nn.Module):
         ], dim=1)
         return backbone.normalize(self.text_gate(txt.eot, candidates))
 
+    def match_logits(self, img: ImageFeatures, txt: TextFeatures) -> torch.Tensor:
+        """[B, 2] match logits (class 1 = match) of aligned pairs from the variant's matching
+        head: GI-ITM, or xattn_fusion's cross-modal attention matcher."""
+        if self.cfg.variant == "xattn_fusion":
+            return self.matcher(img.tokens, txt.tokens, txt.padding, txt.eot_index)
+        if not self.uses_experts:
+            raise ValueError(f"variant {self.cfg.variant} has no matching head")
+        return self.itm_logits(img, txt)
+
+    def pair_scores(self, img: ImageFeatures, txt: TextFeatures, text_query: bool) -> torch.Tensor:
+        """[B] the re-ranker's score of aligned pairs, for ranking images against a text query
+        (`text_query`) or texts against an image query: late interaction's similarity for that
+        direction, or the matching head's logit margin."""
+        if self.cfg.variant == "filip":
+            image_to_text, text_to_image = pair_similarities(img.tokens, txt.tokens, txt.padding)
+            return text_to_image if text_query else image_to_text
+        logits = self.match_logits(img, txt)
+        return logits[:, 1] - logits[:, 0]
+
     def itm_logits(self, img: ImageFeatures, txt: TextFeatures) -> torch.Tensor:
         """GI-ITM: [B, 2] match logits for aligned (image, text+explanation) pairs."""
         if not self.uses_experts:
-            raise ValueError(f"variant {self.cfg.variant} has no matching head")
+            raise ValueError(f"variant {self.cfg.variant} has no GI-ITM head")
         experts = torch.cat([
             self.mmae.vision_experts(img.tokens),
             self.mmae.shared_experts(img.tokens, None, txt.expl_tokens, txt.expl_padding),
@@ -151,17 +215,20 @@ class EntityCLIP(nn.Module):
         return self.image_embedding(self.encode_images(images), boxes)
 
     @torch.no_grad()
-    def embed_texts(self, texts: list[str], explanations: list[str] | None = None) -> torch.Tensor:
+    def text_features(self, texts: list[str], explanations: list[str] | None = None) -> TextFeatures:
         expl_ids = self.tokenize(explanations) if self.uses_explanations else None
-        return self.text_embedding(self.encode_texts(self.tokenize(texts), expl_ids))
+        return self.encode_texts(self.tokenize(texts), expl_ids)
+
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str], explanations: list[str] | None = None) -> torch.Tensor:
+        return self.text_embedding(self.text_features(texts, explanations))
 
     @torch.no_grad()
     def match_probability(self, images: torch.Tensor, texts: list[str], explanations: list[str]) -> torch.Tensor:
-        """P(match) from the ITM head for aligned pairs; NaN for variants without one."""
-        if not self.uses_experts:
+        """P(match) from the matching head for aligned pairs; NaN for variants without one."""
+        if not self.has_match_head:
             return torch.full((len(texts),), float("nan"))
-        expl_ids = self.tokenize(explanations) if self.uses_explanations else None
-        logits = self.itm_logits(self.encode_images(images), self.encode_texts(self.tokenize(texts), expl_ids))
+        logits = self.match_logits(self.encode_images(images), self.text_features(texts, explanations))
         return logits.softmax(dim=-1)[:, 1]
 
 

@@ -19,6 +19,11 @@ every negative it ranks below. Only negatives are ranked: the positive's place i
 contrastive loss's job, so the two objectives never pull against each other, and places below
 `distill_ranked` are not ordered among themselves (partial ranking).
 
+The filip variant adds FILIP's token-wise contrastive loss (the same InfoNCE over its
+late-interaction similarities, each direction with its own), and xattn_fusion adds the matching
+loss of its cross-modal attention matcher (hard negatives as for GI-ITM). Both keep the plain
+contrastive loss, since their first stage searches with the plain features.
+
 Negatives span the global batch: each worker gathers every worker's features with gradients
 and scores its own rows against all of them (open_clip's gather_with_grad + local_loss). With
 DDP averaging the gradients, N workers of batch b learn exactly what one process of batch N·b
@@ -35,6 +40,7 @@ from torch import nn
 
 from entityclip.config import TrainConfig
 from entityclip.models.entityclip import EntityCLIP
+from entityclip.models.late_interaction import token_similarities
 
 
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -45,13 +51,30 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat(dist_fn.all_gather(x)), dist.get_rank() * x.shape[0]
 
 
+def symmetric_cross_entropy(image_to_text: torch.Tensor, text_to_image: torch.Tensor, offset: int) -> torch.Tensor:
+    """InfoNCE both ways: row i of each [b, N] logit matrix has its positive at column offset + i."""
+    target = torch.arange(image_to_text.shape[0], device=image_to_text.device) + offset
+    return (F.cross_entropy(image_to_text, target) + F.cross_entropy(text_to_image, target)) / 2
+
+
 def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE over unit-norm features, this worker's pairs against the global batch."""
     img, txt = img.float(), txt.float()  # the softmax over the batch wants fp32 under autocast
     all_img, offset = gather_with_grad(img)
     all_txt, _ = gather_with_grad(txt)
-    target = torch.arange(img.shape[0], device=img.device) + offset
-    return (F.cross_entropy(scale * img @ all_txt.T, target) + F.cross_entropy(scale * txt @ all_img.T, target)) / 2
+    return symmetric_cross_entropy(scale * img @ all_txt.T, scale * txt @ all_img.T, offset)
+
+
+def token_contrastive_loss(img_tokens: torch.Tensor, txt_tokens: torch.Tensor, txt_padding: torch.Tensor,
+                           scale: torch.Tensor) -> torch.Tensor:
+    """FILIP's token-wise InfoNCE: image→text logits from the image-to-text late interaction,
+    text→image from the text-to-image one, over the global batch."""
+    all_img, offset = gather_with_grad(img_tokens)
+    all_txt, _ = gather_with_grad(txt_tokens)
+    all_padding = gather_with_grad(txt_padding.float())[0] > 0.5
+    image_to_text, _ = token_similarities(img_tokens, all_txt, all_padding)  # [b, N]
+    _, text_to_image = token_similarities(all_img, txt_tokens, txt_padding)  # [N, b]
+    return symmetric_cross_entropy(scale * image_to_text, scale * text_to_image.T, offset)
 
 
 @torch.no_grad()
@@ -111,15 +134,21 @@ class Objective(nn.Module):
             if m.cfg.variant == "cprd" and images.shape[0] > 1 and self.cfg.distill_weight:
                 out["loss_distill"] = self._distill_loss(img, txt, scale * image_emb @ text_emb.T)
                 loss = loss + self.cfg.distill_weight * out["loss_distill"]
+        if m.cfg.variant == "filip":
+            out["loss_token"] = token_contrastive_loss(img.tokens, txt.tokens, txt.padding, scale)
+            loss = loss + self.cfg.token_weight * out["loss_token"]
+        if m.cfg.variant == "xattn_fusion" and images.shape[0] > 1:
+            out["loss_itm"] = self._itm_loss(img, txt, scale * cls_img @ cls_txt.T)
+            loss = loss + self.cfg.itm_weight * out["loss_itm"]
         out["loss"] = loss
         return out
 
     def _itm_loss(self, img, txt, similarity: torch.Tensor) -> torch.Tensor:
         neg_txt, neg_img = sample_hard_negatives(similarity.detach())
         m = self.model
-        pos = m.itm_logits(img, txt)
-        neg_a = m.itm_logits(img, txt.select(neg_txt))
-        neg_b = m.itm_logits(img.select(neg_img), txt)
+        pos = m.match_logits(img, txt)
+        neg_a = m.match_logits(img, txt.select(neg_txt))
+        neg_b = m.match_logits(img.select(neg_img), txt)
         logits = torch.cat([pos, neg_a, neg_b])
         labels = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg_a) + len(neg_b))]).long().to(logits.device)
         return F.cross_entropy(logits, labels)
