@@ -25,9 +25,10 @@ def main() -> None:
     parser.add_argument("--root", default="runs/default")
     parser.add_argument("--variant", default="entityclip")
     parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument("--rerank", default="auto", help="serve.rerank: auto | none | itm | late_interaction | xattn_fusion")
     args = parser.parse_args()
 
-    retriever = Retriever.load(args.root, args.variant)
+    retriever = Retriever.load(args.root, args.variant, rerank=args.rerank)
     app = FastAPI()
 
     @app.get("/healthz")

@@ -8,6 +8,9 @@ both, the Serve/bare throughput ratio and the most Serve replicas seen running.
     .venv/bin/python benchmarks/serve_load.py [--root runs/default] [--concurrency 1,16,64]
         [--requests 400] [--set serve.max_batch_size=1 ...] [--json rows.json]
 
+The bare server serves the same `model.variant` with the same `serve.rerank` (e.g. `--set
+model.variant=filip` or `--set serve.rerank=itm` to measure what re-ranking costs).
+
 Without an index under --root it first runs the pipeline (README command 1, without serving).
 """
 
@@ -97,8 +100,9 @@ class ReplicaWatch:
         self._thread.join()
 
 
-def start_bare(root: str, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, str(HERE / "bare_server.py"), "--root", root, "--port", str(port)])
+def start_bare(root: str, port: int, variant: str, rerank: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, str(HERE / "bare_server.py"), "--root", root, "--port", str(port),
+                             "--variant", variant, "--rerank", rerank])
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -132,7 +136,7 @@ def main() -> None:
     from ray import serve  # after start_serving: Serve reads its settings from the environment on import
 
     bare_port = free_port()
-    bare = start_bare(paths.root, bare_port)
+    bare = start_bare(paths.root, bare_port, cfg.model.variant, cfg.serve.rerank)
     urls = {"serve": serve_url, "bare": f"http://127.0.0.1:{bare_port}"}
     watch = ReplicaWatch("entityclip")
     rows = []

@@ -295,3 +295,62 @@ def _saved_evaluation(cfg) -> dict:
     from entityclip.paths import RunPaths
 
     return storage.read_json(RunPaths.for_config(cfg).evaluation(cfg.model.variant))
+
+
+# --- reinforce: MobileCLIP's distillation from stored teacher embeddings -----------------------
+
+def test_similarity_distillation_vanishes_when_the_student_agrees_with_its_teacher():
+    from entityclip.train.reinforce import similarity_distillation_loss
+
+    torch.manual_seed(0)
+    img, txt = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+    loss = lambda s_img, s_txt, t_img, t_txt: similarity_distillation_loss(  # noqa: E731
+        s_img, s_txt, s_img, s_txt, t_img, t_txt, t_img, t_txt, torch.tensor(10.0), 10.0)
+    assert loss(img, txt, img, txt).item() == pytest.approx(0.0, abs=1e-6)
+    other_img, other_txt = F.normalize(torch.randn(4, 16), dim=-1), F.normalize(torch.randn(4, 16), dim=-1)
+    student = img.clone().requires_grad_()
+    disagreeing = loss(student, txt, other_img, other_txt)  # the teacher may have another width
+    disagreeing.backward()
+    assert disagreeing.item() > 0.01 and student.grad.abs().sum() > 0
+
+
+def test_teacher_embeddings_join_the_training_rows_by_sample_id(tmp_path):
+    import pyarrow as pa
+
+    from entityclip import storage
+    from entityclip.errors import InputError
+    from entityclip.train.reinforce import attach_teacher
+
+    vectors = lambda x: pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(x, np.float32).reshape(-1)), 2)  # noqa: E731
+    uri = str(tmp_path / "teacher.parquet")
+    storage.write_parquet(uri, pa.table({"sample_id": ["a", "b"], "image_embedding": vectors([[1, 0], [0, 1]]),
+                                         "text_embedding": vectors([[2, 0], [0, 2]])}))
+    rows = attach_teacher(pa.table({"sample_id": ["b", "a"]}), uri)
+    assert rows["teacher_image"].to_pylist() == [[0.0, 1.0], [1.0, 0.0]]
+    assert rows["teacher_text"].to_pylist() == [[0.0, 2.0], [2.0, 0.0]]
+    with pytest.raises(InputError, match="sample c has no teacher embedding"):
+        attach_teacher(pa.table({"sample_id": ["c"]}), uri)
+
+
+@pytest.mark.slow
+def test_a_variant_learns_from_a_trained_runs_stored_embeddings(trained_run):
+    """clip_finetune taught by the session's trained entityclip (the shared path, 1 epoch)."""
+    from mlflow.tracking import MlflowClient
+
+    from entityclip import storage
+    from entityclip.paths import RunPaths
+    from entityclip.pipeline import stage_train, with_variant
+    from entityclip.train.checkpoint import load_model
+    from entityclip.train.reinforce import teacher_scale, teacher_uri
+
+    cfg = with_variant(trained_run["cfg"], "clip_finetune")
+    cfg = replace(cfg, train=replace(cfg.train, epochs=1, num_workers=1, reinforce_teacher="entityclip"))
+    result = stage_train(cfg, progress=False)
+    assert MlflowClient(cfg.tracking.uri).get_run(result.run_id).data.metrics["train/loss_reinforce"] > 0
+    paths = RunPaths.for_config(cfg)
+    stored = storage.read_parquet(teacher_uri(paths.shards, "entityclip"))  # beside the training shards
+    assert stored.num_rows == len(storage.read_parquet(paths.samples))
+    teacher = load_model(paths.checkpoint("entityclip"))
+    assert teacher_scale(teacher_uri(paths.shards, "entityclip")) == pytest.approx(teacher.logit_scale.item())
+    with pytest.raises(ConfigError, match="the variant being trained"):
+        stage_train(replace(cfg, train=replace(cfg.train, reinforce_teacher="clip_finetune")), progress=False)

@@ -8,7 +8,7 @@ from entityclip.train.checkpoint import load_model, save_checkpoint
 from entityclip.train.objective import Objective, sample_hard_negatives
 
 TINY = dict(image_size=32, patch_size=8, width=32, embed_dim=32, layers=1, heads=2, context_length=32,
-            n_vision_experts=1, n_shared_experts=1, n_text_experts=1)
+            n_vision_experts=1, n_shared_experts=1, n_text_experts=1, fusion_layers=1)
 TEXTS = ["Velmora Rovers lift the cup.", "Thipa Syndicate open their season.", "Zensha Union return home."]
 EXPLS = ["a red circle with white stripes", "a blue square with dots", "a green cross with checks"]
 
@@ -61,7 +61,7 @@ def test_hard_negatives_are_never_the_positive():
         assert (neg_txt != torch.arange(6)).all() and (neg_img != torch.arange(6)).all()
 
 
-@pytest.mark.parametrize("variant", ["entityclip", "clip_finetune"])
+@pytest.mark.parametrize("variant", ["entityclip", "clip_finetune", "filip", "xattn_fusion"])
 def test_objective_overfits_a_small_batch(variant):
     m = model(variant).train()
     objective = Objective(m, TrainConfig())
@@ -76,7 +76,8 @@ def test_objective_overfits_a_small_batch(variant):
         opt.step()
         losses.append(out["loss"].item())
     assert losses[-1] < 0.5 * losses[0]
-    assert ("loss_itm" in out) == (variant == "entityclip")
+    assert ("loss_itm" in out) == (variant in ("entityclip", "xattn_fusion"))
+    assert ("loss_token" in out) == (variant == "filip")
 
 
 def test_checkpoint_roundtrip_gives_identical_embeddings(tmp_path):

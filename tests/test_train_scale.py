@@ -163,6 +163,29 @@ def test_pretrained_open_clip_weights_load_into_the_backbone(registry_weights, f
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
 
 
+MOBILE_ARCH = "MobileCLIP2-S0"  # FastViT MCi0 image tower (timm) + non-causal text transformer
+
+
+def test_a_mobileclip_backbone_gives_the_token_features_every_variant_reads(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(variant="entityclip", backbone=MOBILE_ARCH)).eval()
+    images = torch.randn(2, 3, model.image_size, model.image_size)
+    with torch.no_grad():
+        img, txt = model.encode_images(images), model.text_features(["Velmora Rovers lift the cup"] * 2, ["a red circle"] * 2)
+        # token 0 is open_clip's own image embedding, and the patch tokens average to it
+        assert torch.allclose(img.cls, model.clip.encode_image(images), atol=1e-4)
+        assert torch.allclose(img.tokens[:, 1:].mean(dim=1), img.cls, atol=1e-4)
+        assert torch.allclose(txt.eot, model.clip.encode_text(model.tokenize(["Velmora Rovers lift the cup"] * 2)),
+                              atol=1e-4)
+    # Its weights load from an open_clip checkpoint file like any registry architecture's.
+    source = build_model(ModelConfig(variant="clip_finetune", backbone=MOBILE_ARCH)).clip.state_dict()
+    save_file({k: v.contiguous() for k, v in source.items()}, str(tmp_path / "mobileclip.safetensors"))
+    load_pretrained(model, str(tmp_path / "mobileclip.safetensors"))
+    assert all(torch.equal(model.clip.state_dict()[k], v) for k, v in source.items())
+    with pytest.raises(ConfigError, match="fusion_layers is 2; this backbone gives 1"):
+        build_model(ModelConfig(variant="xattn_fusion", backbone=MOBILE_ARCH, fusion_layers=2))
+
+
 def test_pretrained_weights_load_from_s3(s3_bucket, tmp_path):
     state = build_model(TINY_MODEL).clip.state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "clip.safetensors"))

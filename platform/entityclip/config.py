@@ -137,6 +137,10 @@ class TrainConfig:
     distill_candidates: int = 6
     distill_ranked: int = 3
     token_weight: float = 1.0  # filip: weight of the token-wise (late interaction) contrastive loss
+    # Reinforced training (MobileCLIP): a variant of this run root, trained and indexed, whose
+    # stored embeddings teach the model its image-text similarities (train/reinforce.py); "" = off.
+    reinforce_teacher: str = ""
+    reinforce_weight: float = 1.0
     # Hide entity names in this share of training texts (data/pairs.py); entityclip only.
     name_mask_prob: float = 0.5
     checkpoint_every_epochs: int = 5  # Ray Train checkpoints: resume point after a failure

@@ -104,8 +104,18 @@ def stage_train(cfg: PipelineConfig, progress: bool = True, resume: bool = False
 
     paths = RunPaths.for_config(cfg)
     require(paths.explanations, "explain")
+    run_paths = paths.as_dict()
+    teacher = cfg.train.reinforce_teacher
+    if teacher:
+        from entityclip.train.reinforce import teacher_uri, write_teacher_embeddings
+
+        if teacher == cfg.model.variant:
+            raise ConfigError(f"train.reinforce_teacher is {teacher}, the variant being trained: pick another run")
+        # Written afresh each time, so a retrained teacher never leaves stale embeddings behind.
+        run_paths["teacher"] = teacher_uri(paths.shards, teacher)
+        write_teacher_embeddings(paths.index(teacher), paths.checkpoint(teacher), run_paths["teacher"])
     tracker = tracker_for(cfg)
-    return run_training(cfg, paths.as_dict(), tracker, paths.local / "ray_results", progress, resume)
+    return run_training(cfg, run_paths, tracker, paths.local / "ray_results", progress, resume)
 
 
 def stage_index(cfg: PipelineConfig):

@@ -5,6 +5,7 @@
     r.search_text("Velmora Rovers lift the cup", k=5)
     r.search_image(open("photo.png", "rb").read(), k=5)
     r.score("Velmora Rovers lift the cup", image_bytes)
+    Retriever.load("runs/default", "entityclip", rerank="itm")  # GI-ITM re-ranks the top 20
 
 Each method returns the plain dict the HTTP API answers with. Bad input raises `InputError`
 (`InputTooLarge` for sizes over a limit) with a one-line message.
@@ -75,13 +76,15 @@ class Retriever:
 
     @classmethod
     def load(cls, root: str | None = None, variant: str = "entityclip", config: PipelineConfig | None = None,
-             explain: bool = True) -> "Retriever":
+             explain: bool = True, rerank: str | None = None) -> "Retriever":
         """The run at `root` (default: `config`'s storage root). `explain=False` leaves the
         explanation engine out: callers then pass each query's explanation (Serve does, when
-        the engine runs in its own deployment)."""
+        the engine runs in its own deployment). `rerank` overrides `serve.rerank` (rerank.py)."""
         cfg = config or load_config()
         if root is not None:
             cfg = replace(cfg, storage=StorageConfig(root))
+        if rerank is not None:
+            cfg = replace(cfg, serve=replace(cfg.serve, rerank=rerank))
         paths = RunPaths.for_config(cfg)
         if config is None:  # explain queries with the engine that explained the run's data
             cfg = replace(cfg, explain=engine_of_run(paths.explanations, cfg.explain))

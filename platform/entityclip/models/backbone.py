@@ -1,5 +1,10 @@
 """open_clip CLIP backbone built from a config (random init; nothing is downloaded), plus the
-token-level encoders that MMAE needs (open_clip's encode_* return pooled features only)."""
+token-level encoders that MMAE needs (open_clip's encode_* return pooled features only).
+
+Image towers are open_clip ViTs or timm models (e.g. MobileCLIP's FastViT MCi, built without
+pretrained weights); text towers are open_clip text transformers, causal (CLIP) or not
+(MobileCLIP). Towers and tokenizers that only the Hugging Face hub provides are refused.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,9 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+from open_clip.timm_model import TimmModel
 from open_clip.tokenizer import SimpleTokenizer
+from torch import nn
 
 from entityclip.config import ModelConfig
 from entityclip.errors import ConfigError
@@ -27,9 +34,12 @@ def clip_config(cfg: ModelConfig) -> dict:
     if model_cfg is None:
         raise ConfigError(f"unknown backbone {cfg.backbone!r}; use 'tiny' or one of open_clip.list_models()")
     text_cfg, vision_cfg = model_cfg.get("text_cfg", {}), model_cfg.get("vision_cfg", {})
-    if "hf_model_name" in text_cfg or "hf_tokenizer_name" in text_cfg or "timm_model_name" in vision_cfg:
+    if "hf_model_name" in text_cfg or "hf_tokenizer_name" in text_cfg:
         # Those towers and tokenizers load from the Hugging Face hub, which we never reach.
-        raise ConfigError(f"backbone {cfg.backbone!r} needs Hugging Face/timm weights; pick a plain CLIP config")
+        raise ConfigError(f"backbone {cfg.backbone!r} needs a Hugging Face text model; pick one with an "
+                          "open_clip text tower (a CLIP ViT, MobileCLIP, ...)")
+    if "timm_model_name" in vision_cfg:  # timm builds the architecture; weights come from model.pretrained
+        model_cfg = {**model_cfg, "vision_cfg": {**vision_cfg, "timm_model_pretrained": False}}
     return model_cfg
 
 
@@ -40,14 +50,32 @@ def input_sizes(cfg: ModelConfig) -> tuple[int, int]:
     return (size[0] if isinstance(size, (tuple, list)) else size), model_cfg["text_cfg"].get("context_length", 77)
 
 
-def build_clip(cfg: ModelConfig) -> open_clip.CLIP:
+def build_clip(cfg: ModelConfig) -> open_clip.CLIP | open_clip.CustomTextCLIP:
     model_cfg = clip_config(cfg)
-    return open_clip.CLIP(
+    model_class = open_clip.CustomTextCLIP if model_cfg.get("custom_text") else open_clip.CLIP
+    return model_class(
         embed_dim=model_cfg["embed_dim"],
         vision_cfg=CLIPVisionCfg(**model_cfg["vision_cfg"]),
         text_cfg=CLIPTextCfg(**model_cfg["text_cfg"]),
         quick_gelu=model_cfg.get("quick_gelu", False),
     )
+
+
+def text_tower(clip: nn.Module) -> nn.Module:
+    """The module holding the text transformer: CustomTextCLIP's `.text`, or CLIP itself."""
+    return getattr(clip, "text", clip)
+
+
+def embed_dim(clip: nn.Module) -> int:
+    projection = text_tower(clip).text_projection
+    return projection.out_features if isinstance(projection, nn.Linear) else projection.shape[-1]
+
+
+def layer_count(clip: nn.Module) -> int:
+    """How many layers' token features both towers can give (`image_layers`, `text_layers`): a
+    timm image tower gives its final features only."""
+    vision = 1 if isinstance(clip.visual, TimmModel) else len(clip.visual.transformer.resblocks)
+    return min(vision, len(text_tower(clip).transformer.resblocks))
 
 
 def build_tokenizer(clip: open_clip.CLIP) -> SimpleTokenizer:
@@ -70,6 +98,8 @@ def image_layers(clip: open_clip.CLIP, images: torch.Tensor, n: int) -> list[tup
     """`image_tokens` read after each of the last `n` transformer layers (the last one last);
     every layer goes through the same final norm and projection."""
     visual = clip.visual
+    if isinstance(visual, TimmModel):
+        return [_timm_tokens(visual, images, n)]
     _, layers = visual.transformer.forward_intermediates(visual._embeds(images), indices=n)
     out = []
     for x in layers:
@@ -78,6 +108,21 @@ def image_layers(clip: open_clip.CLIP, images: torch.Tensor, n: int) -> list[tup
             pooled, patches = pooled @ visual.proj, patches @ visual.proj
         out.append((pooled, torch.cat([pooled.unsqueeze(1), patches], dim=1)))
     return out
+
+
+def _timm_tokens(visual: TimmModel, images: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A timm tower whose classifier is average pooling then a linear layer (MobileCLIP's MCi):
+    the linear layer applied at every position of the final feature map gives tokens whose mean
+    is exactly the pooled embedding."""
+    head = getattr(visual.trunk, "head", None)
+    if n != 1 or getattr(head, "global_pool", None) is None or not isinstance(getattr(head, "fc", None), nn.Linear) \
+            or head.global_pool.pool_type != "avg":
+        raise ConfigError("token features of this timm image tower are not supported: it needs an average-pool + "
+                          "linear classifier head, and gives its final layer only (model.fusion_layers: 1)")
+    features = visual.trunk.forward_features(images)  # [B, C, H, W]
+    pooled = visual.head(visual.trunk.forward_head(features))
+    patches = visual.head(head.fc(features.flatten(2).transpose(1, 2)))
+    return pooled, torch.cat([pooled.unsqueeze(1), patches], dim=1)
 
 
 def text_tokens(clip: open_clip.CLIP, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -89,14 +134,15 @@ def text_tokens(clip: open_clip.CLIP, ids: torch.Tensor) -> tuple[torch.Tensor, 
 def text_layers(clip: open_clip.CLIP, ids: torch.Tensor, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(pooled [B, D] at EOT, tokens [B, L, D]) after each of the last `n` layers (the last one
     last), each through the final norm and the text projection."""
-    x = clip.token_embedding(ids) + clip.positional_embedding
-    _, layers = clip.transformer.forward_intermediates(x, attn_mask=clip.attn_mask, indices=n)
+    text = text_tower(clip)
+    x = text.token_embedding(ids) + text.positional_embedding
+    _, layers = text.transformer.forward_intermediates(x, attn_mask=text.attn_mask, indices=n)
     eot = ids.argmax(dim=-1)
     rows = torch.arange(ids.shape[0], device=ids.device)
     out = []
     for x in layers:
-        x = clip.ln_final(x)
-        x = x @ clip.text_projection if not isinstance(clip.text_projection, torch.nn.Linear) else clip.text_projection(x)
+        x = text.ln_final(x)
+        x = text.text_projection(x) if isinstance(text.text_projection, nn.Linear) else x @ text.text_projection
         out.append((x[rows, eot], x))
     return out
 

@@ -91,7 +91,7 @@ class EntityCLIP(nn.Module):
         self.uses_experts = cfg.variant in (*ENTITYCLIP_LIKE, "entityclip_noexpl")
         self.uses_explanations = cfg.variant in ENTITYCLIP_LIKE
         if self.uses_experts:
-            dim = self.clip.text_projection.shape[-1]
+            dim = backbone.embed_dim(self.clip)
             nv, ns, nt = cfg.n_vision_experts, cfg.n_shared_experts, cfg.n_text_experts
             self.mmae = MMAE(dim, nv, ns, nt)
             self.image_gate = Gate(dim, 1 + nv)
@@ -99,10 +99,11 @@ class EntityCLIP(nn.Module):
             self.pair_gate = Gate(2 * dim, nv + ns + nt + ns)
             self.itm_head = nn.Linear(dim, 2)  # class 1 = match
         if cfg.variant == "xattn_fusion":
-            depth = min(len(self.clip.visual.transformer.resblocks), len(self.clip.transformer.resblocks))
+            depth = backbone.layer_count(self.clip)
             if not 1 <= cfg.fusion_layers <= depth:
-                raise ConfigError(f"model.fusion_layers is {cfg.fusion_layers}; this backbone has {depth} layers per tower")
-            dim = self.clip.text_projection.shape[-1]
+                raise ConfigError(f"model.fusion_layers is {cfg.fusion_layers}; this backbone gives {depth} "
+                                  "layers' token features per tower")
+            dim = backbone.embed_dim(self.clip)
             self.image_fusion, self.text_fusion = LayerFusion(cfg.fusion_layers), LayerFusion(cfg.fusion_layers)
             self.matcher = CrossAttentionMatcher(dim)
 

@@ -23,6 +23,7 @@ from entityclip.data.pairs import mask_names
 from entityclip.data.shards import read_split
 from entityclip.errors import InputError
 from entityclip.models.backbone import input_sizes
+from entityclip.train.reinforce import TEACHER_COLUMNS, attach_teacher
 
 SPLIT = "train"
 
@@ -53,7 +54,8 @@ def _tokenizer(context_length: int):
 def preprocess(batch: dict[str, np.ndarray], image_size: int, context_length: int, masking: bool,
                with_explanations: bool) -> dict[str, np.ndarray]:
     """Encoded rows -> model inputs: image [B,3,S,S] float32; text_ids, masked_text_ids (with
-    `masking`) and explanation_ids (with `with_explanations`), each [B,L] int64."""
+    `masking`) and explanation_ids (with `with_explanations`), each [B,L] int64; teacher
+    embeddings, where the rows carry them, as [B,D] float32."""
     images = []
     for sample_id, data in zip(batch["sample_id"], batch["image"]):
         try:
@@ -66,6 +68,9 @@ def preprocess(batch: dict[str, np.ndarray], image_size: int, context_length: in
         out["masked_text_ids"] = tokenize([mask_names(t, tuple(e)) for t, e in zip(batch["text"], batch["entities"])]).numpy()
     if with_explanations:
         out["explanation_ids"] = tokenize(list(batch["explanation"])).numpy()
+    for name in TEACHER_COLUMNS:
+        if name in batch:
+            out[name] = np.stack(batch[name]).astype(np.float32)
     return out
 
 
@@ -85,13 +90,16 @@ class MaskNames:
 
 
 def training_dataset(shards_uri: str, explanations_uri: str, model: ModelConfig, train: TrainConfig,
-                     with_explanations: bool):
+                     with_explanations: bool, teacher_uri: str | None = None):
     """The train split as a model-ready Ray Data dataset, its blocks in a new random order each
-    epoch, drawn from `train.seed` (lazy: it runs as workers read it, from the cache on)."""
+    epoch, drawn from `train.seed` (lazy: it runs as workers read it, from the cache on). With
+    `teacher_uri`, each row also carries its teacher embeddings (train/reinforce.py)."""
     ds = read_split(shards_uri, SPLIT).select_columns(["sample_id", "image", "text", "entities"])
     if with_explanations:
         ds = ds.map_batches(attach_explanations, fn_kwargs={"explanations_uri": explanations_uri},
                             batch_format="pyarrow")
+    if teacher_uri:
+        ds = ds.map_batches(attach_teacher, fn_kwargs={"teacher_uri": teacher_uri}, batch_format="pyarrow")
     if train.cache == "encoded":
         ds = ds.materialize()
     image_size, context_length = input_sizes(model)

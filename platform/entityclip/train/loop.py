@@ -83,7 +83,8 @@ def train_loop_per_worker(config: dict) -> None:
     # step uses the same ones, so a static graph finds them once instead of searching the graph
     # every step (5% faster here); DDP's no_sync, which accumulation needs, requires the search.
     ddp = {"static_graph": True} if tc.grad_accum_steps == 1 else {"find_unused_parameters": True}
-    objective = ray.train.torch.prepare_model(Objective(model, tc), parallel_strategy_kwargs=ddp)
+    objective = ray.train.torch.prepare_model(Objective(model, tc, config.get("teacher_scale")),
+                                              parallel_strategy_kwargs=ddp)
     micro_batches = config["rows"] // world // tc.batch_size
     steps_per_epoch = micro_batches // tc.grad_accum_steps
     total_steps = max(1, tc.epochs * steps_per_epoch)
@@ -138,7 +139,8 @@ def train_loop_per_worker(config: dict) -> None:
                 sync = contextlib.nullcontext() if last_micro or world == 1 else objective.no_sync()
                 with sync:
                     with autocast(tc.precision, device):
-                        losses = objective(batch["image"], batch["text_ids"], batch.get("explanation_ids"))
+                        losses = objective(batch["image"], batch["text_ids"], batch.get("explanation_ids"),
+                                           batch.get("teacher_image"), batch.get("teacher_text"))
                     scaler.scale(losses["loss"] / tc.grad_accum_steps).backward()
                 timings["compute_s"] += time.perf_counter() - tick
             tick = time.perf_counter()

@@ -24,6 +24,9 @@ late-interaction similarities, each direction with its own), and xattn_fusion ad
 loss of its cross-modal attention matcher (hard negatives as for GI-ITM). Both keep the plain
 contrastive loss, since their first stage searches with the plain features.
 
+With `train.reinforce_teacher`, any variant also learns a trained teacher's similarities over
+the global batch from stored embeddings (MobileCLIP's reinforced training, train/reinforce.py).
+
 Negatives span the global batch: each worker gathers every worker's features with gradients
 and scores its own rows against all of them (open_clip's gather_with_grad + local_loss). With
 DDP averaging the gradients, N workers of batch b learn exactly what one process of batch N·b
@@ -41,6 +44,7 @@ from torch import nn
 from entityclip.config import TrainConfig
 from entityclip.models.entityclip import EntityCLIP
 from entityclip.models.late_interaction import token_similarities
+from entityclip.train.reinforce import similarity_distillation_loss
 
 
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -109,12 +113,15 @@ def hardest_negatives(similarity: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class Objective(nn.Module):
-    def __init__(self, model: EntityCLIP, cfg: TrainConfig):
+    def __init__(self, model: EntityCLIP, cfg: TrainConfig, teacher_scale: float | None = None):
         super().__init__()
         self.model = model
         self.cfg = cfg
+        self.teacher_scale = teacher_scale  # reinforced training: the teacher's logit scale
 
-    def forward(self, images: torch.Tensor, ids: torch.Tensor, expl_ids: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, ids: torch.Tensor, expl_ids: torch.Tensor | None,
+                teacher_image: torch.Tensor | None = None, teacher_text: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
         m = self.model
         img, txt = m.encode_images(images), m.encode_texts(ids, expl_ids)
         scale = m.logit_scale
@@ -140,8 +147,20 @@ class Objective(nn.Module):
         if m.cfg.variant == "xattn_fusion" and images.shape[0] > 1:
             out["loss_itm"] = self._itm_loss(img, txt, scale * cls_img @ cls_txt.T)
             loss = loss + self.cfg.itm_weight * out["loss_itm"]
+        if teacher_image is not None and self.cfg.reinforce_weight:
+            student = (image_emb, text_emb) if m.uses_experts else (cls_img, cls_txt)  # the retrieval embeddings
+            out["loss_reinforce"] = self._reinforce_loss(*student, teacher_image, teacher_text, scale)
+            loss = loss + self.cfg.reinforce_weight * out["loss_reinforce"]
         out["loss"] = loss
         return out
+
+    def _reinforce_loss(self, student_img, student_txt, teacher_img, teacher_txt, scale) -> torch.Tensor:
+        """MobileCLIP's similarity distillation over the global batch (train/reinforce.py)."""
+        student_img, student_txt = student_img.float(), student_txt.float()
+        teacher_img, teacher_txt = teacher_img.float(), teacher_txt.float()
+        gathered = [gather_with_grad(x)[0] for x in (student_img, student_txt, teacher_img, teacher_txt)]
+        return similarity_distillation_loss(student_img, student_txt, gathered[0], gathered[1], teacher_img,
+                                            teacher_txt, gathered[2], gathered[3], scale, self.teacher_scale)
 
     def _itm_loss(self, img, txt, similarity: torch.Tensor) -> torch.Tensor:
         neg_txt, neg_img = sample_hard_negatives(similarity.detach())

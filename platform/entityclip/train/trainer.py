@@ -94,17 +94,20 @@ def _fit(cfg: PipelineConfig, tracker: Tracker, run_id: str, paths: dict, ray_di
     from entityclip.data.shards import split_rows
     from entityclip.train.ingest import training_dataset
     from entityclip.train.loop import train_loop_per_worker
+    from entityclip.train.reinforce import teacher_scale
 
     tc = cfg.train
     rows = split_rows(paths["shards"], "train")
     check_train_config(cfg, rows)
-    dataset = training_dataset(paths["shards"], paths["explanations"], cfg.model, tc, with_explanations)
+    dataset = training_dataset(paths["shards"], paths["explanations"], cfg.model, tc, with_explanations,
+                               paths.get("teacher"))
     storage_path, storage_fs = ray_storage(paths["root"], ray_dir)
     kill_at = os.environ.get(KILL_WORKER_ENV)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"pipeline": to_dict(cfg), "run_id": run_id, "tracking_uri": tracker.uri, "rows": rows,
                            "kill_at_epoch": int(kill_at) if kill_at else None,
+                           "teacher_scale": teacher_scale(paths["teacher"]) if paths.get("teacher") else None,
                            "kill_marker": storage.join(paths["training"], f"{run_name}.worker-killed")},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker=dict(tc.resources_per_worker),

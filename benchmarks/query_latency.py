@@ -1,0 +1,81 @@
+"""In-process query latency of each trained variant of a run root, with and without its
+re-ranker: what one `Retriever.search_text` call costs, side by side.
+
+Each configuration answers the same unseen-entity texts once each, so every query is explained
+afresh (no cache hits), then the same texts again with explanations cached, which leaves the
+model's own cost. p50 / p99 of single calls, one thread.
+
+    .venv/bin/python benchmarks/query_latency.py --root runs/default [--variants entityclip,filip]
+        [--queries 55] [--k 10] [--json rows.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from entityclip import Retriever, storage
+from entityclip.config import load_config
+from entityclip.paths import RunPaths
+from entityclip.rerank import DEFINING
+from entityclip.train.checkpoint import load_model
+
+
+def timed(retriever: Retriever, texts: list[str], k: int) -> list[float]:
+    out = []
+    for text in texts:
+        start = time.perf_counter()
+        retriever.search_text(text, k)
+        out.append(1000 * (time.perf_counter() - start))
+    return out
+
+
+def percentiles(ms: list[float]) -> dict:
+    ordered = sorted(ms)
+    return {"p50_ms": statistics.median(ordered), "p99_ms": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default="runs/default")
+    parser.add_argument("--variants", help="comma-separated (default: every variant with an index)")
+    parser.add_argument("--queries", type=int, default=55)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args()
+
+    paths = RunPaths.for_config(load_config(None, [f"storage.root={args.root}"]))
+    variants = args.variants.split(",") if args.variants else sorted(
+        uri.rstrip("/").split("/")[-2] for uri in storage.list_uris(storage.join(paths.root, "index"))
+        if uri.endswith("images.parquet"))
+    samples = storage.read_parquet(paths.samples).to_pylist()
+    texts = [s["text"] for s in samples if s["split"] == "test_unseen"][:args.queries]
+    rows = []
+    for variant in variants:
+        reranker = load_model(paths.checkpoint(variant)).reranker
+        for rerank in ["none", reranker] if reranker else ["none"]:
+            retriever = Retriever.load(args.root, variant, rerank=rerank)
+            retriever.search_text("warm-up query", args.k)
+            fresh, cached = timed(retriever, texts, args.k), timed(retriever, texts, args.k)
+            name = variant if rerank == "none" else f"{variant} +{rerank}"
+            served = rerank == (reranker if reranker in DEFINING else "none")  # what serve.rerank=auto runs
+            rows.append({"config": name, "served_by_default": served,
+                         "explained": percentiles(fresh), "cached": percentiles(cached)})
+            print(f"{name}: {rows[-1]['explained']['p50_ms']:.1f} ms", flush=True)
+
+    print(f"\nRetriever.search_text, k={args.k}, {len(texts)} unseen-entity texts, in-process, one thread")
+    head = f"{'configuration':<30} {'explained p50':>13} {'p99':>8} | {'cached p50':>10} {'p99':>8}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        e, c = r["explained"], r["cached"]
+        print(f"{r['config']:<30} {e['p50_ms']:>13.1f} {e['p99_ms']:>8.1f} | {c['p50_ms']:>10.2f} {c['p99_ms']:>8.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
