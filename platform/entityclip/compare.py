@@ -38,12 +38,13 @@ def collect(cfg: PipelineConfig, sweep: str | None = None) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     """The recall table; sweep trials also show the values they were run with."""
-    head = f"{'run':<34} " + " ".join(f"{s.split('_')[1][:6]}/{c:<7}" for s in SPLITS for c in COLUMNS)
+    width = max([34, *(len(r["run"]) for r in rows)])
+    head = f"{'run':<{width}} " + " ".join(f"{s.split('_')[1][:6]}/{c:<7}" for s in SPLITS for c in COLUMNS)
     with_params = any(r["params"] for r in rows)
     lines = [head + ("  params" if with_params else "")]
     for r in rows:
         cells = [r[f"{s}/{c}"] for s in SPLITS for c in COLUMNS]
-        line = f"{r['run']:<34} " + " ".join(f"{'-' if v is None else f'{v:.1f}':>14}" for v in cells)
+        line = f"{r['run']:<{width}} " + " ".join(f"{'-' if v is None else f'{v:.1f}':>14}" for v in cells)
         lines.append(line + (f"  {r['params']}" if with_params else ""))
     return "\n".join(lines)
 

@@ -42,8 +42,10 @@ def write_teacher_embeddings(index_uri: str, checkpoint_uri: str, out_uri: str) 
         raise ConfigError(f"the reinforcement teacher has no gallery index at {index_uri}: train and index it first")
     images = storage.read_parquet(storage.join(index_uri, "images.parquet")).select(["sample_id", "embedding"])
     texts = storage.read_parquet(storage.join(index_uri, "texts.parquet")).select(["sample_id", "embedding"])
-    table = images.rename_columns(["sample_id", "image_embedding"]).join(
-        texts.rename_columns(["sample_id", "text_embedding"]), "sample_id")
+    text_row = {sample_id: i for i, sample_id in enumerate(texts["sample_id"].to_pylist())}
+    order = pa.array([text_row[sample_id] for sample_id in images["sample_id"].to_pylist()])
+    table = pa.table({"sample_id": images["sample_id"], "image_embedding": images["embedding"],
+                      "text_embedding": texts["embedding"].take(order)})
     scale = float(load_model(checkpoint_uri).logit_scale)
     storage.write_parquet(out_uri, table.replace_schema_metadata({SCALE_KEY: str(scale).encode()}))
     return table.num_rows
