@@ -254,10 +254,12 @@ def test_qperturb_indexes_the_gallery_with_its_object_boxes(trained_run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant, loss, reranker", [("filip", "loss_token", "late_interaction"),
-                                                     ("xattn_fusion", "loss_itm", "xattn_fusion")])
+@pytest.mark.parametrize("variant, losses, reranker, teacher", [
+    # filip also learns from the session's trained entityclip (reinforced training), on the same run
+    ("filip", ["loss_token", "loss_reinforce"], "late_interaction", "entityclip"),
+    ("xattn_fusion", ["loss_itm"], "xattn_fusion", "")])
 def test_a_reranking_variant_trains_evaluates_and_serves_two_stage_retrieval(trained_run, unseen_sample,
-                                                                             variant, loss, reranker):
+                                                                             variant, losses, reranker, teacher):
     from mlflow.tracking import MlflowClient
 
     from entityclip.data.images import read_image_tensor
@@ -265,10 +267,11 @@ def test_a_reranking_variant_trains_evaluates_and_serves_two_stage_retrieval(tra
     from entityclip.retrieval import Retriever
 
     cfg = with_variant(trained_run["cfg"], variant)
-    cfg = replace(cfg, train=replace(cfg.train, epochs=1, num_workers=1),  # the path, not the recall
+    cfg = replace(cfg, train=replace(cfg.train, epochs=1, num_workers=1, reinforce_teacher=teacher),  # the path
                   model=replace(cfg.model, layers=2, fusion_layers=2))
     result = stage_train(cfg, progress=False)
-    assert MlflowClient(cfg.tracking.uri).get_run(result.run_id).data.metrics[f"train/{loss}"] > 0
+    logged = MlflowClient(cfg.tracking.uri).get_run(result.run_id).data.metrics
+    assert all(logged[f"train/{loss}"] > 0 for loss in losses)
     _index_and_evaluate(cfg, result.run_id)
     metrics = _saved_evaluation(cfg)
     for split in ("test_seen", "test_unseen"):  # the first stage alone and the two-stage retrieval
@@ -332,25 +335,27 @@ def test_teacher_embeddings_join_the_training_rows_by_sample_id(tmp_path):
         attach_teacher(pa.table({"sample_id": ["c"]}), uri)
 
 
-@pytest.mark.slow
-def test_a_variant_learns_from_a_trained_runs_stored_embeddings(trained_run):
-    """clip_finetune taught by the session's trained entityclip (the shared path, 1 epoch)."""
-    from mlflow.tracking import MlflowClient
-
+def test_a_teacher_run_is_stored_beside_the_training_shards_and_cannot_teach_itself(trained_run, tmp_path):
     from entityclip import storage
     from entityclip.paths import RunPaths
     from entityclip.pipeline import stage_train, with_variant
     from entityclip.train.checkpoint import load_model
-    from entityclip.train.reinforce import teacher_scale, teacher_uri
+    from entityclip.train.reinforce import teacher_scale, write_teacher_embeddings
 
-    cfg = with_variant(trained_run["cfg"], "clip_finetune")
-    cfg = replace(cfg, train=replace(cfg.train, epochs=1, num_workers=1, reinforce_teacher="entityclip"))
-    result = stage_train(cfg, progress=False)
-    assert MlflowClient(cfg.tracking.uri).get_run(result.run_id).data.metrics["train/loss_reinforce"] > 0
-    paths = RunPaths.for_config(cfg)
-    stored = storage.read_parquet(teacher_uri(paths.shards, "entityclip"))  # beside the training shards
-    assert stored.num_rows == len(storage.read_parquet(paths.samples))
-    teacher = load_model(paths.checkpoint("entityclip"))
-    assert teacher_scale(teacher_uri(paths.shards, "entityclip")) == pytest.approx(teacher.logit_scale.item())
+    paths = RunPaths.for_config(trained_run["cfg"])
+    out = str(tmp_path / "teacher-entityclip.parquet")
+    rows = write_teacher_embeddings(paths.index("entityclip"), paths.checkpoint("entityclip"), out)
+    stored = storage.read_parquet(out)
+    assert rows == stored.num_rows == storage.read_parquet(paths.samples).num_rows
+    assert teacher_scale(out) == pytest.approx(load_model(paths.checkpoint("entityclip")).logit_scale.item())
+    index = storage.read_parquet(storage.join(paths.index("entityclip"), "texts.parquet")).to_pylist()
+    text_of = {r["sample_id"]: r["embedding"] for r in index}
+    first = stored.slice(0, 1).to_pylist()[0]
+    assert first["text_embedding"] == pytest.approx(text_of[first["sample_id"]])  # rows joined by sample id
+
+    cfg = trained_run["cfg"]
     with pytest.raises(ConfigError, match="the variant being trained"):
-        stage_train(replace(cfg, train=replace(cfg.train, reinforce_teacher="clip_finetune")), progress=False)
+        stage_train(replace(cfg, train=replace(cfg.train, reinforce_teacher="entityclip")), progress=False)
+    with pytest.raises(ConfigError, match="has no gallery index"):
+        cfg = with_variant(cfg, "clip_finetune")
+        stage_train(replace(cfg, train=replace(cfg.train, reinforce_teacher="entityclip_noexpl")), progress=False)

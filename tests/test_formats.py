@@ -84,7 +84,7 @@ def test_missing_split_files_and_bad_records_are_clear_errors(n24news, tmp_path)
         ingest("coco", str(n24news))
 
 
-def test_the_data_stage_ingests_a_real_format_and_explain_asks_for_an_llm(n24news, tmp_path):
+def test_the_data_stage_ingests_a_real_format_and_explain_asks_for_an_llm(ray_session, n24news, tmp_path):
     cfg = load_config(None, [f"storage.root={tmp_path / 'run'}", "data.source=n24news", f"data.source_path={n24news}"])
     out = stage_data(cfg)
     assert out["written"] == 4 and storage.read_parquet(out["samples"]).num_rows == 4
@@ -94,3 +94,25 @@ def test_the_data_stage_ingests_a_real_format_and_explain_asks_for_an_llm(n24new
         stage_explain(replace(cfg, explain=replace(cfg.explain, engine="knowledge")))
     with pytest.raises(ConfigError, match="needs data.source_path"):
         stage_data(load_config(None, [f"storage.root={tmp_path / 'r2'}", "data.source=goodnews"]))
+
+
+def test_a_detectors_coco_results_become_the_samples_boxes(ray_session, n24news, tmp_path):
+    Image.new("RGB", (200, 100)).save(n24news / "imgs" / "a1.jpg")  # boxes are fractions of each image's size
+    detections = [{"image_id": "a1", "bbox": [50, 25, 100, 50], "score": 0.9},
+                  {"image_id": "a1.jpg", "bbox": [150, 0, 100, 200], "score": 0.8},  # by file name; clipped
+                  {"image_id": "a1", "bbox": [0, 0, 10, 10], "score": 0.1},  # under boxes_min_score
+                  {"image_id": "b1", "bbox": [0, 0, 4, 4], "score": 0.7}]
+    boxes_file = tmp_path / "detections.jsonl"
+    boxes_file.write_text("\n".join(json.dumps(d) for d in detections))
+    cfg = load_config(None, ["data.source=n24news", f"data.source_path={n24news}", f"storage.root={tmp_path / 'run'}",
+                             f"data.boxes_path={boxes_file}"])
+    out = stage_data(cfg, progress=False)
+    assert out["with_boxes"] == 2
+    rows = {r["sample_id"]: r for r in storage.read_parquet(str(tmp_path / "run" / "data" / "samples.parquet")).to_pylist()}
+    assert sorted(rows["n24news-a1"]["boxes"]) == [pytest.approx([0.25, 0.25, 0.75, 0.75]), pytest.approx([0.75, 0.0, 1.0, 1.0])]
+    assert rows["n24news-b1"]["boxes"] == [pytest.approx([0.0, 0.0, 0.5, 0.5])]
+    assert rows["n24news-c1"]["boxes"] == []
+
+    boxes_file.write_text('[{"image_id": "a1", "box": [1, 2, 3, 4]}]')
+    with pytest.raises(InputError, match="detection 0 is not"):
+        stage_data(cfg, progress=False)

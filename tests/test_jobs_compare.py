@@ -64,7 +64,8 @@ def test_compare_promotes_the_best_run_and_promote_sets_any_alias(trained_run, m
 
     cfg = trained_run["cfg"]
     rows = [r for r in collect(cfg) if r["test_unseen/rsum"] is not None]
-    best = max(rows, key=lambda r: r["test_unseen/rsum"])
+    assert any(r["reranker"] == "itm" and not r["served"] for r in rows)  # entityclip +itm: evaluated, not served
+    best = max((r for r in rows if r["served"]), key=lambda r: r["test_unseen/rsum"])
     promoted = promote_best(cfg, "test_unseen/rsum")
     client = MlflowClient(mlflow_server)
     assert client.get_model_version_by_alias(promoted["model"], "champion").run_id == best["run_id"]

@@ -85,7 +85,8 @@ def test_stages_run_with_the_storage_root_on_s3(s3_bucket, ray_session, trained_
     storage.upload_dir(local_ckpt, f"{root}/checkpoints/entityclip")
     stage_index(cfg)
     metrics = stage_evaluate(cfg)
-    assert set(metrics) == {"test_seen", "test_unseen"}
+    # the index alone, and two-stage with entityclip's GI-ITM re-ranker (which reads the stored tokens)
+    assert set(metrics) == {"test_seen", "test_unseen", "itm/test_seen", "itm/test_unseen"}
     assert storage.read_json(f"{root}/eval/entityclip.json") == metrics
 
     # The in-process retrieval API reads checkpoint, FAISS index and entities from S3 too.

@@ -35,7 +35,9 @@ def test_checkpoint_is_stored_and_loadable(trained_run):
 
 def test_evaluation_reports_recall_per_split_and_direction(trained_run, mlflow_server):
     metrics = trained_run["metrics"]
-    assert set(metrics) == {"test_seen", "test_unseen"}
+    # the index alone, and two-stage with the model's re-ranker (rerank_k candidates re-scored)
+    assert set(metrics) == {"test_seen", "test_unseen", "itm/test_seen", "itm/test_unseen"}
+    assert metrics["itm/test_unseen"]["rerank_k"] == trained_run["cfg"].serve.rerank_k
     for split in metrics.values():
         for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"):
             assert 0.0 <= split[key] <= 100.0
@@ -43,6 +45,7 @@ def test_evaluation_reports_recall_per_split_and_direction(trained_run, mlflow_s
         assert split["rsum"] == pytest.approx(sum(v for k, v in split.items() if "_r" in k))
     logged = MlflowClient(mlflow_server).get_run(trained_run["train"].run_id).data.metrics
     assert logged["test_unseen/t2i_r1"] == pytest.approx(metrics["test_unseen"]["t2i_r1"])
+    assert logged["itm/test_unseen/rsum"] == pytest.approx(metrics["itm/test_unseen"]["rsum"])
 
 
 def test_unreachable_tracking_server_is_a_clear_error():

@@ -28,6 +28,10 @@ class DataConfig:
     source: str = "synthetic"
     source_path: str = ""  # the real dataset's root folder (local or s3://)
     skip_missing_images: bool = False  # real datasets: leave out samples whose image is missing
+    # Real datasets: object boxes from a detector's COCO-format results (data/detections.py), for
+    # the qperturb variant; boxes scoring under boxes_min_score are dropped.
+    boxes_path: str = ""
+    boxes_min_score: float = 0.5
     # Many entities, few samples each: with few entities a model matches by memorised names.
     num_entities: int = 96
     samples_per_entity: int = 6

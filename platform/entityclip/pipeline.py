@@ -35,6 +35,10 @@ def stage_data(cfg: PipelineConfig, progress: bool = True) -> dict:
         if not cfg.data.source_path:
             raise ConfigError(f"data.source={cfg.data.source} needs data.source_path (the dataset's folder)")
         rows, counts = ingest(cfg.data.source, cfg.data.source_path, cfg.data.skip_missing_images)
+        if cfg.data.boxes_path:
+            from entityclip.data.detections import attach_boxes, read_detections
+
+            counts["with_boxes"] = attach_boxes(rows, read_detections(cfg.data.boxes_path, cfg.data.boxes_min_score))
         storage.write_parquet(paths.samples, samples_table(rows))
         out = {"samples": paths.samples, **counts, "written": len(rows)}
     init_ray()

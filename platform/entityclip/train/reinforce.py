@@ -46,7 +46,7 @@ def write_teacher_embeddings(index_uri: str, checkpoint_uri: str, out_uri: str) 
     order = pa.array([text_row[sample_id] for sample_id in images["sample_id"].to_pylist()])
     table = pa.table({"sample_id": images["sample_id"], "image_embedding": images["embedding"],
                       "text_embedding": texts["embedding"].take(order)})
-    scale = float(load_model(checkpoint_uri).logit_scale)
+    scale = load_model(checkpoint_uri).logit_scale.item()
     storage.write_parquet(out_uri, table.replace_schema_metadata({SCALE_KEY: str(scale).encode()}))
     return table.num_rows
 
