@@ -32,17 +32,22 @@ def ray_start(*args: str, log: Path) -> subprocess.Popen:
         return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def stop_group(proc: subprocess.Popen) -> None:
-    for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+def stop_groups(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM every node's process group at once; whatever still runs 5 s later is killed (the
+    cluster is scratch)."""
+    for sig, wait_s in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
+        running = [p for p in procs if p.poll() is None]
+        for proc in running:
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + wait_s
+        for proc in running:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
 
 
 def alive_nodes(gcs_address: str) -> int:
@@ -75,8 +80,7 @@ def two_node_cluster(s3_endpoint):
             time.sleep(1)
         yield address
     finally:
-        for node in reversed(nodes):
-            stop_group(node)
+        stop_groups(nodes)
 
 
 def test_training_submitted_to_two_nodes_spreads_workers_and_stores_on_s3(
