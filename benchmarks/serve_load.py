@@ -72,7 +72,7 @@ async def closed_loop(url: str, texts: list[str], n: int, concurrency: int) -> d
 
 
 class ReplicaWatch:
-    """Polls Serve for the number of RUNNING replicas; remembers the most seen."""
+    """Polls Serve for the number of RUNNING retrieval replicas; remembers the most seen."""
 
     def __init__(self, app: str, period_s: float = 0.5):
         self.app, self.period_s, self.max_seen, self._stop = app, period_s, 0, threading.Event()
@@ -80,8 +80,9 @@ class ReplicaWatch:
     def running(self) -> int:
         from ray import serve
 
-        deployments = serve.status().applications[self.app].deployments.values()
-        return sum(d.replica_states.get("RUNNING", 0) for d in deployments)
+        # The retrieval replicas only: an Explainer deployment (LLM engines) does not autoscale with them.
+        deployment = serve.status().applications[self.app].deployments["RetrievalServer"]
+        return deployment.replica_states.get("RUNNING", 0)
 
     def _run(self) -> None:
         while not self._stop.is_set():
