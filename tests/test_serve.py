@@ -134,3 +134,27 @@ def test_gallery_images_are_served_by_id_with_cache_headers(url, sample):
 def test_anything_but_a_gallery_id_is_a_404(url, path):
     status, body, _ = raw_get(url, path)
     assert status == 404, (path, body[:200])
+
+
+@pytest.mark.parametrize("sets, deployment", [
+    (["explain.engine=knowledge"], False),
+    (["explain.engine=vllm"], False),  # an LLM on CPU: each replica explains in-process
+    (["explain.engine=vllm", "explain.num_gpus_per_actor=1"], True),  # an LLM with its GPU
+    (["explain.engine=hf", "serve.explainer=deployment"], True),
+    (["explain.engine=vllm", "explain.num_gpus_per_actor=1", "serve.explainer=in_process"], False),
+    (["explain.engine=knowledge", "serve.explainer=deployment"], False),  # nothing to deploy
+])
+def test_an_explainer_deployment_serves_only_an_llm_that_needs_a_gpu_unless_asked(sets, deployment):
+    from entityclip.config import load_config
+    from entityclip.serving.app import explainer_deployment
+
+    assert explainer_deployment(load_config(None, sets)) is deployment
+
+
+def test_an_unknown_explainer_placement_is_a_config_error():
+    from entityclip.config import load_config
+    from entityclip.errors import ConfigError
+    from entityclip.serving.app import explainer_deployment
+
+    with pytest.raises(ConfigError, match="serve.explainer"):
+        explainer_deployment(load_config(None, ["explain.engine=vllm", "serve.explainer=gpu"]))

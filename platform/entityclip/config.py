@@ -216,6 +216,10 @@ class ServeConfig:
     # batch to fill: a lone query goes at once, queries that queued meanwhile go together.
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.0
+    # Who explains online queries for an LLM engine: auto = an `Explainer` deployment when the
+    # LLM needs a GPU (explain.num_gpus_per_actor > 0), else each replica in-process;
+    # deployment | in_process force one (serving/app.py).
+    explainer: str = "auto"
     explain_cache_size: int = 10_000  # explanations kept in each replica's LRU cache
     # Second stage (rerank.py): the top `rerank_k` candidates of the index re-scored by the
     # model's re-ranker. auto = the variant's own (filip: late_interaction, xattn_fusion:
