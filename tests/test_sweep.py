@@ -14,7 +14,8 @@ from tests.conftest import tiny_config
 
 @pytest.mark.slow
 def test_a_grid_sweep_tracks_each_trial_and_promotes_the_best(ray_session, mlflow_server, tmp_path):
-    cfg = tiny_config(tmp_path, "train.epochs=1", f"tracking.uri={mlflow_server}", "tracking.experiment=sweeps")
+    cfg = tiny_config(tmp_path, "train.epochs=1", "train.num_workers=1", f"tracking.uri={mlflow_server}",
+                      "tracking.experiment=sweeps")
     stage_data(cfg, progress=False)
     stage_explain(cfg, progress=False)
 
