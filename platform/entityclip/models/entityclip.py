@@ -90,8 +90,8 @@ class EntityCLIP(nn.Module):
         self.image_size = backbone.image_size(self.clip)
         self.uses_experts = cfg.variant in (*ENTITYCLIP_LIKE, "entityclip_noexpl")
         self.uses_explanations = cfg.variant in ENTITYCLIP_LIKE
+        dim = backbone.embed_dim(self.clip)
         if self.uses_experts:
-            dim = backbone.embed_dim(self.clip)
             nv, ns, nt = cfg.n_vision_experts, cfg.n_shared_experts, cfg.n_text_experts
             self.mmae = MMAE(dim, nv, ns, nt)
             self.image_gate = Gate(dim, 1 + nv)
@@ -103,7 +103,6 @@ class EntityCLIP(nn.Module):
             if not 1 <= cfg.fusion_layers <= depth:
                 raise ConfigError(f"model.fusion_layers is {cfg.fusion_layers}; this backbone gives {depth} "
                                   "layers' token features per tower")
-            dim = backbone.embed_dim(self.clip)
             self.image_fusion, self.text_fusion = LayerFusion(cfg.fusion_layers), LayerFusion(cfg.fusion_layers)
             self.matcher = CrossAttentionMatcher(dim)
 
@@ -120,7 +119,7 @@ class EntityCLIP(nn.Module):
 
     @property
     def has_match_head(self) -> bool:
-        return self.uses_experts or self.cfg.variant == "xattn_fusion"
+        return self.reranker in ("itm", "xattn_fusion")
 
     @property
     def logit_scale(self) -> torch.Tensor:

@@ -135,18 +135,15 @@ class Objective(nn.Module):
             if m.uses_explanations and self.cfg.explanation_weight:
                 out["loss_explanation"] = contrastive_loss(image_emb, F.normalize(txt.expl_eot, dim=-1), scale)
                 loss = loss + self.cfg.explanation_weight * out["loss_explanation"]
-            if images.shape[0] > 1:
-                out["loss_itm"] = self._itm_loss(img, txt, scale * cls_img @ cls_txt.T)
-                loss = loss + self.cfg.itm_weight * out["loss_itm"]
-            if m.cfg.variant == "cprd" and images.shape[0] > 1 and self.cfg.distill_weight:
-                out["loss_distill"] = self._distill_loss(img, txt, scale * image_emb @ text_emb.T)
-                loss = loss + self.cfg.distill_weight * out["loss_distill"]
+        if m.has_match_head and images.shape[0] > 1:  # GI-ITM, or xattn_fusion's matcher
+            out["loss_itm"] = self._itm_loss(img, txt, scale * cls_img @ cls_txt.T)
+            loss = loss + self.cfg.itm_weight * out["loss_itm"]
+        if m.cfg.variant == "cprd" and images.shape[0] > 1 and self.cfg.distill_weight:
+            out["loss_distill"] = self._distill_loss(img, txt, scale * image_emb @ text_emb.T)
+            loss = loss + self.cfg.distill_weight * out["loss_distill"]
         if m.cfg.variant == "filip":
             out["loss_token"] = token_contrastive_loss(img.tokens, txt.tokens, txt.padding, scale)
             loss = loss + self.cfg.token_weight * out["loss_token"]
-        if m.cfg.variant == "xattn_fusion" and images.shape[0] > 1:
-            out["loss_itm"] = self._itm_loss(img, txt, scale * cls_img @ cls_txt.T)
-            loss = loss + self.cfg.itm_weight * out["loss_itm"]
         if teacher_image is not None and self.cfg.reinforce_weight:
             student = (image_emb, text_emb) if m.uses_experts else (cls_img, cls_txt)  # the retrieval embeddings
             out["loss_reinforce"] = self._reinforce_loss(*student, teacher_image, teacher_text, scale)
