@@ -19,7 +19,7 @@ SERVE_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     # Every endpoint is read-only, so a request whose replica died before answering (empty
-    # response) is safe to replay on another replica: a killed replica fails no request.
+    # response) is safe to replay on another replica. (HAProxy never replays a connection reset.)
     "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response response-timeout",
     "RAY_SERVE_HAPROXY_RETRIES": "3",
     # HAProxy runs on the same node as its replicas here and learns of a stopping replica
