@@ -63,7 +63,8 @@ def plain_loop(cfg, paths: RunPaths) -> dict:
 
     def collate(rows: list[dict]) -> dict:
         columns = {k: [r[k] for r in rows] for k in rows[0]}
-        return mask_names(preprocess(columns, image_size, context_length, tc.name_mask_prob > 0, model.uses_explanations))
+        return mask_names(preprocess(columns, image_size, context_length, tc.name_mask_prob > 0, model.uses_explanations,
+                                     groups=tc.positives == "entities"))
 
     start = time.perf_counter()
     loader = DataLoader(ShardRows(paths.shards, paths.explanations), batch_size=batch, shuffle=True, drop_last=True,
@@ -82,7 +83,7 @@ def plain_loop(cfg, paths: RunPaths) -> dict:
                 timings["data_s"] += time.perf_counter() - tick
                 tick = time.perf_counter()
                 with autocast(tc.precision, torch.device("cpu")):
-                    loss = objective(b["image"], b["text_ids"], b.get("explanation_ids"))["loss"]
+                    loss = objective(b["image"], b["text_ids"], b.get("explanation_ids"), groups=b.get("group"))["loss"]
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -96,6 +96,9 @@ def test_the_ranked_candidates_are_the_hardest_negatives_never_the_positive():
     sim = torch.tensor([[0.9, 0.1, 0.5, 0.3], [0.0, 0.9, 0.1, 0.8], [0.7, 0.6, 0.9, 0.0], [0.2, 0.3, 0.1, 0.9]])
     assert hardest_negatives(sim, 2).tolist() == [[2, 3], [3, 2], [0, 1], [1, 0]]
     assert hardest_negatives(sim, 10).shape == (4, 3)
+    sim[0, 1] = 0.8  # rows 0 and 1 show the same entities: never each other's negatives
+    assert hardest_negatives(sim, 2)[0].tolist() == [1, 2]
+    assert hardest_negatives(sim, 2, torch.tensor([4, 4, 1, 2]))[:2].tolist() == [[2, 3], [3, 2]]
 
 
 def test_cprd_distils_into_the_dual_encoder_and_never_into_its_teacher():

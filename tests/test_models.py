@@ -1,11 +1,12 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from entityclip.config import ModelConfig, TrainConfig
 from entityclip.errors import ConfigError
 from entityclip.models import VARIANTS, build_model
 from entityclip.train.checkpoint import load_model, save_checkpoint
-from entityclip.train.objective import Objective, sample_hard_negatives
+from entityclip.train.objective import Objective, contrastive_loss, positive_targets, sample_hard_negatives
 
 TINY = dict(image_size=32, patch_size=8, width=32, embed_dim=32, layers=1, heads=2, context_length=32,
             n_vision_experts=1, n_shared_experts=1, n_text_experts=1, fusion_layers=1)
@@ -59,6 +60,36 @@ def test_hard_negatives_are_never_the_positive():
     for _ in range(50):
         neg_txt, neg_img = sample_hard_negatives(sim)
         assert (neg_txt != torch.arange(6)).all() and (neg_img != torch.arange(6)).all()
+
+
+def test_hard_negatives_never_come_from_the_rows_group():
+    torch.manual_seed(0)
+    sim = torch.randn(6, 6)
+    sim[0, 1] = sim[1, 0] = 20.0  # rows 0 and 1 show the same entities and look most alike
+    groups = torch.tensor([7, 7, 1, 2, 3, 4])
+    for _ in range(50):
+        neg_txt, neg_img = sample_hard_negatives(sim, groups)
+        assert (groups[neg_txt] != groups).all() and (groups[neg_img] != groups).all()
+
+
+def test_the_contrastive_target_spreads_over_the_rows_showing_the_same_entities():
+    targets = positive_targets(torch.tensor([5, 9, 5, 2]), 4, 0, "cpu")
+    assert torch.equal(targets, torch.tensor([[0.5, 0, 0.5, 0], [0, 1, 0, 0], [0.5, 0, 0.5, 0], [0, 0, 0, 1]]))
+    assert torch.equal(positive_targets(None, 3, 4, "cpu"), torch.tensor([4, 5, 6]))
+
+
+def test_rows_of_one_group_are_not_each_others_negatives():
+    """Swapping the texts of two rows that show the same entities leaves the loss unchanged;
+    with pair targets it would change (the swap makes both rows' own pairs wrong)."""
+    torch.manual_seed(0)
+    img, txt = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+    swapped = txt[[2, 1, 0, 3]]
+    groups, scale = torch.tensor([5, 9, 5, 2]), torch.tensor(10.0)
+    assert contrastive_loss(img, swapped, scale, groups) == pytest.approx(contrastive_loss(img, txt, scale, groups).item())
+    assert contrastive_loss(img, swapped, scale) != pytest.approx(contrastive_loss(img, txt, scale).item())
+    # Rows in groups of their own are scored exactly as with pair targets.
+    distinct = torch.arange(4)
+    assert contrastive_loss(img, txt, scale, distinct) == pytest.approx(contrastive_loss(img, txt, scale).item())
 
 
 @pytest.mark.parametrize("variant", ["entityclip", "clip_finetune", "filip", "xattn_fusion"])

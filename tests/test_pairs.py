@@ -9,7 +9,7 @@ from entityclip.config import DataConfig
 from entityclip.data.pairs import NAME_MASK, load_pairs, mask_names
 from entityclip.data.synthetic import generate
 from entityclip.errors import InputError
-from entityclip.train.ingest import MaskNames, preprocess
+from entityclip.train.ingest import MaskNames, entity_group, preprocess
 
 
 @pytest.fixture()
@@ -53,6 +53,23 @@ def test_preprocess_decodes_and_tokenizes_and_the_collate_masks_names_at_its_rat
     assert "masked_text_ids" not in always and always["image"].dtype == torch.float32
     plain = preprocess(batch, image_size=16, context_length=24, masking=False, with_explanations=False)
     assert set(plain) == {"image", "text_ids"}
+
+
+def test_rows_showing_the_same_entities_share_a_group_and_rows_naming_none_are_alone():
+    assert entity_group("a", ["Velmora Rovers", "Ostrava Kites"]) == entity_group("b", ["Ostrava Kites", "Velmora Rovers"])
+    assert entity_group("a", ["Velmora Rovers"]) != entity_group("a", ["Velmora Rovers", "Ostrava Kites"])
+    assert entity_group("a", []) != entity_group("b", [])
+
+
+def test_preprocess_gives_each_row_its_entity_group(run):
+    pairs = load_pairs(*run)
+    batch = {"sample_id": [p.sample_id for p in pairs], "image": [storage.read_bytes(p.image_uri) for p in pairs],
+             "text": [p.text for p in pairs], "entities": [list(p.entities) for p in pairs]}
+    rows = preprocess(batch, image_size=16, context_length=24, masking=False, with_explanations=False, groups=True)
+    assert rows["group"].dtype == np.int64
+    same = rows["group"][:, None] == rows["group"][None, :]
+    expected = np.array([[set(a.entities) == set(b.entities) for b in pairs] for a in pairs])
+    assert (same == expected).all() and not same.all()
 
 
 def test_preprocess_names_the_sample_whose_image_is_corrupt(run):

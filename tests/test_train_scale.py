@@ -27,21 +27,22 @@ TINY_MODEL = ModelConfig(variant="entityclip", image_size=16, patch_size=8, widt
 OBJECTIVE = TrainConfig(itm_weight=0.0)
 
 
-def _global_batch(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _global_batch(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     model = build_model(TINY_MODEL)
     gen = torch.Generator().manual_seed(1)
     images = torch.randn(n, 3, 16, 16, generator=gen)
     ids = model.tokenize([f"Team {i} wins in town {i % 3}" for i in range(n)])
     expl = model.tokenize([f"team {i} wears colour {i % 5}" for i in range(n)])
-    return images, ids, expl
+    groups = torch.tensor([i % 3 for i in range(n)])  # positives in both workers' halves
+    return images, ids, expl, groups
 
 
-def _loss_and_grads(images, ids, expl, ddp: bool) -> tuple[float, dict[str, torch.Tensor]]:
+def _loss_and_grads(images, ids, expl, groups, ddp: bool) -> tuple[float, dict[str, torch.Tensor]]:
     torch.manual_seed(0)
     objective = Objective(build_model(TINY_MODEL), OBJECTIVE)
     if ddp:
         objective = torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)
-    loss = objective(images, ids, expl)["loss"]
+    loss = objective(images, ids, expl, groups=groups)["loss"]
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in objective.named_parameters() if p.grad is not None}
 
@@ -50,9 +51,8 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    images, ids, expl = _global_batch(8)
     part = slice(rank * 4, rank * 4 + 4)
-    loss, grads = _loss_and_grads(images[part], ids[part], expl[part], ddp=True)
+    loss, grads = _loss_and_grads(*(t[part] for t in _global_batch(8)), ddp=True)
     losses = [None] * world
     dist.all_gather_object(losses, loss)
     if rank == 0:
@@ -78,7 +78,7 @@ def test_two_workers_of_batch_b_learn_what_one_process_of_batch_2b_does(tmp_path
 
 def test_bf16_autocast_runs_the_model_in_bfloat16_on_cpu():
     model = build_model(TINY_MODEL)
-    images, ids, expl = _global_batch(4)
+    images, ids, expl, _ = _global_batch(4)
     with autocast("bf16", torch.device("cpu")):
         features = model.encode_images(images)
         loss = Objective(model, OBJECTIVE)(images, ids, expl)["loss"]

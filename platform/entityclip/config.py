@@ -147,6 +147,11 @@ class TrainConfig:
     reinforce_weight: float = 1.0
     # Hide entity names in this share of training texts (data/pairs.py); entityclip only.
     name_mask_prob: float = 0.5
+    # Each row's positives in the contrastive batch: entities = every row showing the same set of
+    # entities (what evaluate.relevance=entities counts as relevant), so that they are not pushed
+    # apart as negatives; pair = its own pair only (CLIP's target). Rows without entities are
+    # only their own positives either way.
+    positives: str = "entities"
     checkpoint_every_epochs: int = 5  # Ray Train checkpoints: resume point after a failure
     max_failures: int = 1  # worker-group failures survived by restarting from the last checkpoint
     seed: int = 0

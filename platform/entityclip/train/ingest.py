@@ -11,6 +11,7 @@ Only a few batches are in flight per worker, so its memory does not grow with th
 from __future__ import annotations
 
 import functools
+import hashlib
 
 import numpy as np
 import pyarrow as pa
@@ -51,11 +52,19 @@ def _tokenizer(context_length: int):
     return SimpleTokenizer(context_length=context_length)
 
 
+def entity_group(sample_id: str, entities) -> int:
+    """A row's positives group (train.positives=entities): a stable 63-bit hash of its entity set,
+    or of its sample id when it names no entity (it is then its own group)."""
+    key = "\x1f".join(sorted(entities)) if len(entities) else "\x1e" + sample_id
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
+
+
 def preprocess(batch: dict[str, np.ndarray], image_size: int, context_length: int, masking: bool,
-               with_explanations: bool) -> dict[str, np.ndarray]:
+               with_explanations: bool, groups: bool = False) -> dict[str, np.ndarray]:
     """Encoded rows -> model inputs: image [B,3,S,S] float32; text_ids, masked_text_ids (with
-    `masking`) and explanation_ids (with `with_explanations`), each [B,L] int64; teacher
-    embeddings, where the rows carry them, as [B,D] float32."""
+    `masking`) and explanation_ids (with `with_explanations`), each [B,L] int64; with `groups`,
+    each row's entity group [B] int64; teacher embeddings, where the rows carry them, as [B,D]
+    float32."""
     images = []
     for sample_id, data in zip(batch["sample_id"], batch["image"]):
         try:
@@ -68,6 +77,9 @@ def preprocess(batch: dict[str, np.ndarray], image_size: int, context_length: in
         out["masked_text_ids"] = tokenize([mask_names(t, tuple(e)) for t, e in zip(batch["text"], batch["entities"])]).numpy()
     if with_explanations:
         out["explanation_ids"] = tokenize(list(batch["explanation"])).numpy()
+    if groups:
+        out["group"] = np.array([entity_group(i, e) for i, e in zip(batch["sample_id"], batch["entities"])],
+                                dtype=np.int64)
     for name in TEACHER_COLUMNS:
         if name in batch:
             out[name] = np.stack(batch[name]).astype(np.float32)
@@ -107,7 +119,8 @@ def training_dataset(shards_uri: str, explanations_uri: str, model: ModelConfig,
     ds = ds.map_batches(preprocess, batch_size=train.batch_size, fn_kwargs={
         "image_size": image_size, "context_length": context_length,
         # Masking only helps a model that can fall back on the explanation.
-        "masking": with_explanations and train.name_mask_prob > 0, "with_explanations": with_explanations})
+        "masking": with_explanations and train.name_mask_prob > 0, "with_explanations": with_explanations,
+        "groups": train.positives == "entities"})
     if train.cache == "decoded":
         ds = ds.materialize()
     from ray.data import RandomSeedConfig

@@ -140,7 +140,7 @@ def train_loop_per_worker(config: dict) -> None:
                 with sync:
                     with autocast(tc.precision, device):
                         losses = objective(batch["image"], batch["text_ids"], batch.get("explanation_ids"),
-                                           batch.get("teacher_image"), batch.get("teacher_text"))
+                                           batch.get("teacher_image"), batch.get("teacher_text"), batch.get("group"))
                     scaler.scale(losses["loss"] / tc.grad_accum_steps).backward()
                 timings["compute_s"] += time.perf_counter() - tick
             tick = time.perf_counter()

@@ -27,6 +27,11 @@ contrastive loss, since their first stage searches with the plain features.
 With `train.reinforce_teacher`, any variant also learns a trained teacher's similarities over
 the global batch from stored embeddings (MobileCLIP's reinforced training, train/reinforce.py).
 
+With `train.positives: entities` (the default), rows showing the same entities are each other's
+positives: the contrastive target spreads evenly over them, and ITM and CPRD never mine them as
+negatives. Scenes of the same entities differ only in layout, and evaluation counts them as
+relevant; as CLIP's negatives they would teach the model to tell apart what it must match.
+
 Negatives span the global batch: each worker gathers every worker's features with gradients
 and scores its own rows against all of them (open_clip's gather_with_grad + local_loss). With
 DDP averaging the gradients, N workers of batch b learn exactly what one process of batch N·b
@@ -55,22 +60,44 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat(dist_fn.all_gather(x)), dist.get_rank() * x.shape[0]
 
 
-def symmetric_cross_entropy(image_to_text: torch.Tensor, text_to_image: torch.Tensor, offset: int) -> torch.Tensor:
-    """InfoNCE both ways: row i of each [b, N] logit matrix has its positive at column offset + i."""
-    target = torch.arange(image_to_text.shape[0], device=image_to_text.device) + offset
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """Every worker's rows of `x` concatenated in rank order, without gradients (labels)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x)
+    return torch.cat(parts)
+
+
+def positive_targets(groups: torch.Tensor | None, n: int, offset: int, device) -> torch.Tensor:
+    """Targets over the global batch for this worker's rows: without `groups`, row i's positive
+    is its own pair (column offset + i); with them, every column of the row's group shares the
+    probability evenly (rows showing the same entities are not each other's negatives)."""
+    if groups is None:
+        return torch.arange(n, device=device) + offset
+    same = (groups[:, None] == gather(groups)[None, :]).float()
+    return same / same.sum(dim=1, keepdim=True)
+
+
+def symmetric_cross_entropy(image_to_text: torch.Tensor, text_to_image: torch.Tensor, offset: int,
+                            groups: torch.Tensor | None = None) -> torch.Tensor:
+    """InfoNCE both ways over [b, N] logit matrices whose row i is this worker's pair i and whose
+    columns are the global batch; positives as `positive_targets` says."""
+    target = positive_targets(groups, image_to_text.shape[0], offset, image_to_text.device)
     return (F.cross_entropy(image_to_text, target) + F.cross_entropy(text_to_image, target)) / 2
 
 
-def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
+                     groups: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE over unit-norm features, this worker's pairs against the global batch."""
     img, txt = img.float(), txt.float()  # the softmax over the batch wants fp32 under autocast
     all_img, offset = gather_with_grad(img)
     all_txt, _ = gather_with_grad(txt)
-    return symmetric_cross_entropy(scale * img @ all_txt.T, scale * txt @ all_img.T, offset)
+    return symmetric_cross_entropy(scale * img @ all_txt.T, scale * txt @ all_img.T, offset, groups)
 
 
 def token_contrastive_loss(img_tokens: torch.Tensor, txt_tokens: torch.Tensor, txt_padding: torch.Tensor,
-                           scale: torch.Tensor) -> torch.Tensor:
+                           scale: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
     """FILIP's token-wise InfoNCE: image→text logits from the image-to-text late interaction,
     text→image from the text-to-image one, over the global batch."""
     all_img, offset = gather_with_grad(img_tokens)
@@ -78,20 +105,31 @@ def token_contrastive_loss(img_tokens: torch.Tensor, txt_tokens: torch.Tensor, t
     all_padding = gather_with_grad(txt_padding.float())[0] > 0.5
     image_to_text, _ = token_similarities(img_tokens, all_txt, all_padding)  # [b, N]
     _, text_to_image = token_similarities(all_img, txt_tokens, txt_padding)  # [N, b]
-    return symmetric_cross_entropy(scale * image_to_text, scale * text_to_image.T, offset)
+    return symmetric_cross_entropy(scale * image_to_text, scale * text_to_image.T, offset, groups)
+
+
+def positives(n: int, groups: torch.Tensor | None, device) -> torch.Tensor:
+    """[n, n] boolean: which rows of a worker's batch are each row's positives (its own pair, and
+    with `groups` the rows of its group)."""
+    if groups is None:
+        return torch.eye(n, dtype=torch.bool, device=device)
+    return groups[:, None] == groups[None, :]
 
 
 @torch.no_grad()
-def sample_hard_negatives(similarity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_hard_negatives(similarity: torch.Tensor, groups: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """ALBEF-style: for each image a negative text, for each text a negative image, drawn with
-    probability softmax(similarity) over the off-diagonal entries."""
-    n = similarity.shape[0]
-    off_diag = ~torch.eye(n, dtype=torch.bool, device=similarity.device)
-    weights = similarity.softmax(dim=1) * off_diag + 1e-5 * off_diag
-    neg_text_for_image = torch.multinomial(weights, 1).squeeze(1)
-    weights_t = similarity.T.softmax(dim=1) * off_diag + 1e-5 * off_diag
-    neg_image_for_text = torch.multinomial(weights_t, 1).squeeze(1)
-    return neg_text_for_image, neg_image_for_text
+    probability softmax(similarity) over its negatives (a row whose batch holds only positives
+    gets another positive: a rare false negative for the matching loss)."""
+    negative = ~positives(similarity.shape[0], groups, similarity.device)
+    off_diag = ~torch.eye(similarity.shape[0], dtype=torch.bool, device=similarity.device)
+    allowed = torch.where(negative.any(dim=1, keepdim=True), negative, off_diag)
+
+    def draw(sim: torch.Tensor) -> torch.Tensor:
+        return torch.multinomial((sim.softmax(dim=1) + 1e-5) * allowed, 1).squeeze(1)
+
+    return draw(similarity), draw(similarity.T)
 
 
 def partial_ranking_loss(student: torch.Tensor, teacher: torch.Tensor, ranked: int) -> torch.Tensor:
@@ -104,11 +142,11 @@ def partial_ranking_loss(student: torch.Tensor, teacher: torch.Tensor, ranked: i
     return (rest - in_teacher_order)[:, :ranked].mean()
 
 
-def hardest_negatives(similarity: torch.Tensor, k: int) -> torch.Tensor:
-    """[N, k] column indices of each row's k most similar columns, its own pair (the diagonal)
-    excluded; k is capped at N - 1."""
+def hardest_negatives(similarity: torch.Tensor, k: int, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, k] column indices of each row's k most similar columns, its positives excluded (they
+    rank last, should a row have fewer than k negatives); k is capped at N - 1."""
     n = similarity.shape[0]
-    masked = similarity.masked_fill(torch.eye(n, dtype=torch.bool, device=similarity.device), float("-inf"))
+    masked = similarity.masked_fill(positives(n, groups, similarity.device), float("-inf"))
     return masked.topk(min(k, n - 1), dim=1).indices
 
 
@@ -120,29 +158,32 @@ class Objective(nn.Module):
         self.teacher_scale = teacher_scale  # reinforced training: the teacher's logit scale
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor, expl_ids: torch.Tensor | None,
-                teacher_image: torch.Tensor | None = None, teacher_text: torch.Tensor | None = None
-                ) -> dict[str, torch.Tensor]:
+                teacher_image: torch.Tensor | None = None, teacher_text: torch.Tensor | None = None,
+                groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """`groups`: [b] int64, rows of equal value are each other's positives (train.positives);
+        None: each row's positive is its own pair."""
         m = self.model
         img, txt = m.encode_images(images), m.encode_texts(ids, expl_ids)
         scale = m.logit_scale
         cls_img, cls_txt = F.normalize(img.cls, dim=-1), F.normalize(txt.eot, dim=-1)
-        out = {"loss_plain": contrastive_loss(cls_img, cls_txt, scale)}
+        out = {"loss_plain": contrastive_loss(cls_img, cls_txt, scale, groups)}
         loss = self.cfg.plain_weight * out["loss_plain"]
         if m.uses_experts:
             image_emb, text_emb = m.image_embedding(img), m.text_embedding(txt)
-            out["loss_gated"] = contrastive_loss(image_emb, text_emb, scale)
+            out["loss_gated"] = contrastive_loss(image_emb, text_emb, scale, groups)
             loss = loss + self.cfg.gated_weight * out["loss_gated"]
             if m.uses_explanations and self.cfg.explanation_weight:
-                out["loss_explanation"] = contrastive_loss(image_emb, F.normalize(txt.expl_eot, dim=-1), scale)
+                out["loss_explanation"] = contrastive_loss(image_emb, F.normalize(txt.expl_eot, dim=-1), scale,
+                                                           groups)
                 loss = loss + self.cfg.explanation_weight * out["loss_explanation"]
         if m.has_match_head and images.shape[0] > 1:  # GI-ITM, or xattn_fusion's matcher
-            out["loss_itm"] = self._itm_loss(img, txt, scale * cls_img @ cls_txt.T)
+            out["loss_itm"] = self._itm_loss(img, txt, scale * cls_img @ cls_txt.T, groups)
             loss = loss + self.cfg.itm_weight * out["loss_itm"]
         if m.cfg.variant == "cprd" and images.shape[0] > 1 and self.cfg.distill_weight:
-            out["loss_distill"] = self._distill_loss(img, txt, scale * image_emb @ text_emb.T)
+            out["loss_distill"] = self._distill_loss(img, txt, scale * image_emb @ text_emb.T, groups)
             loss = loss + self.cfg.distill_weight * out["loss_distill"]
         if m.cfg.variant == "filip":
-            out["loss_token"] = token_contrastive_loss(img.tokens, txt.tokens, txt.padding, scale)
+            out["loss_token"] = token_contrastive_loss(img.tokens, txt.tokens, txt.padding, scale, groups)
             loss = loss + self.cfg.token_weight * out["loss_token"]
         if teacher_image is not None and self.cfg.reinforce_weight:
             student = (image_emb, text_emb) if m.uses_experts else (cls_img, cls_txt)  # the retrieval embeddings
@@ -159,8 +200,8 @@ class Objective(nn.Module):
         return similarity_distillation_loss(student_img, student_txt, gathered[0], gathered[1], teacher_img,
                                             teacher_txt, gathered[2], gathered[3], scale, self.teacher_scale)
 
-    def _itm_loss(self, img, txt, similarity: torch.Tensor) -> torch.Tensor:
-        neg_txt, neg_img = sample_hard_negatives(similarity.detach())
+    def _itm_loss(self, img, txt, similarity: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
+        neg_txt, neg_img = sample_hard_negatives(similarity.detach(), groups)
         m = self.model
         pos = m.match_logits(img, txt)
         neg_a = m.match_logits(img, txt.select(neg_txt))
@@ -169,12 +210,12 @@ class Objective(nn.Module):
         labels = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg_a) + len(neg_b))]).long().to(logits.device)
         return F.cross_entropy(logits, labels)
 
-    def _distill_loss(self, img, txt, similarity: torch.Tensor) -> torch.Tensor:
+    def _distill_loss(self, img, txt, similarity: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
         """CPRD both ways: texts' negative images and images' negative texts."""
         k, ranked = self.cfg.distill_candidates, self.cfg.distill_ranked
         losses = []
         for sim, queries_are_texts in ((similarity.T, True), (similarity, False)):
-            candidates = hardest_negatives(sim.detach(), k)  # [N, k]
+            candidates = hardest_negatives(sim.detach(), k, groups)  # [N, k]
             rows = torch.arange(sim.shape[0], device=sim.device).unsqueeze(1).expand_as(candidates)
             image_rows, text_rows = (candidates, rows) if queries_are_texts else (rows, candidates)
             with torch.no_grad():

@@ -55,6 +55,7 @@ def _follow(future, tracker: Tracker, run_id: str, epochs: int, label: str, prog
 
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 CACHES = ("none", "encoded", "decoded")
+POSITIVES = ("entities", "pair")
 
 
 def check_train_config(cfg: PipelineConfig, rows: int) -> None:
@@ -67,6 +68,8 @@ def check_train_config(cfg: PipelineConfig, rows: int) -> None:
         raise ConfigError(f"train.placement_strategy={tc.placement_strategy!r}; choose one of {list(PLACEMENTS)}")
     if tc.cache not in CACHES:
         raise ConfigError(f"train.cache={tc.cache!r}; choose one of {list(CACHES)}")
+    if tc.positives not in POSITIVES:
+        raise ConfigError(f"train.positives={tc.positives!r}; choose one of {list(POSITIVES)}")
     if min(tc.num_workers, tc.batch_size, tc.grad_accum_steps, tc.epochs) < 1:
         raise ConfigError("train.num_workers, batch_size, grad_accum_steps and epochs must be at least 1")
     needed = tc.num_workers * tc.batch_size * tc.grad_accum_steps
