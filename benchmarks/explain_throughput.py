@@ -12,7 +12,7 @@ one batch), then a full run; throughput is the full run's extra rows over its ex
 start-up is not counted twice (Ray Data's LLM processor returns rows in bursts, so the time to
 the first written chunk would not measure start-up). Tokens are those of the written explanations counted with the
 LM's own tokenizer, the same count for every engine. Peak RSS is the engine actor's process
-(Ray Data's MapWorker), sampled every 0.2 s. Every run writes to a fresh output, so nothing
+(Ray Data's MapWorker) with the processes it starts (vLLM's engine core), sampled every 0.2 s. Every run writes to a fresh output, so nothing
 comes from the explanation cache.
 
     .venv/bin/python benchmarks/explain_throughput.py [--root runs/default] [--rows 4096] [--json FILE]
@@ -49,21 +49,36 @@ ENGINES = ("vllm", "hf", "knowledge")
 
 class PeakEngineRSS:
     """Samples /proc for the engine actors' processes (Ray Data map actors, titled
-    "ray::MapWorker(...)") and keeps the largest resident set seen."""
+    "ray::MapWorker(...)") with the processes they start (vLLM's engine core runs in a child
+    process), and keeps the largest resident set of one actor and its children seen."""
 
     def __init__(self, every_s: float = 0.2):
         self.every_s, self.peak_kb, self._stop = every_s, 0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> None:
+        parent, rss, actors = {}, {}, []
         for proc in Path("/proc").iterdir():
             try:
-                if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::MapWorker"):
-                    for line in (proc / "status").read_text().splitlines():
-                        if line.startswith("VmRSS:"):
-                            self.peak_kb = max(self.peak_kb, int(line.split()[1]))
-            except OSError:  # the process ended between listing and reading
+                if not proc.name.isdigit():
+                    continue
+                pid = int(proc.name)
+                fields = dict(line.split(":", 1) for line in (proc / "status").read_text().splitlines() if ":" in line)
+                parent[pid], rss[pid] = int(fields["PPid"]), int(fields.get("VmRSS", "0 kB").split()[0])
+                if (proc / "cmdline").read_bytes().startswith(b"ray::MapWorker"):
+                    actors.append(pid)
+            except (OSError, KeyError, ValueError):  # the process ended between listing and reading
                 continue
+
+        def under(pid: int, actor: int) -> bool:
+            while pid > 1:
+                if pid == actor:
+                    return True
+                pid = parent.get(pid, 0)
+            return False
+
+        for actor in actors:
+            self.peak_kb = max(self.peak_kb, sum(kb for pid, kb in rss.items() if under(pid, actor)))
 
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):

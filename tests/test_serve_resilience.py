@@ -111,9 +111,8 @@ def test_replicas_scale_out_under_load_and_back_to_min_after_it(trained_run, ser
 
 def test_a_killed_replica_loses_at_most_a_few_requests_around_the_kill(trained_run, serve_port, cleanup):
     """HAProxy replays on the other replica the requests the dead one had accepted (they are
-    read-only). A request it sent over a pooled connection that the kernel reset as the replica
-    died is never retried (HAProxy does not retry resets; on a keep-alive client connection it
-    closes without an answer): at most a few requests around the kill may fail, none after it."""
+    read-only), but never one whose connection the dying replica's kernel reset rather than
+    closed: at most a few requests around the kill may fail, none after it."""
     clients = 8
     url = deploy(trained_run, serve_port, min_replicas=2, max_replicas=2)
     assert wait_for(lambda: len(running_replicas()) == 2, timeout_s=60)
