@@ -33,7 +33,9 @@ from entityclip.train.precision import PRECISIONS, autocast, grad_scaler
 WORDS = "rovers lift cup city council opens bridge storm hits coast singer wins award team signs striker".split()
 
 
-def batches(cfg, model, batch: int, count: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def batches(cfg, model, batch: int, count: int, seed: int) -> list[tuple[torch.Tensor, ...]]:
+    """(images, text ids, explanation ids, entity groups or None) per step; with
+    train.positives=entities, rows fall in groups of about four, as same-entity rows would."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     size, _ = input_sizes(cfg.model)
@@ -41,7 +43,10 @@ def batches(cfg, model, batch: int, count: int, seed: int) -> list[tuple[torch.T
     def texts() -> torch.Tensor:
         return model.tokenize([" ".join(rng.choices(WORDS, k=rng.randint(4, 12))) for _ in range(batch)])
 
-    return [(torch.randn(batch, 3, size, size, generator=gen), texts(), texts()) for _ in range(count)]
+    def groups() -> torch.Tensor | None:
+        return torch.randint(0, max(1, batch // 4), (batch,), generator=gen) if cfg.train.positives == "entities" else None
+
+    return [(torch.randn(batch, 3, size, size, generator=gen), texts(), texts(), groups()) for _ in range(count)]
 
 
 def run(cfg, precision: str, device: torch.device, data, warmup: int) -> dict:
@@ -53,14 +58,15 @@ def run(cfg, precision: str, device: torch.device, data, warmup: int) -> dict:
     losses, timed, start = [], 0, 0.0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for step, (images, ids, expl_ids) in enumerate(data):
+    for step, (images, ids, expl_ids, groups) in enumerate(data):
         if step == warmup:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
         images, ids, expl_ids = images.to(device), ids.to(device), expl_ids.to(device)
+        groups = groups.to(device) if groups is not None else None
         with autocast(precision, device):
-            loss = objective(images, ids, expl_ids if model.uses_explanations else None)["loss"]
+            loss = objective(images, ids, expl_ids if model.uses_explanations else None, groups=groups)["loss"]
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
