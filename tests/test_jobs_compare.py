@@ -63,12 +63,20 @@ def test_compare_promotes_the_best_run_and_promote_sets_any_alias(trained_run, m
     from entityclip.compare import collect, promote_best
 
     cfg = trained_run["cfg"]
-    rows = [r for r in collect(cfg) if r["test_unseen/rsum"] is not None]
-    assert any(r["reranker"] == "itm" and not r["served"] for r in rows)  # entityclip +itm: evaluated, not served
-    best = max((r for r in rows if r["served"]), key=lambda r: r["test_unseen/rsum"])
-    promoted = promote_best(cfg, "test_unseen/rsum")
     client = MlflowClient(mlflow_server)
-    assert client.get_model_version_by_alias(promoted["model"], "champion").run_id == best["run_id"]
+    # A run that evaluated but registered no model has nothing to promote, however well it scored.
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    evaluated_only = client.create_run(experiment, tags={"variant": "entityclip"}, run_name="evaluated-only").info.run_id
+    client.log_metric(evaluated_only, "test_unseen/rsum", 600.0)
+    try:
+        rows = [r for r in collect(cfg) if r["test_unseen/rsum"] is not None]
+        assert any(r["reranker"] == "itm" and not r["served"] for r in rows)  # entityclip +itm: evaluated, not served
+        registered = [r for r in rows if r["served"] and client.search_model_versions(f"run_id = '{r['run_id']}'")]
+        best = max(registered, key=lambda r: r["test_unseen/rsum"])
+        promoted = promote_best(cfg, "test_unseen/rsum")
+        assert client.get_model_version_by_alias(promoted["model"], "champion").run_id == best["run_id"]
+    finally:
+        client.delete_run(evaluated_only)
 
     version = trained_run["model"].version
     result = run_cli("promote", "entityclip-entityclip", version, "--alias", "staging",

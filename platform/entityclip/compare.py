@@ -102,20 +102,22 @@ METRICS = [f"{s}/{c}" for s in SPLITS for c in COLUMNS]
 
 def promote_best(cfg: PipelineConfig, metric: str, alias: str = "champion", sweep: str | None = None) -> dict:
     """Set `alias` on the model version of the compared run (or sweep trial) that is best by
-    `metric` (higher is better), as served by default (a re-ranked row counts for the variants
-    whose retrieval it defines, rerank.py). Registered models are one per variant
-    (`<tracking.registered_model>-<variant>`)."""
+    `metric` (higher is better) among those that registered a model, as served by default (a
+    re-ranked row counts for the variants whose retrieval it defines, rerank.py). Registered
+    models are one per variant (`<tracking.registered_model>-<variant>`)."""
     if metric not in METRICS:
         raise ConfigError(f"cannot promote by {metric!r}; choose one of {METRICS}")
     rows = [r for r in collect(cfg, sweep) if r[metric] is not None and r["served"]]
-    if not rows:
-        where = f"sweep {sweep!r} of " if sweep else ""
-        raise ConfigError(f"no evaluated runs in {where}experiment {cfg.tracking.experiment!r} to promote")
-    best = max(rows, key=lambda r: r[metric])
     tracker = tracker_for(cfg)
-    name, version = tracker.version_of_run(best["run_id"])
-    tracker.set_alias(name, version, alias)
-    return {"model": name, "version": version, "alias": alias, "run": best["run"], metric: best[metric]}
+    for best in sorted(rows, key=lambda r: r[metric], reverse=True):
+        registered = tracker.version_of_run(best["run_id"])
+        if registered:  # an evaluated run that registered no model has nothing to promote
+            name, version = registered
+            tracker.set_alias(name, version, alias)
+            return {"model": name, "version": version, "alias": alias, "run": best["run"], metric: best[metric]}
+    where = f"sweep {sweep!r} of " if sweep else ""
+    raise ConfigError(f"no evaluated runs with a registered model in {where}experiment "
+                      f"{cfg.tracking.experiment!r} to promote")
 
 
 def compare_runs(cfg: PipelineConfig, plot_path: str | None = None, html_path: str | None = None,

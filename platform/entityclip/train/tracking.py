@@ -131,13 +131,11 @@ class Tracker:
         self._call(f"set alias {alias!r} on {name} version {version}",
                    lambda: self.client.set_registered_model_alias(name, alias, str(version)))
 
-    def version_of_run(self, run_id: str) -> tuple[str, str]:
-        """(registered model name, version) that training run `run_id` registered."""
+    def version_of_run(self, run_id: str) -> tuple[str, str] | None:
+        """(registered model name, version) that training run `run_id` registered, or None."""
         versions = self._call("find the run's model version",
                               lambda: self.client.search_model_versions(f"run_id = '{run_id}'"))
-        if not versions:
-            raise TrackingError(f"run {run_id} registered no model version")
-        return versions[0].name, str(versions[0].version)
+        return (versions[0].name, str(versions[0].version)) if versions else None
 
     def model_version(self, name: str, version: str | None = None, alias: str | None = None) -> tuple[str, str]:
         """(version, run id) of registered model `name`'s `version`, or the one `alias` names."""
