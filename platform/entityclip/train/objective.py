@@ -60,22 +60,13 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat(dist_fn.all_gather(x)), dist.get_rank() * x.shape[0]
 
 
-def gather(x: torch.Tensor) -> torch.Tensor:
-    """Every worker's rows of `x` concatenated in rank order, without gradients (labels)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x)
-    return torch.cat(parts)
-
-
 def positive_targets(groups: torch.Tensor | None, n: int, offset: int, device) -> torch.Tensor:
     """Targets over the global batch for this worker's rows: without `groups`, row i's positive
     is its own pair (column offset + i); with them, every column of the row's group shares the
     probability evenly (rows showing the same entities are not each other's negatives)."""
     if groups is None:
         return torch.arange(n, device=device) + offset
-    same = (groups[:, None] == gather(groups)[None, :]).float()
+    same = (groups[:, None] == gather_with_grad(groups)[0][None, :]).float()
     return same / same.sum(dim=1, keepdim=True)
 
 
