@@ -114,6 +114,7 @@ def test_training_in_bf16_with_accumulation_and_clipping_streaming_from_storage(
     (["train.placement_strategy=ANYWHERE"], "placement_strategy"),
     (["train.batch_size=64"], "fewer than one optimizer step needs"),
     (["train.cache=ram"], "train.cache"),
+    (["train.positives=names"], "train.positives"),
 ])
 def test_impossible_training_configs_are_config_errors(trained_run, mlflow_server, overrides, message):
     cfg = tiny_config(trained_run["root"], f"tracking.uri={mlflow_server}", "tracking.experiment=bad-config",
