@@ -15,7 +15,7 @@ LM's own tokenizer, the same count for every engine. Peak RSS is the engine acto
 (Ray Data's MapWorker) with the processes it starts (vLLM's engine core), sampled every 0.2 s. Every run writes to a fresh output, so nothing
 comes from the explanation cache.
 
-    .venv/bin/python benchmarks/explain_throughput.py [--root runs/default] [--rows 4096] [--json FILE]
+    .venv/bin/python benchmarks/explain_throughput.py [--root runs/default] [--rows 16384] [--json FILE]
 
 The root needs the data stage and the world LM (`entityclip data`, `entityclip lm`); both are
 made when missing.
@@ -119,7 +119,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default=None, help="run root with the synthetic data and world LM (default: the config's)")
     parser.add_argument("--config", default=None)
-    parser.add_argument("--rows", type=int, default=4096, help="distinct prompts in the full run")
+    parser.add_argument("--rows", type=int, default=16384,
+                        help="distinct prompts in the full run (fewer: start-up noise outweighs the difference)")
     parser.add_argument("--warmup-rows", type=int, default=8, help="prompts in the start-up run")
     parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")

@@ -19,7 +19,8 @@ from entityclip.data.synthetic import generate
 from entityclip.errors import EntityClipError
 from entityclip.config import to_dict
 from entityclip.errors import ConfigError
-from entityclip.explain.engines import LLM_VENV_PYTHON, ExplainRequest, KnowledgeEngine, VLLMEngine, in_process
+from entityclip.explain.engines import (LLM_VENV_PYTHON, ExplainRequest, HFEngine, KnowledgeEngine, VLLMEngine,
+                                       in_process)
 from entityclip.explain.hygiene import NO_EXPLANATION, clean_explanation
 from entityclip.explain.pipeline import CRASH_AFTER_CHUNKS_ENV, EXPLANATIONS_SCHEMA, run_explain
 from entityclip.explain.prompts import PROMPT_VERSION, build_prompt, explanation_key, fit_prompt
@@ -155,6 +156,13 @@ def test_the_real_vllm_engine_serves_the_world_lm_through_ray_data(ray_session, 
     assert {r["engine"] for r in rows} == {"vllm"}
     assert {r["model"].rsplit("@", 1)[0] for r in rows} == {str(world_root / "lm")}  # folder@fingerprint
     assert all(r["explanation"].strip() for r in rows)
+    # The stage hands vLLM token ids it made with the model's tokenizer: greedy decoding from them
+    # writes what transformers generate writes from the text (bf16 may flip a rare token).
+    samples = {s["sample_id"]: s for s in storage.read_parquet(str(world_root / "data" / "samples.parquet")).to_pylist()}
+    hf = HFEngine(ExplainConfig(engine="hf", model=str(world_root / "lm"), max_tokens=8))
+    peer = hf.explain([ExplainRequest(samples[r["sample_id"]]["text"], tuple(samples[r["sample_id"]]["entities"]))
+                       for r in rows])
+    assert sum(r["explanation"] == p for r, p in zip(rows, peer)) >= 0.9 * len(rows)
     again = stage_explain(cfg, progress=False)
     assert (again.generated, again.cached) == (0, first.unique_inputs)  # nothing regenerated
 

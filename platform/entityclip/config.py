@@ -73,6 +73,9 @@ class ExplainConfig:
     # 512 / 16384 gave 8-9% more tokens/s than vLLM's defaults (benchmarks/explain_throughput.py).
     max_num_seqs: int = 512
     max_num_batched_tokens: int = 16384
+    # KV-cache block in tokens (0: vLLM's default, 128 on CPU). Prefix caching reuses whole
+    # blocks only: at 32 every prompt's first block, inside the shared instruction, is computed once.
+    block_size: int = 32
     # Clean-up of generations (explain/hygiene.py): longer explanations are cut at a sentence.
     max_explanation_chars: int = 400
 

@@ -164,7 +164,7 @@ def sampling_params(cfg: ExplainConfig) -> dict:
 def vllm_engine_kwargs(cfg: ExplainConfig) -> dict:
     kwargs = {"dtype": cfg.dtype, "enforce_eager": cfg.enforce_eager, "max_model_len": cfg.max_model_len,
               "tensor_parallel_size": cfg.tensor_parallel_size}
-    for name in ("max_num_seqs", "max_num_batched_tokens"):  # 0: vLLM's own default for the device
+    for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):  # 0: vLLM's own default for the device
         if getattr(cfg, name):
             kwargs[name] = getattr(cfg, name)
     return kwargs

@@ -52,12 +52,13 @@ class ExplainActor:
 
 
 @functools.lru_cache(maxsize=2)
-def _token_counter(model: str):
-    """The model's own token count (loaded once per Ray worker process)."""
+def _encoder(model: str):
+    """The model's own tokenizer as text -> token ids (loaded once per Ray worker process). It
+    remembers its last text: fitting a prompt ends by counting the prompt it returns."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model)
-    return lambda text: len(tokenizer(text)["input_ids"])
+    return functools.lru_cache(maxsize=1)(lambda text: tuple(tokenizer(text)["input_ids"]))
 
 
 def vllm_processor(cfg: ExplainConfig):
@@ -74,8 +75,12 @@ def vllm_processor(cfg: ExplainConfig):
         placement = {"bundles": [{"CPU": 1}] * cfg.tensor_parallel_size}
 
     def prepare(row: dict) -> dict:
-        prompt, _ = fit_prompt(row["text"], list(row["entities"]), _token_counter(model), budget)
-        return {"key": row["key"], "names": list(row["entities"]), "prompt": prompt, "sampling_params": params}
+        encode = _encoder(model)
+        prompt, _ = fit_prompt(row["text"], list(row["entities"]), lambda text: len(encode(text)), budget)
+        # Token ids, not text: the prompt was tokenized to fit it, and vLLM's front end, which
+        # shares the engine actor's CPU, need not do it again.
+        return {"key": row["key"], "names": list(row["entities"]), "tokenized_prompt": list(encode(prompt)),
+                "sampling_params": params}
 
     def finish(row: dict) -> dict:
         return {"key": row["key"], "explanation": clean_explanation(row["generated_text"], list(row["names"]), max_chars)}
@@ -83,7 +88,7 @@ def vllm_processor(cfg: ExplainConfig):
     config = vLLMEngineProcessorConfig(
         model_source=model, engine_kwargs=vllm_engine_kwargs(cfg), batch_size=cfg.batch_size,
         concurrency=cfg.num_actors, runtime_env=vllm_runtime_env(cfg), placement_group_config=placement,
-        # Plain completion prompts; vLLM tokenizes and detokenizes inside the engine.
+        # Plain completion prompts, tokenized in `prepare`; vLLM detokenizes inside the engine.
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False, log_engine_metrics=False)
     # build_processor calls ray.init again: it says so, and resets Ray's loggers to INFO.
     with quiet("ray._private.worker"):
