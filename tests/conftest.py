@@ -148,6 +148,13 @@ def ray_session(s3_endpoint):
 
 
 @pytest.fixture(scope="session")
+def cluster_env(ray_session) -> dict[str, str]:
+    """The environment for `entityclip` subprocesses: they join the session's Ray, as commands do
+    on a cluster, instead of starting a Ray of their own (about 8 s each on 2 cores)."""
+    return {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+
+
+@pytest.fixture(scope="session")
 def serve_port(ray_session) -> int:
     """Serve runs once per Ray instance and keeps the port it started with."""
     return free_port()

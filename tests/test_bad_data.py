@@ -27,11 +27,12 @@ def corrupt_copy(trained_run, tmp_path) -> Path:
     return root
 
 
-def test_indexing_a_corrupt_image_is_a_clear_cli_error(trained_run, tmp_path):
+def test_indexing_a_corrupt_image_is_a_clear_cli_error(trained_run, tmp_path, cluster_env):
     root = corrupt_copy(trained_run, tmp_path)
     entityclip = str(Path(sys.executable).parent / "entityclip")
     result = subprocess.run([entityclip, "index", "--config", "configs/tiny.yaml", "--root", str(root)],
-                            capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
+                            capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent,
+                            env=cluster_env)
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"{root}/bad.png" in result.stderr and "cannot be decoded" in result.stderr
     assert "Traceback" not in result.stderr

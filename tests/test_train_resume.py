@@ -52,11 +52,11 @@ def test_a_worker_killed_mid_run_is_restored_from_the_checkpoint(data_root, mlfl
     assert result.metrics["epoch"] == EPOCHS - 1 and result.train_loss > 0
 
 
-def test_train_resume_continues_the_interrupted_run_in_a_new_invocation(data_root, mlflow_server):
+def test_train_resume_continues_the_interrupted_run_in_a_new_invocation(data_root, mlflow_server, cluster_env):
     args = [ENTITYCLIP, "train", "--no-progress", "--no-eval", *(f"--set={o}" for o in [
         *TINY, *TRAIN, "train.max_failures=0", f"storage.root={data_root}", f"tracking.uri={mlflow_server}",
         "tracking.experiment=resume"])]
-    killed = subprocess.run(args, capture_output=True, text=True, timeout=300, env={**os.environ, KILL_WORKER_ENV: "2"})
+    killed = subprocess.run(args, capture_output=True, text=True, timeout=300, env={**cluster_env, KILL_WORKER_ENV: "2"})
     assert killed.returncode == 2 and "Traceback" not in killed.stderr, killed.stderr[-2000:]
     assert "entityclip train --resume" in killed.stderr
     state = storage.read_json(str(data_root / "training" / "entityclip.json"))
@@ -64,14 +64,15 @@ def test_train_resume_continues_the_interrupted_run_in_a_new_invocation(data_roo
     assert state["status"] == "running" and client.get_run(state["run_id"]).info.status == "FAILED"
     assert steps(client, state["run_id"], "train/epoch_loss") == [1, 2]  # epochs 0 and 1 ran
 
-    changed = subprocess.run([*args, "--resume", "--set=train.lr=0.5"], capture_output=True, text=True, timeout=300)
+    changed = subprocess.run([*args, "--resume", "--set=train.lr=0.5"], capture_output=True, text=True, timeout=300,
+                             env=cluster_env)
     assert changed.returncode == 2 and "train.lr" in changed.stderr  # a resume must not change the recipe
 
-    resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=300, env=cluster_env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads(resumed.stdout)["train"]["run_id"] == state["run_id"], resumed.stdout[:1500]
     assert_one_value_per_step(client, state["run_id"])
     assert storage.read_json(str(data_root / "training" / "entityclip.json"))["status"] == "finished"
 
-    again = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=300)
+    again = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=300, env=cluster_env)
     assert again.returncode == 2 and "no interrupted training" in again.stderr
