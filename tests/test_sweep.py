@@ -1,6 +1,6 @@
 """Sweeps: a Ray Tune grid over config fields where every trial trains, evaluates and registers
 like `entityclip train`, as one MLflow run tagged with its values; compare ranks the sweep and
-promotes its best trial. Slow (two trainings)."""
+promotes its best trial. Slow (two trainings, run at once)."""
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -19,7 +19,7 @@ def test_a_grid_sweep_tracks_each_trial_and_promotes_the_best(ray_session, mlflo
     stage_data(cfg, progress=False)
     stage_explain(cfg, progress=False)
 
-    result = run_sweep(cfg, ["train.lr=0.001,0.003"], "test_unseen/rsum", name="lr-grid", progress=False)
+    result = run_sweep(cfg, ["train.lr=0.001,0.003"], "test_unseen/rsum", concurrent=2, name="lr-grid", progress=False)
 
     assert result.failed == [] and len(result.trials) == 2
     assert sorted(t["params"]["train.lr"] for t in result.trials) == ["0.001", "0.003"]
@@ -36,7 +36,7 @@ def test_a_grid_sweep_tracks_each_trial_and_promotes_the_best(ray_session, mlflo
     assert {r["params"] for r in rows} == {"train.lr=0.001", "train.lr=0.003"}
     promoted = promote_best(cfg, "test_unseen/rsum", sweep="lr-grid")
     champion = client.get_model_version_by_alias(promoted["model"], "champion")
-    assert champion.run_id == result.trials[0]["run_id"]
+    assert champion.run_id in {t["run_id"] for t in result.trials if t["test_unseen/rsum"] == scores[0]}  # a best trial (ties happen)
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -67,3 +67,20 @@ def test_the_local_default_store_keeps_artifacts_under_the_run_root(tmp_path, mo
     tracker.log_artifacts(run_id, tmp_path / "ckpt", "checkpoint")
     assert (root / "mlartifacts" / run_id / "artifacts" / "checkpoint" / "model.json").is_file()
     assert list(elsewhere.iterdir()) == []
+
+
+def test_a_run_starts_when_another_process_created_its_experiment_first(mlflow_server, monkeypatch):
+    """Concurrent sweep trials both look the experiment up, find none, and create it: the
+    second create is refused, and the run goes into the experiment the first one made."""
+    first, second = Tracker(mlflow_server), Tracker(mlflow_server)
+    first.start_run("created-concurrently", "a", {})
+    lookup, lookups = second.client.get_experiment_by_name, []
+
+    def not_there_yet(name: str):  # the first lookup ran before the other process created it
+        lookups.append(name)
+        return None if len(lookups) == 1 else lookup(name)
+
+    monkeypatch.setattr(second.client, "get_experiment_by_name", not_there_yet)
+    run_id = second.start_run("created-concurrently", "b", {})
+    experiment = MlflowClient(mlflow_server).get_experiment_by_name("created-concurrently")
+    assert MlflowClient(mlflow_server).get_run(run_id).info.experiment_id == experiment.experiment_id

@@ -66,15 +66,26 @@ class Tracker:
 
     def start_run(self, experiment: str, run_name: str, params: dict) -> str:
         def _start():
-            exp = self.client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(
-                experiment, artifact_location=self.artifact_root)
-            run = self.client.create_run(exp_id, run_name=run_name)
+            run = self.client.create_run(self._experiment_id(experiment), run_name=run_name)
             return run.info.run_id
 
         run_id = self._call("start a run", _start)
         self.log_params(run_id, params)
         return run_id
+
+    def _experiment_id(self, experiment: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(experiment, artifact_location=self.artifact_root)
+        except MlflowException as exc:
+            # Concurrent sweep trials both found no experiment; the other created it first.
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return self.client.get_experiment_by_name(experiment).experiment_id
 
     def log_params(self, run_id: str, params: dict) -> None:
         from mlflow.entities import Param
