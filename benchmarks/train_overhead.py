@@ -5,25 +5,32 @@ The Ray Train side is the product's own `entityclip train` path (run_training: M
 Data streaming the shards, DDP workers, checkpoints, model registration). The peer is what a
 user writes by hand: one process (torch's default threads, all cores), a DataLoader over the same
 shard rows decoding, masking and tokenizing every epoch with the same function, AdamW with the
-same schedule, a torch.save checkpoint as often.
+same schedule, a torch.save checkpoint as often. Between them, the same hand-written loop as
+native torch DDP (no Ray): `train.num_workers` processes, gloo, one core's threads each, which
+splits Ray Train's cost into what data parallelism costs on these cores and what Ray adds.
 The peer decodes every epoch, as a torch Dataset over image files does; the Ray Train side
 caches decoded rows in Ray's object store by default (`train.cache`, compare with
 `--set train.cache=encoded`).
 
-    .venv/bin/python benchmarks/train_overhead.py [--root runs/default] [--epochs 60] [--json]
+    .venv/bin/python benchmarks/train_overhead.py [--root runs/default] [--epochs 60] [--no-ddp] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from entityclip import storage
 from entityclip.config import load_config
@@ -51,15 +58,23 @@ class ShardRows(Dataset):
         return self.rows[i]
 
 
-def plain_loop(cfg, paths: RunPaths) -> dict:
+def torch_loop(rank: int, world: int, cfg, paths: RunPaths, result_file: str | None = None) -> dict:
+    """A hand-written loop; with world > 1, one of `world` native DDP processes (gloo, a
+    DistributedSampler, cores split evenly), the global batch the same as Ray Train's."""
     tc = cfg.train
+    if world > 1:
+        # Spawned processes repeat torch's deprecation notice for all_gather on every step.
+        warnings.filterwarnings("ignore", message=r".*all_gather is deprecated", category=FutureWarning)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(tc.seed)
     model = build_model(cfg.model)
     objective = Objective(model, tc)
+    trained = DistributedDataParallel(objective, static_graph=True) if world > 1 else objective
     image_size, context_length = input_sizes(cfg.model)
-    batch = tc.batch_size * tc.num_workers  # the same global batch as the workers together
+    batch = tc.batch_size * tc.num_workers // world  # the same global batch as Ray Train's workers together
 
-    mask_names = MaskNames(tc.name_mask_prob)
+    mask_names = MaskNames(tc.name_mask_prob, seed=tc.seed + rank)
 
     def collate(rows: list[dict]) -> dict:
         columns = {k: [r[k] for r in rows] for k in rows[0]}
@@ -67,15 +82,19 @@ def plain_loop(cfg, paths: RunPaths) -> dict:
                                      groups=tc.positives == "entities"))
 
     start = time.perf_counter()
-    loader = DataLoader(ShardRows(paths.shards, paths.explanations), batch_size=batch, shuffle=True, drop_last=True,
+    rows = ShardRows(paths.shards, paths.explanations)
+    sampler = DistributedSampler(rows, world, rank, seed=tc.seed, drop_last=True) if world > 1 else None
+    loader = DataLoader(rows, batch_size=batch, shuffle=sampler is None, sampler=sampler, drop_last=True,
                         collate_fn=collate)
     steps = tc.epochs * len(loader)
-    optimizer = torch.optim.AdamW(objective.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
     timings = {"data_s": 0.0, "compute_s": 0.0, "checkpoint_s": 0.0}
     loop_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         for epoch in range(tc.epochs):
+            if sampler is not None:
+                sampler.set_epoch(epoch)
             batches = iter(loader)
             for _ in range(len(loader)):
                 tick = time.perf_counter()
@@ -83,19 +102,44 @@ def plain_loop(cfg, paths: RunPaths) -> dict:
                 timings["data_s"] += time.perf_counter() - tick
                 tick = time.perf_counter()
                 with autocast(tc.precision, torch.device("cpu")):
-                    loss = objective(b["image"], b["text_ids"], b.get("explanation_ids"), groups=b.get("group"))["loss"]
+                    loss = trained(b["image"], b["text_ids"], b.get("explanation_ids"), groups=b.get("group"))["loss"]
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
                 timings["compute_s"] += time.perf_counter() - tick
-            if (epoch + 1) % tc.checkpoint_every_epochs == 0 or epoch == tc.epochs - 1:
+            if rank == 0 and ((epoch + 1) % tc.checkpoint_every_epochs == 0 or epoch == tc.epochs - 1):
                 tick = time.perf_counter()
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, Path(d) / "state.pt")
                 timings["checkpoint_s"] += time.perf_counter() - tick
     end = time.perf_counter()
-    return {"wall_s": end - start, "loop_s": end - loop_start, "samples": steps * batch, "final_loss": loss.item(),
-            **timings, "allreduce_s": 0.0}
+    result = {"wall_s": end - start, "loop_s": end - loop_start, "samples": steps * batch * world,
+              "final_loss": loss.item(), **timings, "allreduce_s": 0.0}
+    if world > 1:
+        dist.destroy_process_group()
+        if rank == 0:
+            Path(result_file).write_text(json.dumps(result))
+    return result
+
+
+def native_ddp(cfg, paths: RunPaths) -> dict:
+    """torch's own DDP, no Ray: `num_workers` processes spawned here; wall time includes their
+    start (imports, process group) as Ray Train's does."""
+    world = cfg.train.num_workers
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    with tempfile.TemporaryDirectory() as d:
+        result_file = f"{d}/rank0.json"
+        start = time.perf_counter()
+        torch.multiprocessing.spawn(torch_loop, args=(world, cfg, paths, result_file), nprocs=world)
+        wall = time.perf_counter() - start
+        result = json.loads(Path(result_file).read_text())
+    return {**result, "wall_s": wall}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def ray_train(cfg, paths: RunPaths) -> dict:
@@ -121,6 +165,7 @@ def main() -> None:
     parser.add_argument("--config", default=None)
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument("--no-ddp", action="store_true", help="leave out the native torch DDP row")
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
     args = parser.parse_args()
     cfg = load_config(args.config, [f"storage.root={args.root}", f"train.epochs={args.epochs}", *args.set])
@@ -128,8 +173,10 @@ def main() -> None:
     if not storage.exists(storage.join(paths.shards, "manifest.json")) or not storage.exists(paths.explanations):
         sys.exit(f"{args.root} has no shards or explanations: run `entityclip data` and `entityclip explain` first")
 
-    results = {"plain torch loop (1 process)": plain_loop(cfg, paths),
-               f"Ray Train ({cfg.train.num_workers} workers)": ray_train(cfg, paths)}
+    results = {"plain torch loop (1 process)": torch_loop(0, 1, cfg, paths)}
+    if not args.no_ddp and cfg.train.num_workers > 1:
+        results[f"native torch DDP ({cfg.train.num_workers} processes)"] = native_ddp(cfg, paths)
+    results[f"Ray Train ({cfg.train.num_workers} workers)"] = ray_train(cfg, paths)
     base = next(iter(results.values()))["wall_s"]
     print(f"{cfg.model.variant}, {args.epochs} epochs, global batch {cfg.train.batch_size * cfg.train.num_workers}, "
           f"{cfg.train.precision}, {torch.get_num_threads()} CPU threads available")
@@ -144,8 +191,9 @@ def main() -> None:
         print("| " + " | ".join(cells) + " |")
     print("* allreduce: a gradient-sized all-reduce timed after training, times the steps; it runs inside "
           "backward (compute s), overlapped.")
-    if "worker_peak_rss_mb" in results[f"Ray Train ({cfg.train.num_workers} workers)"]:
-        print(f"peak RSS per Ray Train worker: {results[list(results)[1]]['worker_peak_rss_mb']:.0f} MB")
+    ray_result = results[f"Ray Train ({cfg.train.num_workers} workers)"]
+    if "worker_peak_rss_mb" in ray_result:
+        print(f"peak RSS per Ray Train worker: {ray_result['worker_peak_rss_mb']:.0f} MB")
     if args.json:
         print(json.dumps(results, indent=2))
 
