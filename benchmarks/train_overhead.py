@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ from entityclip.data.shards import read_manifest
 from entityclip.models import build_model
 from entityclip.models.backbone import input_sizes
 from entityclip.paths import RunPaths
+from entityclip.runtime import free_port
 from entityclip.train.ingest import MaskNames, attach_explanations, preprocess
 from entityclip.train.loop import warmup_cosine
 from entityclip.train.precision import autocast
@@ -126,7 +126,7 @@ def native_ddp(cfg, paths: RunPaths) -> dict:
     """torch's own DDP, no Ray: `num_workers` processes spawned here; wall time includes their
     start (imports, process group) as Ray Train's does."""
     world = cfg.train.num_workers
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     with tempfile.TemporaryDirectory() as d:
         result_file = f"{d}/rank0.json"
         start = time.perf_counter()
@@ -134,12 +134,6 @@ def native_ddp(cfg, paths: RunPaths) -> dict:
         wall = time.perf_counter() - start
         result = json.loads(Path(result_file).read_text())
     return {**result, "wall_s": wall}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ray_train(cfg, paths: RunPaths) -> dict:
