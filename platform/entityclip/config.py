@@ -150,7 +150,7 @@ class TrainConfig:
     reinforce_weight: float = 1.0
     # Hide entity names in this share of training texts (data/pairs.py); explanation-reading
     # variants only. 0.8 over 0.5: mean unseen rsum 326 vs 286 over five seeds, seen 521 vs 532;
-    # at 1.0 seen recall collapses (README, "Quality with the LLM's explanations").
+    # at 1.0 seen recall collapses (README, "The synthetic world's LLM").
     name_mask_prob: float = 0.8
     # Each row's positives in the contrastive batch: entities = every row showing the same set of
     # entities (what evaluate.relevance=entities counts as relevant), so that they are not pushed
