@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from entityclip.errors import ConfigError
-from entityclip.evaluate import recall_at_k, relevance_matrix, retrieval_metrics
+from entityclip.evaluate import (QueryResults, rank_pairs, rank_queries, recall_at_k, relevance_matrix, sample_scores,
+                                 summarize)
 
 
 def test_recall_at_k_counts_queries_with_a_relevant_item_in_the_top_k():
@@ -17,6 +18,18 @@ def test_a_query_with_no_relevant_item_never_counts():
     assert recall_at_k(np.eye(2), relevant, [1, 2]) == {1: 50.0, 2: 50.0}
 
 
+def test_each_query_keeps_its_first_relevant_rank_its_relevant_count_and_ap10():
+    sim = np.array([[0.9, 0.8, 0.7, 0.6],
+                    [0.1, 0.2, 0.9, 0.8]])
+    relevant = np.array([[False, True, False, True],    # relevant at ranks 2 and 4
+                         [True, False, False, False]])  # relevant at rank 4
+    ranked = rank_queries(sim, relevant)
+    assert ranked.rank.tolist() == [2, 4]
+    assert ranked.relevant.tolist() == [2, 1]
+    # AP@10 = mean over relevant items of the precision at their rank: (1/2 + 2/4) / 2, then 1/4.
+    assert ranked.ap.tolist() == pytest.approx([0.5, 0.25])
+
+
 def test_entity_relevance_groups_items_showing_the_same_entities():
     rel = relevance_matrix([("A",), ("A",), ("A", "B"), ("B", "A")], "entities")
     assert rel.tolist() == [[True, True, False, False], [True, True, False, False],
@@ -28,7 +41,36 @@ def test_entity_relevance_groups_items_showing_the_same_entities():
 
 def test_perfect_and_reversed_embeddings_bound_the_metrics():
     emb = np.eye(4, dtype=np.float32)
-    perfect = retrieval_metrics(emb, emb, np.eye(4, dtype=bool), [1, 5])
-    assert perfect == {"i2t_r1": 100.0, "i2t_r5": 100.0, "t2i_r1": 100.0, "t2i_r5": 100.0, "rsum": 400.0}
-    wrong = retrieval_metrics(emb, emb[::-1].copy(), np.eye(4, dtype=bool), [1])
+    ids = ["a", "b", "c", "d"]
+    perfect = summarize(rank_pairs(emb, emb, np.eye(4, dtype=bool), ids), [1, 5])
+    assert {k: perfect[k] for k in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "rsum", "i2t_map10")} == {
+        "i2t_r1": 100.0, "i2t_r5": 100.0, "t2i_r1": 100.0, "t2i_r5": 100.0, "rsum": 400.0, "i2t_map10": 100.0}
+    assert perfect["rsum_ci_low"] == perfect["rsum_ci_high"] == 400.0  # no spread, no uncertainty
+    wrong = summarize(rank_pairs(emb, emb[::-1].copy(), np.eye(4, dtype=bool), ids), [1])
     assert wrong["i2t_r1"] == wrong["t2i_r1"] == 0.0
+
+
+def test_every_metric_is_the_mean_of_per_sample_scores_and_its_interval_brackets_it():
+    rng = np.random.default_rng(0)
+    images, texts = rng.normal(size=(60, 8)), rng.normal(size=(60, 8))
+    results = rank_pairs(images, texts, np.eye(60, dtype=bool), [f"s{i}" for i in range(60)])
+    summary = summarize(results, [1, 5, 10])
+    scores = sample_scores(results, [1, 5, 10])
+    sim = images @ texts.T
+    assert summary["i2t_r5"] == pytest.approx(recall_at_k(sim, np.eye(60, dtype=bool), [5])[5])
+    assert summary["rsum"] == pytest.approx(sum(summary[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)))
+    for metric, per_sample in scores.items():
+        assert summary[metric] == pytest.approx(per_sample.mean())
+        assert summary[f"{metric}_ci_low"] <= summary[metric] <= summary[f"{metric}_ci_high"]
+    assert summary["rsum_ci_high"] - summary["rsum_ci_low"] > 10  # 60 random queries: wide, not a point
+    assert summary["n"] == 60
+
+
+def test_per_query_results_survive_a_table_round_trip():
+    rng = np.random.default_rng(1)
+    results = rank_pairs(rng.normal(size=(5, 4)), rng.normal(size=(5, 4)), np.eye(5, dtype=bool), list("abcde"))
+    table = results.to_table("test_unseen")
+    assert table.column("evaluation").to_pylist() == ["test_unseen"] * 5
+    back = QueryResults.from_table(table)
+    assert back.sample_ids == list("abcde")
+    assert back.i2t.rank.tolist() == results.i2t.rank.tolist() and back.t2i.ap.tolist() == results.t2i.ap.tolist()

@@ -34,12 +34,49 @@ def _print(obj) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
+def _seeds(text: str | None) -> list[int] | None:
+    """`--seeds 0,1,2` → [0, 1, 2]."""
+    if not text:
+        return None
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise EntityClipError(f"--seeds takes comma-separated integers, e.g. 0,1,2; got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise EntityClipError(f"--seeds repeats a seed: {text!r}")
+    return seeds
+
+
+TABLE_COLUMNS = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "t2i_map10"]
+
+
 def _table(results: dict) -> str:
-    cols = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
-    lines = [f"{'variant':<18} {'split':<12} " + " ".join(f"{c:>8}" for c in cols)]
-    for variant, r in results.items():
+    """One line per model and split; each figure ± half its 95% bootstrap interval."""
+    from entityclip.compare import with_interval
+
+    lines = [f"{'model':<24} {'split':<16} " + " ".join(f"{c:>11}" for c in TABLE_COLUMNS)]
+    for name, r in results.items():
         for split, m in r["metrics"].items():
-            lines.append(f"{variant:<18} {split:<12} " + " ".join(f"{m.get(c, float('nan')):>8.1f}" for c in cols))
+            cells = [with_interval(m.get(c), m.get(f"{c}_ci_low"), m.get(f"{c}_ci_high")) for c in TABLE_COLUMNS]
+            lines.append(f"{name:<24} {split:<16} " + " ".join(f"{c:>11}" for c in cells))
+    lines.append("± is half the width of the 95% bootstrap interval over the split's test queries")
+    return "\n".join(lines)
+
+
+def _seed_summary(results: dict) -> str:
+    """Per variant and split trained with several seeds: rsum's mean and t-interval over seeds."""
+    from entityclip.stats import over_seeds
+
+    by_variant: dict[tuple[str, str], list[float]] = {}
+    for r in results.values():
+        for split, m in r["metrics"].items():
+            by_variant.setdefault((r["variant"], split), []).append(m["rsum"])
+    lines = []
+    for (variant, split), values in by_variant.items():
+        if len(values) > 1:
+            v = over_seeds(values)
+            lines.append(f"  {variant:<22} {split:<16} rsum {v.mean:.1f} [{v.ci_low:.1f}, {v.ci_high:.1f}] "
+                         f"sd {v.std:.1f}, {v.low:.1f}-{v.high:.1f} over {v.n} seeds")
     return "\n".join(lines)
 
 
@@ -66,16 +103,19 @@ def cmd_explain(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from entityclip.pipeline import stage_evaluate, stage_index, stage_register, stage_train
+    from entityclip.pipeline import train_variant, with_seed
 
     cfg = _cfg(args)
-    result = stage_train(cfg, progress=not args.no_progress, resume=args.resume)
-    out = {"train": result.__dict__}
-    if not args.no_eval:
-        stage_index(cfg)
-        out["evaluate"] = stage_evaluate(cfg, result.run_id)
-    out["model"] = stage_register(cfg, result.run_id).uri
-    _print(out)
+    seeds = _seeds(args.seeds)
+    if seeds and args.resume:
+        raise EntityClipError("--resume continues one run: give its seed with --set train.seed=N, not --seeds")
+    out = {}
+    for seed in seeds or [cfg.train.seed]:
+        done = train_variant(with_seed(cfg, seed), progress=not args.no_progress, resume=args.resume,
+                             evaluate=not args.no_eval)
+        out[str(seed)] = {"train": done.train.__dict__, "model": done.model.uri,
+                          **({"evaluate": done.metrics} if done.metrics is not None else {})}
+    _print(out if seeds else out[str(cfg.train.seed)])
 
 
 def cmd_index(args) -> None:
@@ -134,12 +174,16 @@ def cmd_pipeline(args) -> None:
     if bad:
         raise EntityClipError(f"unknown variant(s) {bad}; choose from {list(VARIANTS)}")
     summary = run_pipeline(_cfg(args), variants, serve_query=not args.no_serve,
-                           keep_serving=args.keep_serving, progress=not args.no_progress)
-    print("\nRecall@K (%) per test split")
+                           keep_serving=args.keep_serving, progress=not args.no_progress, seeds=_seeds(args.seeds))
+    print("\nRecall@K and mAP@10 (%) per test split")
     print(_table(summary["results"]))
+    over = _seed_summary(summary["results"])
+    if over:
+        print("\nOver seeds (95% t-interval of the mean; `entityclip compare` tests differences)")
+        print(over)
     print("\nRegistered models (promote one with `entityclip promote NAME VERSION`):")
-    for variant, r in summary["results"].items():
-        print(f"  {variant:<18} {r['model']}")
+    for name, r in summary["results"].items():
+        print(f"  {name:<24} {r['model']}")
     print("\nStage seconds:", json.dumps(summary["seconds"]))
     if "query" in summary:
         q = summary["query"]
@@ -158,17 +202,18 @@ def cmd_pipeline(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from entityclip.compare import compare_runs
+    from entityclip.compare import compare_pair, compare_runs, promote_best
 
     cfg = _cfg(args)
     table, written = compare_runs(cfg, args.plot, args.html, args.sweep)
     print(table)
     for path in written:
         print(f"written: {path}")
+    if args.paired:
+        result = compare_pair(cfg, *args.paired, metric=args.metric, sweep=args.sweep)
+        print(f"\npaired, {args.paired[0]} minus {args.paired[1]}: {result.sentence()}")
     if args.promote:
-        from entityclip.compare import promote_best
-
-        _print(promote_best(cfg, args.promote, sweep=args.sweep))
+        _print(promote_best(cfg, args.promote, sweep=args.sweep, force=args.force))
 
 
 def cmd_sweep(args) -> None:
@@ -220,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "from its last checkpoint (same Ray Train run and MLflow run; give the same config)")
     p.add_argument("--no-eval", action="store_true", help="skip indexing and evaluation after training "
                    "(the registered model then has no gallery index: it embeds but does not search)")
+    p.add_argument("--seeds", metavar="S1,S2,...", help="train, evaluate and register once per training seed "
+                   "(train.seed), e.g. 0,1,2; `entityclip compare` summarizes them over seeds")
     _config_args(add("index", cmd_index, "embed the gallery with a checkpoint (Ray Data) into an index"))
     p = add("evaluate", cmd_evaluate, "Recall@1/5/10 both directions from the index")
     _config_args(p)
@@ -240,12 +287,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default="entityclip", help=f"comma-separated, from {','.join(VARIANTS)}")
     p.add_argument("--no-serve", action="store_true", help="skip the Serve deployment and query")
     p.add_argument("--keep-serving", action="store_true", help="leave the Serve app running at the end")
+    p.add_argument("--seeds", metavar="S1,S2,...", help="train each variant once per training seed (train.seed), "
+                   "e.g. 0,1,2, on the same data and explanations; the table adds the mean over seeds")
     p = add("compare", cmd_compare, "compare tracked runs of the experiment (table + plot)")
     _config_args(p)
     p.add_argument("--plot", help="write a bar chart PNG here")
     p.add_argument("--html", help="write the table and chart as one HTML report here")
     p.add_argument("--promote", metavar="METRIC", help="set alias 'champion' on the best run's model version "
-                   "by this metric, e.g. test_unseen/rsum")
+                   "by this metric, e.g. test_unseen/rsum, if a paired test on the same test queries finds it "
+                   "significantly better (95%%) than the current champion")
+    p.add_argument("--force", action="store_true", help="with --promote: promote even without a significant gain")
+    p.add_argument("--paired", nargs=2, metavar=("A", "B"), help="paired test of A against B on the same test "
+                   "queries: each a run name or id, or a seed group id (all its seeds)")
+    p.add_argument("--metric", default="test_unseen/rsum", help="the metric --paired compares "
+                   "(split/metric, e.g. test_seen/t2i_map10; default test_unseen/rsum)")
     p.add_argument("--sweep", metavar="NAME", help="only the trials of this sweep")
     p = add("sweep", cmd_sweep, "a Ray Tune search over config fields; each trial trains, evaluates and "
             "registers like `train`, as one MLflow run of the experiment")

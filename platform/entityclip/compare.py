@@ -1,19 +1,38 @@
-"""Compare tracked runs: one row per run of the experiment, a bar chart of rsum, and both as
-one self-contained HTML report."""
+"""Compare tracked runs: one row per run of the experiment with 95% intervals, the runs that
+differ only by training seed summarized over their seeds, paired tests on the same test
+queries (stats.py), a bar chart with error bars, all of it as one HTML report, and promotion
+that moves the champion only on a significant gain."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
 from entityclip.config import PipelineConfig
 from entityclip.errors import ConfigError
+from entityclip.evaluate import QueryResults, sample_scores
 from entityclip.rerank import DEFINING
-from entityclip.train.tracking import tracker_for
+from entityclip.stats import PairedResult, SeedSummary, over_seeds, paired_bootstrap
+from entityclip.train.tracking import QUERY_RESULTS_ARTIFACT, Tracker, tracker_for
 
 COLUMNS = ["t2i_r1", "t2i_r5", "i2t_r1", "i2t_r5", "rsum"]
 SPLITS = ["test_seen", "test_unseen"]
+METRICS = [f"{s}/{c}" for s in SPLITS for c in COLUMNS]
+SEED_PARAM = "train.seed"
+
+
+def group_id(params: dict[str, str], reranker: str) -> str:
+    """Runs with this id differ at most by their training seed: the same configuration."""
+    same = {k: v for k, v in params.items() if k != SEED_PARAM} | {"reranker": reranker}
+    return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def collect(cfg: PipelineConfig, sweep: str | None = None) -> list[dict]:
-    """One row per evaluated run of the experiment (only sweep `sweep`'s trials, if given)."""
+    """One row per evaluated run of the experiment (only sweep `sweep`'s trials, if given), and
+    one more per re-ranked evaluation of it; each metric with its interval where it was logged."""
     rows = []
     for run in tracker_for(cfg).runs(cfg.tracking.experiment):
         m, tags = run.data.metrics, run.data.tags
@@ -31,22 +50,129 @@ def collect(cfg: PipelineConfig, sweep: str | None = None) -> list[dict]:
             rows.append({"run": run.info.run_name + (f" +{reranker}" if reranker else ""),
                          "run_id": run.info.run_id, "variant": tags.get("variant", "?"),
                          "sweep": tags.get("sweep", ""), "params": params, "reranker": reranker,
-                         "served": reranker == served,
-                         **{f"{s}/{c}": m.get(f"{prefix}{s}/{c}") for s in SPLITS for c in COLUMNS}})
+                         "served": reranker == served, "seed": run.data.params.get(SEED_PARAM, "?"),
+                         "group": group_id(run.data.params, reranker),
+                         **{f"{key}{end}": m.get(f"{prefix}{key}{end}")
+                            for key in METRICS for end in ("", "_ci_low", "_ci_high")}})
     return rows
 
 
+def with_interval(value: float | None, low: float | None = None, high: float | None = None) -> str:
+    """`76.4±6.2`: the value and half its 95% interval's width (where it was logged)."""
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if low is None or high is None else f"{value:.1f}±{(high - low) / 2:.1f}"
+
+
 def table(rows: list[dict]) -> str:
-    """The recall table; sweep trials also show the values they were run with."""
+    """The recall table (± half the 95% bootstrap interval over test queries); sweep trials also
+    show the values they were run with."""
     width = max([34, *(len(r["run"]) for r in rows)])
     head = f"{'run':<{width}} " + " ".join(f"{s.split('_')[1][:6]}/{c:<7}" for s in SPLITS for c in COLUMNS)
     with_params = any(r["params"] for r in rows)
     lines = [head + ("  params" if with_params else "")]
     for r in rows:
-        cells = [r[f"{s}/{c}"] for s in SPLITS for c in COLUMNS]
-        line = f"{r['run']:<{width}} " + " ".join(f"{'-' if v is None else f'{v:.1f}':>14}" for v in cells)
+        cells = [with_interval(r[m], r[f"{m}_ci_low"], r[f"{m}_ci_high"]) for m in METRICS]
+        line = f"{r['run']:<{width}} " + " ".join(f"{c:>14}" for c in cells)
         lines.append(line + (f"  {r['params']}" if with_params else ""))
+    lines.append("± is half the width of the 95% bootstrap interval over test queries")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class SeedGroup:
+    """The runs of one configuration (one `group_id`) and each split's rsum over their seeds."""
+    id: str
+    label: str
+    seeds: list[str]
+    run_ids: list[str]
+    rsum: dict[str, SeedSummary]
+
+
+def seed_groups(rows: list[dict], min_runs: int = 2) -> list[SeedGroup]:
+    """Configurations evaluated with at least `min_runs` runs, in the order first seen."""
+    by_id: dict[str, list[dict]] = {}
+    for r in rows:
+        by_id.setdefault(r["group"], []).append(r)
+    groups = []
+    for gid, members in by_id.items():
+        if len(members) < min_runs:
+            continue
+        first = members[0]
+        label = first["variant"] + (f" +{first['reranker']}" if first["reranker"] else "")
+        rsum = {s: over_seeds([m[f"{s}/rsum"] for m in members]) for s in SPLITS
+                if all(m[f"{s}/rsum"] is not None for m in members)}
+        groups.append(SeedGroup(gid, label, [m["seed"] for m in members], [m["run_id"] for m in members], rsum))
+    return groups
+
+
+def seed_table(groups: list[SeedGroup]) -> str:
+    lines = [f"{'group':<9} {'configuration':<26} {'seeds':<12} "
+             + " ".join(f"{s.split('_')[1] + ' rsum: mean [95% CI] sd (min-max)':<46}" for s in SPLITS)]
+    for g in groups:
+        cells = [f"{v.mean:.1f} [{v.ci_low:.1f}, {v.ci_high:.1f}] sd {v.std:.1f} ({v.low:.1f}-{v.high:.1f})"
+                 if (v := g.rsum.get(s)) else "-" for s in SPLITS]
+        lines.append(f"{g.id:<9} {g.label:<26} {','.join(sorted(g.seeds, key=str)):<12} "
+                     + " ".join(f"{c:<46}" for c in cells))
+    return "\n".join(lines)
+
+
+def _split_metric(metric: str) -> tuple[str, str]:
+    split, _, name = metric.rpartition("/")
+    if split not in SPLITS or not name:
+        raise ConfigError(f"cannot compare by {metric!r}; name a split and a metric, e.g. test_unseen/rsum "
+                          f"(splits {SPLITS})")
+    return split, name
+
+
+def query_scores(tracker: Tracker, row: dict, metric: str, ks: list[int]) -> tuple[list[str], np.ndarray]:
+    """(sample ids, per-sample scores) of `metric` in the evaluation that `row` shows."""
+    split, name = _split_metric(metric)
+    table = tracker.read_table(row["run_id"], QUERY_RESULTS_ARTIFACT)
+    if table is None:
+        raise ConfigError(f"run {row['run']} has no per-query results to compare (evaluated before they were "
+                          f"kept): `entityclip evaluate --run-id {row['run_id']}` with its config adds them")
+    evaluation = f"{row['reranker']}/{split}" if row["reranker"] else split
+    mask = np.array([e == evaluation for e in table["evaluation"].to_pylist()])
+    results = QueryResults.from_table(table.filter(mask))
+    scores = sample_scores(results, ks)
+    if name not in scores:
+        raise ConfigError(f"cannot compare by {name!r}; choose one of {sorted(scores)}")
+    order = np.argsort(results.sample_ids)
+    return [results.sample_ids[i] for i in order], scores[name][order]
+
+
+def select(rows: list[dict], name: str) -> list[dict]:
+    """The rows `name` picks: a seed group's id (all its runs), a run id or a run's name as the
+    table shows it."""
+    picked = [r for r in rows if name in (r["group"], r["run_id"], r["run"])]
+    if not picked:
+        raise ConfigError(f"no evaluated run or seed group {name!r} in the experiment; "
+                          "give a run name or id, or a group id from `entityclip compare`")
+    by_run = [r for r in picked if name in (r["run_id"], r["run"])]
+    served = [r for r in by_run if r["served"]]  # a run id picks the row its model serves
+    return served[:1] if len(by_run) > 1 and served else by_run or picked
+
+
+def paired(cfg: PipelineConfig, a: list[dict], b: list[dict], metric: str) -> PairedResult:
+    """Group `a` against group `b` (one run or several seeds each) on the same test queries."""
+    tracker = tracker_for(cfg)
+    sides = []
+    for rows in (a, b):
+        scored = [query_scores(tracker, r, metric, cfg.evaluate.ks) for r in rows]
+        sides.append(scored)
+    ids = sides[0][0][0]
+    for ids_other, _ in sides[0] + sides[1]:
+        if ids_other != ids:
+            raise ConfigError("the runs were evaluated on different test queries (other data or split); "
+                              "a paired comparison needs the same ones")
+    return paired_bootstrap(metric, np.stack([s for _, s in sides[0]]), np.stack([s for _, s in sides[1]]))
+
+
+def compare_pair(cfg: PipelineConfig, a: str, b: str, metric: str = "test_unseen/rsum",
+                 sweep: str | None = None) -> PairedResult:
+    rows = collect(cfg, sweep)
+    return paired(cfg, select(rows, a), select(rows, b), metric)
 
 
 def plot(rows: list[dict], path: str) -> str:
@@ -54,15 +180,19 @@ def plot(rows: list[dict], path: str) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4))
     x = np.arange(len(rows))
     for i, split in enumerate(SPLITS):
-        ax.bar(x + (i - 0.5) * 0.38, [r[f"{split}/rsum"] or 0 for r in rows], 0.38, label=split)
+        key = f"{split}/rsum"
+        values = np.array([r[key] or 0.0 for r in rows])
+        # Error bars only where the interval was logged (runs evaluated before it have none).
+        below = [v - r[f"{key}_ci_low"] if r[f"{key}_ci_low"] is not None else 0.0 for v, r in zip(values, rows)]
+        above = [r[f"{key}_ci_high"] - v if r[f"{key}_ci_high"] is not None else 0.0 for v, r in zip(values, rows)]
+        ax.bar(x + (i - 0.5) * 0.38, values, 0.38, yerr=[below, above], capsize=3, label=split)
     ax.set_xticks(x, [r["run"] for r in rows], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("rsum (sum of R@1/5/10, both directions)")
-    ax.set_title("EntityCLIP runs: seen vs unseen entities")
+    ax.set_title("EntityCLIP runs: seen vs unseen entities (bars: 95% CI over test queries)")
     ax.legend(loc="lower left", bbox_to_anchor=(0, 1.08), ncol=len(SPLITS), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -71,7 +201,7 @@ def plot(rows: list[dict], path: str) -> str:
 
 
 def html_report(rows: list[dict], experiment: str, path: str) -> str:
-    """The table and the chart in one HTML file (the chart inlined): opens anywhere, offline."""
+    """The tables and the chart in one HTML file (the chart inlined): opens anywhere, offline."""
     import base64
     import html
     import tempfile
@@ -80,53 +210,99 @@ def html_report(rows: list[dict], experiment: str, path: str) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         chart = base64.b64encode(Path(plot(rows, f"{tmp}/chart.png")).read_bytes()).decode()
     head = "".join(f"<th>{html.escape(s)}<br>{html.escape(c)}</th>" for s in SPLITS for c in COLUMNS)
-    def cell(value: float | None) -> str:
-        return "<td>-</td>" if value is None else f"<td>{value:.1f}</td>"
+
+    def cell(r: dict, metric: str) -> str:
+        value, low, high = r[metric], r[f"{metric}_ci_low"], r[f"{metric}_ci_high"]
+        if value is None:
+            return "<td>-</td>"
+        interval = "" if low is None else f"<br><small>[{low:.1f}, {high:.1f}]</small>"
+        return f"<td>{value:.1f}{interval}</td>"
 
     body = "".join(
         f"<tr><td>{html.escape(r['run'])}</td><td>{html.escape(r['variant'])}</td>"
-        + "".join(cell(r[f"{s}/{c}"]) for s in SPLITS for c in COLUMNS) + "</tr>" for r in rows)
+        + "".join(cell(r, m) for m in METRICS) + "</tr>" for r in rows)
+    groups = seed_groups(rows)
+    seeds = "" if not groups else (
+        "<h2>Over seeds (runs that differ only by train.seed)</h2><table><tr><th>group</th><th>configuration</th>"
+        "<th>seeds</th>" + "".join(f"<th>{s} rsum<br>mean [95% CI]</th><th>sd (min-max)</th>" for s in SPLITS) + "</tr>"
+        + "".join(f"<tr><td>{g.id}</td><td>{html.escape(g.label)}</td><td>{html.escape(','.join(g.seeds))}</td>"
+                  + "".join(f"<td>{v.mean:.1f} [{v.ci_low:.1f}, {v.ci_high:.1f}]</td>"
+                            f"<td>{v.std:.1f} ({v.low:.1f}-{v.high:.1f})</td>" if (v := g.rsum.get(s))
+                            else "<td>-</td><td>-</td>" for s in SPLITS) + "</tr>" for g in groups)
+        + "</table>")
     Path(path).write_text(f"""<!doctype html><html><head><meta charset="utf-8">
 <title>EntityCLIP runs: {html.escape(experiment)}</title>
 <style>body{{font:14px system-ui,sans-serif;margin:24px}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child,td:nth-child(2){{text-align:left}}</style>
 </head><body><h1>Recall@K (%) of experiment {html.escape(experiment)}</h1>
-<table><tr><th>run</th><th>variant</th>{head}</tr>{body}</table>
+<p>Each figure with its 95% bootstrap interval over test queries.</p>
+<table><tr><th>run</th><th>variant</th>{head}</tr>{body}</table>{seeds}
 <p><img alt="rsum per run, seen and unseen entities" src="data:image/png;base64,{chart}"></p></body></html>
 """)
     return path
 
 
-METRICS = [f"{s}/{c}" for s in SPLITS for c in COLUMNS]
-
-
-def promote_best(cfg: PipelineConfig, metric: str, alias: str = "champion", sweep: str | None = None) -> dict:
+def promote_best(cfg: PipelineConfig, metric: str, alias: str = "champion", sweep: str | None = None,
+                 force: bool = False) -> dict:
     """Set `alias` on the model version of the compared run (or sweep trial) that is best by
     `metric` (higher is better) among those that registered a model, as served by default (a
-    re-ranked row counts for the variants whose retrieval it defines, rerank.py). Registered
-    models are one per variant (`<tracking.registered_model>-<variant>`)."""
+    re-ranked row counts for the variants whose retrieval it defines, rerank.py), if it is
+    significantly better than the version the alias names now (a paired test on the same test
+    queries), or with `force`. Registered models are one per variant
+    (`<tracking.registered_model>-<variant>`). The answer says what happened and why."""
     if metric not in METRICS:
         raise ConfigError(f"cannot promote by {metric!r}; choose one of {METRICS}")
-    rows = [r for r in collect(cfg, sweep) if r[metric] is not None and r["served"]]
+    rows = collect(cfg, sweep)
+    candidates = [r for r in rows if r[metric] is not None and r["served"]]
     tracker = tracker_for(cfg)
-    for best in sorted(rows, key=lambda r: r[metric], reverse=True):
+    for best in sorted(candidates, key=lambda r: r[metric], reverse=True):
         registered = tracker.version_of_run(best["run_id"])
         if registered:  # an evaluated run that registered no model has nothing to promote
-            name, version = registered
-            tracker.set_alias(name, version, alias)
-            return {"model": name, "version": version, "alias": alias, "run": best["run"], metric: best[metric]}
-    where = f"sweep {sweep!r} of " if sweep else ""
-    raise ConfigError(f"no evaluated runs with a registered model in {where}experiment "
-                      f"{cfg.tracking.experiment!r} to promote")
+            break
+    else:
+        where = f"sweep {sweep!r} of " if sweep else ""
+        raise ConfigError(f"no evaluated runs with a registered model in {where}experiment "
+                          f"{cfg.tracking.experiment!r} to promote")
+    name, version = registered
+    out = {"model": name, "version": version, "alias": alias, "run": best["run"], metric: best[metric]}
+    current = tracker.alias_version(name, alias)
+    if current is None:
+        reason = f"{name} had no {alias!r} yet"
+    elif current[0] == version:
+        return {**out, "promoted": False, "reason": f"version {version} already is {name}@{alias}"}
+    else:
+        champion = [r for r in rows if r["run_id"] == current[1] and r["served"]]
+        if not champion:
+            test, reason = None, f"{name}@{alias} (version {current[0]}) has no evaluation to compare with"
+        else:
+            try:
+                test = paired(cfg, [best], champion, metric)
+                reason = f"version {version} vs {alias} version {current[0]}: {test.sentence()}"
+            except ConfigError as exc:  # e.g. the champion was evaluated before per-query results
+                test, reason = None, f"cannot compare with {alias} version {current[0]}: {exc}"
+            out["paired"] = None if test is None else test.__dict__
+        better = test is not None and test.significant and test.difference > 0
+        if not better and not force:
+            return {**out, "promoted": False, "reason": reason + "; --force promotes anyway"}
+        if not better:
+            reason += "; promoted by --force"
+    tracker.set_alias(name, version, alias)
+    return {**out, "promoted": True, "reason": reason}
 
 
 def compare_runs(cfg: PipelineConfig, plot_path: str | None = None, html_path: str | None = None,
                  sweep: str | None = None) -> tuple[str, list[str]]:
-    """(table text, files written)."""
+    """(the run table, with the seed-group table below it where runs differ only by seed; files
+    written)."""
     rows = collect(cfg, sweep)
     if not rows:
         return f"no evaluated runs in experiment {cfg.tracking.experiment!r}", []
     written = [plot(rows, plot_path)] if plot_path else []
     if html_path:
         written.append(html_report(rows, cfg.tracking.experiment, html_path))
-    return table(rows), written
+    text = table(rows)
+    groups = seed_groups(rows)
+    if groups:
+        text += "\n\nOver seeds (runs that differ only by train.seed; CI: t-interval of the mean over seeds)\n"
+        text += seed_table(groups)
+    return text, written

@@ -1,21 +1,101 @@
-"""Recall@K in both directions from an embedding index, per test split; with a re-ranker
-(rerank.py), of the two-stage retrieval it serves."""
+"""Recall@K and mAP@10 in both directions from an embedding index, per test split, with 95%
+bootstrap intervals; with a re-ranker (rerank.py), of the two-stage retrieval it serves.
+
+Every figure is a mean over the split's samples of a per-sample score (`sample_scores`), and
+each sample's result is kept (`QueryResults`: the rank of its first relevant item and its
+count of relevant items, for its image query and its text query), so that two models can be
+compared query by query (stats.py) long after the evaluation ran.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+import pyarrow as pa
 
 from entityclip.config import EvalConfig
 from entityclip.errors import ConfigError
 from entityclip.index import EmbeddingIndex, rerank_order
+from entityclip.stats import bootstrap_ci
+
+MAP_AT = 10  # mAP@10: with several relevant items per query it varies less than R@1
+DIRECTIONS = ("i2t", "t2i")
+
+
+@dataclass(frozen=True)
+class RankedQueries:
+    """One direction's queries: each one's 1-based rank of its first relevant item (gallery
+    size + 1 when it has none), its number of relevant items and its AP@10 in [0, 1]."""
+    rank: np.ndarray
+    relevant: np.ndarray
+    ap: np.ndarray
+
+
+def rank_queries(similarity: np.ndarray, relevant: np.ndarray) -> RankedQueries:
+    """Rows are queries, columns the gallery; `relevant` [Q, N] boolean."""
+    order = np.argsort(-similarity, axis=1, kind="stable")
+    hits = np.take_along_axis(relevant, order, axis=1)
+    n_relevant = relevant.sum(axis=1)
+    rank = np.where(hits.any(axis=1), hits.argmax(axis=1) + 1, similarity.shape[1] + 1)
+    top = hits[:, :MAP_AT].astype(np.float64)
+    precision = np.cumsum(top, axis=1) / np.arange(1, top.shape[1] + 1)
+    ap = (precision * top).sum(axis=1) / np.maximum(1, np.minimum(n_relevant, MAP_AT))
+    return RankedQueries(rank.astype(np.int64), n_relevant.astype(np.int64), ap)
 
 
 def recall_at_k(similarity: np.ndarray, relevant: np.ndarray, ks: list[int]) -> dict[int, float]:
     """Percentage of queries (rows) with at least one relevant item among their top k columns."""
-    order = np.argsort(-similarity, axis=1)
-    hits = np.take_along_axis(relevant, order, axis=1)
-    first = np.where(hits.any(axis=1), hits.argmax(axis=1), np.iinfo(np.int64).max)
-    return {k: float(100.0 * np.mean(first < k)) for k in ks}
+    rank = rank_queries(similarity, relevant).rank
+    return {k: float(100.0 * np.mean(rank <= k)) for k in ks}
+
+
+@dataclass(frozen=True)
+class QueryResults:
+    """One evaluation's per-sample results: sample i is both image query i (i2t) and text query
+    i (t2i)."""
+    sample_ids: list[str]
+    i2t: RankedQueries
+    t2i: RankedQueries
+
+    def to_table(self, evaluation: str) -> pa.Table:
+        columns = {"evaluation": [evaluation] * len(self.sample_ids), "sample_id": self.sample_ids}
+        for direction in DIRECTIONS:
+            ranked = getattr(self, direction)
+            columns |= {f"{direction}_rank": ranked.rank, f"{direction}_relevant": ranked.relevant,
+                        f"{direction}_ap10": ranked.ap}
+        return pa.table(columns)
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> "QueryResults":
+        col = {name: table[name].to_numpy() for name in table.column_names if name not in ("evaluation", "sample_id")}
+        return cls(table["sample_id"].to_pylist(),
+                   *(RankedQueries(col[f"{d}_rank"], col[f"{d}_relevant"], col[f"{d}_ap10"]) for d in DIRECTIONS))
+
+
+def sample_scores(results: QueryResults, ks: list[int]) -> dict[str, np.ndarray]:
+    """{metric: [N] per-sample score}; each metric is the mean of its scores. Recalls are 0 or
+    100, mAP@10 is 100 x AP@10, and rsum is the sum of the sample's six recalls."""
+    scores = {}
+    for direction in DIRECTIONS:
+        ranked = getattr(results, direction)
+        scores |= {f"{direction}_r{k}": 100.0 * (ranked.rank <= k) for k in ks}
+    scores["rsum"] = sum(scores.values())
+    for direction in DIRECTIONS:
+        scores[f"{direction}_map{MAP_AT}"] = 100.0 * getattr(results, direction).ap
+    return scores
+
+
+def summarize(results: QueryResults, ks: list[int]) -> dict[str, float]:
+    """Each metric, its 95% bootstrap interval over samples (`<metric>_ci_low/_ci_high`) and n."""
+    scores = sample_scores(results, ks)
+    names = list(scores)
+    matrix = np.stack([scores[m] for m in names], axis=1)
+    low, high = bootstrap_ci(matrix)
+    out = {m: float(v) for m, v in zip(names, matrix.mean(axis=0))}
+    out |= {f"{m}_ci_low": float(v) for m, v in zip(names, low)}
+    out |= {f"{m}_ci_high": float(v) for m, v in zip(names, high)}
+    return {**out, "n": len(results.sample_ids)}
 
 
 def relevance_matrix(entities: list[tuple[str, ...]], mode: str) -> np.ndarray:
@@ -43,24 +123,21 @@ def rerank_similarity(similarity: np.ndarray, k: int, rescore) -> np.ndarray:
     return out
 
 
-def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, relevant: np.ndarray, ks: list[int],
-                      rerank_k: int = 0, rescore_texts=None, rescore_images=None) -> dict[str, float]:
-    """i2t_r{k}, t2i_r{k} and rsum (the sum of all of them) for row-aligned pairs. With
-    `rerank_k`, each query's top candidates are re-scored: rescore_texts(image_rows, text_rows)
-    and rescore_images(text_rows, image_rows), rows local to these arrays."""
+def rank_pairs(image_emb: np.ndarray, text_emb: np.ndarray, relevant: np.ndarray, sample_ids: list[str],
+               rerank_k: int = 0, rescore_texts=None, rescore_images=None) -> QueryResults:
+    """Both directions for row-aligned pairs, each side the other's gallery. With `rerank_k`,
+    each query's top candidates are re-scored: rescore_texts(image_rows, text_rows) and
+    rescore_images(text_rows, image_rows), rows local to these arrays."""
     sim = image_emb @ text_emb.T
     i2t, t2i = sim, sim.T
     if rerank_k:
         i2t, t2i = rerank_similarity(i2t, rerank_k, rescore_texts), rerank_similarity(t2i, rerank_k, rescore_images)
-    out = {f"i2t_r{k}": v for k, v in recall_at_k(i2t, relevant, ks).items()}
-    out |= {f"t2i_r{k}": v for k, v in recall_at_k(t2i, relevant.T, ks).items()}
-    out["rsum"] = sum(out.values())
-    return out
+    return QueryResults(list(sample_ids), rank_queries(i2t, relevant), rank_queries(t2i, relevant.T))
 
 
-def evaluate_index(index: EmbeddingIndex, cfg: EvalConfig, reranker=None) -> dict[str, dict[str, float]]:
-    """{split: metrics}; images and texts of the split form each other's gallery. With a
-    `Reranker` (rerank.py), of two-stage retrieval."""
+def evaluate_index(index: EmbeddingIndex, cfg: EvalConfig, reranker=None) -> dict[str, QueryResults]:
+    """{split: its per-sample results}; images and texts of the split form each other's
+    gallery. With a `Reranker` (rerank.py), of two-stage retrieval."""
     results = {}
     images, texts = index.meta["images"], index.meta["texts"]
     text_row = {m["sample_id"]: i for i, m in enumerate(texts)}
@@ -70,6 +147,7 @@ def evaluate_index(index: EmbeddingIndex, cfg: EvalConfig, reranker=None) -> dic
             continue
         text_rows = [text_row[images[i]["sample_id"]] for i in rows]
         relevant = relevance_matrix([tuple(images[i]["entities"]) for i in rows], cfg.relevance)
+        sample_ids = [images[i]["sample_id"] for i in rows]
         rows, text_rows = np.array(rows), np.array(text_rows)
         rerank = {}
         if reranker is not None:
@@ -77,7 +155,6 @@ def evaluate_index(index: EmbeddingIndex, cfg: EvalConfig, reranker=None) -> dic
             rerank = {"rerank_k": reranker.k,
                       "rescore_texts": lambda q, c: reranker.score_texts(image_queries, q, text_rows[c]),
                       "rescore_images": lambda q, c: reranker.score_images(text_queries, q, rows[c])}
-        metrics = retrieval_metrics(index.embeddings["images"][rows], index.embeddings["texts"][text_rows],
-                                    relevant, cfg.ks, **rerank)
-        results[split] = {**metrics, "n": len(rows)}
+        results[split] = rank_pairs(index.embeddings["images"][rows], index.embeddings["texts"][text_rows],
+                                    relevant, sample_ids, **rerank)
     return results

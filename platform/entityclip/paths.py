@@ -6,8 +6,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from entityclip import storage
-from entityclip.config import PipelineConfig
+from entityclip.config import PipelineConfig, TrainConfig
 from entityclip.errors import StorageError
+
+
+def model_key(cfg: PipelineConfig) -> str:
+    """What a trained model's checkpoint, index and evaluation are named by under the root: its
+    variant, with `-seed<N>` for a training seed other than the default, so that the seeds of
+    one configuration (`--seeds`) sit side by side instead of overwriting each other."""
+    seed = cfg.train.seed
+    return cfg.model.variant if seed == TrainConfig.seed else f"{cfg.model.variant}-seed{seed}"
+
 
 @dataclass(frozen=True)
 class RunPaths:
@@ -61,6 +70,10 @@ class RunPaths:
 
     def evaluation(self, variant: str) -> str:
         return storage.join(self.root, "eval", f"{variant}.json")
+
+    def query_results(self, variant: str) -> str:
+        """Every test query's result of `evaluation(variant)` (evaluate.QueryResults)."""
+        return storage.join(self.root, "eval", f"{variant}.queries.parquet")
 
     def as_dict(self) -> dict:
         return {"root": self.root, "samples": self.samples, "shards": self.shards, "entities": self.entities,

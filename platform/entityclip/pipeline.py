@@ -8,14 +8,14 @@ time (CLI subcommands, Ray Jobs) or all together (`run_pipeline`).
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from entityclip import storage
 from entityclip.config import PipelineConfig
 from entityclip.errors import ConfigError, EntityClipError
-from entityclip.paths import RunPaths, require
+from entityclip.paths import RunPaths, model_key, require
 from entityclip.runtime import init_ray, quiet_logs
-from entityclip.train.tracking import tracker_for
+from entityclip.train.tracking import QUERY_RESULTS_ARTIFACT, tracker_for
 
 
 def stage_data(cfg: PipelineConfig, progress: bool = True) -> dict:
@@ -125,37 +125,45 @@ def stage_train(cfg: PipelineConfig, progress: bool = True, resume: bool = False
 def stage_index(cfg: PipelineConfig):
     from entityclip.index import build_index
 
-    paths = RunPaths.for_config(cfg)
-    checkpoint = paths.checkpoint(cfg.model.variant)
+    paths, key = RunPaths.for_config(cfg), model_key(cfg)
+    checkpoint = paths.checkpoint(key)
     require(storage.join(checkpoint, "model.json"), "train")
     init_ray()
-    return build_index(checkpoint, paths.samples, require(paths.explanations, "explain"),
-                       paths.index(cfg.model.variant), cfg.index)
+    return build_index(checkpoint, paths.samples, require(paths.explanations, "explain"), paths.index(key), cfg.index)
 
 
 def stage_evaluate(cfg: PipelineConfig, run_id: str | None = None) -> dict:
-    """Recall@K per test split → eval/<variant>.json and, when given, the training MLflow run.
+    """Recall@K and mAP@10 with 95% intervals per test split → eval/<model>.json, every test
+    query's result → eval/<model>.queries.parquet, and, when given, both to the training MLflow
+    run (metrics, and the artifact `evaluation/queries.parquet` that paired comparisons read).
     A model with a re-ranker is evaluated twice: the index alone (`<split>`) and two-stage
     retrieval with `serve.rerank_k` candidates (`<reranker>/<split>`, e.g. itm/test_unseen)."""
-    from entityclip.evaluate import evaluate_index
+    import pyarrow as pa
+
+    from entityclip.evaluate import evaluate_index, summarize
     from entityclip.index import EmbeddingIndex
     from entityclip.rerank import Reranker
     from entityclip.train.checkpoint import load_model
 
-    paths = RunPaths.for_config(cfg)
-    index_uri = paths.index(cfg.model.variant)
+    paths, key = RunPaths.for_config(cfg), model_key(cfg)
+    index_uri = paths.index(key)
     require(storage.join(index_uri, "images.parquet"), "index")
     index = EmbeddingIndex.load(index_uri)
-    results = evaluate_index(index, cfg.evaluate)
-    model = load_model(paths.checkpoint(cfg.model.variant))
+    queries = evaluate_index(index, cfg.evaluate)
+    model = load_model(paths.checkpoint(key))
     if model.reranker:
         reranker = Reranker(model, index, model.reranker, cfg.serve.rerank_k)
-        results |= {f"{model.reranker}/{split}": {**m, "rerank_k": reranker.k}
-                    for split, m in evaluate_index(index, cfg.evaluate, reranker).items()}
-    storage.write_json(paths.evaluation(cfg.model.variant), results)
+        queries |= {f"{model.reranker}/{split}": q for split, q in evaluate_index(index, cfg.evaluate, reranker).items()}
+    results = {name: summarize(q, cfg.evaluate.ks) for name, q in queries.items()}
+    if model.reranker:
+        results |= {name: {**m, "rerank_k": reranker.k} for name, m in results.items() if "/" in name}
+    table = pa.concat_tables([q.to_table(name) for name, q in queries.items()])
+    storage.write_parquet(paths.query_results(key), table)
+    storage.write_json(paths.evaluation(key), results)
     if run_id:
         tracker = tracker_for(cfg)
         tracker.log_metrics(run_id, {f"{split}/{k}": v for split, m in results.items() for k, v in m.items()})
+        tracker.log_table(run_id, table, QUERY_RESULTS_ARTIFACT)
     return results
 
 
@@ -164,10 +172,10 @@ def stage_register(cfg: PipelineConfig, run_id: str):
     as a new version of `<tracking.registered_model>-<variant>`; returns its ModelRef."""
     from entityclip.registry import register_run
 
-    paths = RunPaths.for_config(cfg)
-    checkpoint = paths.checkpoint(cfg.model.variant)
+    paths, key = RunPaths.for_config(cfg), model_key(cfg)
+    checkpoint = paths.checkpoint(key)
     require(storage.join(checkpoint, "model.json"), "train")  # a checkpoint is a folder or S3 prefix
-    index = paths.index(cfg.model.variant)
+    index = paths.index(key)
     has_index = storage.exists(storage.join(index, "images.faiss"))
     return register_run(tracker_for(cfg), run_id, cfg, checkpoint, index if has_index else None, paths.entities)
 
@@ -257,9 +265,41 @@ def query_text(base_url: str, text: str, k: int = 5, timeout_s: float = 60.0) ->
     return response.json()
 
 
+@dataclass
+class TrainedVariant:
+    """What `train_variant` made of one variant (and seed): its training, its evaluation (None
+    when skipped) and its registered model."""
+    train: object  # train.trainer.TrainResult
+    metrics: dict | None
+    model: object  # registry.ModelRef
+
+
+def train_variant(cfg: PipelineConfig, progress: bool = True, resume: bool = False, evaluate: bool = True,
+                  timer: StageTimer | None = None, tags: dict[str, str] | None = None) -> TrainedVariant:
+    """Train `cfg.model.variant` with `cfg.train.seed`, index and evaluate it (unless not
+    `evaluate`) and register it: what `entityclip train`, each sweep trial and each variant and
+    seed of the pipeline do. `tags` go on the MLflow run; `timer` times each step."""
+    run = timer.run if timer else (lambda _name, fn, *args: fn(*args))
+    name = model_key(cfg)
+    trained = run(f"train[{name}]", stage_train, cfg, progress, resume)
+    if tags:
+        tracker_for(cfg).set_tags(trained.run_id, tags)
+    metrics = None
+    if evaluate:
+        run(f"index[{name}]", stage_index, cfg)
+        metrics = run(f"evaluate[{name}]", stage_evaluate, cfg, trained.run_id)
+    model = run(f"register[{name}]", stage_register, cfg, trained.run_id)
+    return TrainedVariant(trained, metrics, model)
+
+
+def with_seed(cfg: PipelineConfig, seed: int) -> PipelineConfig:
+    return replace(cfg, train=replace(cfg.train, seed=seed))
+
+
 def run_pipeline(cfg: PipelineConfig, variants: list[str], serve_query: bool = True,
-                 keep_serving: bool = False, progress: bool = True) -> dict:
-    """The whole job; returns a summary (stage timings, recall per variant, a served query)."""
+                 keep_serving: bool = False, progress: bool = True, seeds: list[int] | None = None) -> dict:
+    """The whole job; returns a summary (stage timings, recall per variant and seed, a served
+    query). `seeds`: train each variant once per training seed (default: `train.seed` alone)."""
     from entityclip.explain.engines import KnowledgeEngine, uses_world_lm
 
     timer = StageTimer()
@@ -270,20 +310,19 @@ def run_pipeline(cfg: PipelineConfig, variants: list[str], serve_query: bool = T
     explain = timer.run("explain", stage_explain, cfg, progress)
     results = {}
     for variant in variants:
-        vcfg = with_variant(cfg, variant)
-        trained = timer.run(f"train[{variant}]", stage_train, vcfg, progress)
-        timer.run(f"index[{variant}]", stage_index, vcfg)
-        metrics = timer.run(f"evaluate[{variant}]", stage_evaluate, vcfg, trained.run_id)
-        model = timer.run(f"register[{variant}]", stage_register, vcfg, trained.run_id)
-        results[variant] = {"run_id": trained.run_id, "model": model.uri,
-                            "checkpoint": trained.checkpoint_uri, "metrics": metrics}
+        for seed in seeds or [cfg.train.seed]:
+            vcfg = with_seed(with_variant(cfg, variant), seed)
+            done = train_variant(vcfg, progress, timer=timer)
+            results[model_key(vcfg)] = {"variant": variant, "seed": seed, "run_id": done.train.run_id,
+                                        "model": done.model.uri, "checkpoint": done.train.checkpoint_uri,
+                                        "metrics": done.metrics}
     summary = {"root": paths.root, "explain": explain.__dict__, "results": results, "seconds": timer.seconds}
     if serve_query:
         from ray import serve
 
         from entityclip.serving.app import APP_NAME
 
-        scfg = with_variant(cfg, variants[0])
+        scfg = with_seed(with_variant(cfg, variants[0]), (seeds or [cfg.train.seed])[0])
         base_url = timer.run("serve", start_serving, scfg)
         # Query for an entity held out of training: the case explanations exist for.
         unseen = [s for s in storage.read_parquet(paths.samples).to_pylist() if s["split"] == "test_unseen"]

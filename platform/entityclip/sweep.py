@@ -54,20 +54,15 @@ def trial(config: dict) -> None:
     """One Tune trial (a function trainable): the train command's stages for one point."""
     from ray import tune
 
-    from entityclip.pipeline import stage_evaluate, stage_index, stage_register, stage_train
-    from entityclip.train.tracking import tracker_for
+    from entityclip.pipeline import train_variant
 
     # Tune starts trials in their own folder; relative paths mean what they meant to the caller.
     os.chdir(config["cwd"])
     cfg = from_dict(PipelineConfig, apply_overrides(config["base"], _overrides(config["params"])))
-    result = stage_train(cfg, progress=False)
-    tracker_for(cfg).set_tags(result.run_id, {"sweep": config["sweep"],
-                                              **{f"param.{k}": str(v) for k, v in config["params"].items()}})
-    stage_index(cfg)
-    metrics = stage_evaluate(cfg, result.run_id)
-    model = stage_register(cfg, result.run_id)
-    tune.report({f"{split}/{k}": v for split, m in metrics.items() for k, v in m.items()}
-                | {"run_id": result.run_id, "model": model.uri})
+    tags = {"sweep": config["sweep"], **{f"param.{k}": str(v) for k, v in config["params"].items()}}
+    done = train_variant(cfg, progress=False, tags=tags)
+    tune.report({f"{split}/{k}": v for split, m in done.metrics.items() for k, v in m.items()}
+                | {"run_id": done.train.run_id, "model": done.model.uri})
 
 
 def _one_line(error: BaseException) -> str:

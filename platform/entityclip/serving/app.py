@@ -29,7 +29,7 @@ from ray.serve.handle import DeploymentHandle
 from entityclip import storage
 from entityclip.config import PipelineConfig, from_dict, to_dict
 from entityclip.errors import ConfigError, InputError, InputTooLarge, NotFound
-from entityclip.paths import RunPaths, require
+from entityclip.paths import RunPaths, model_key, require
 from entityclip.registry import MODEL_PATH, ModelRef, load_retriever, resolve
 from entityclip.retrieval import Retriever, decode_base64
 from entityclip.serving.explainer import Explainer, explainer_options
@@ -187,8 +187,9 @@ def explainer_deployment(cfg: PipelineConfig) -> bool:
 
 
 def build_app(cfg: PipelineConfig, variant: str | None = None):
-    """(the Serve application, the registry version it serves or None)."""
-    variant = variant or cfg.model.variant
+    """(the Serve application, the registry version it serves or None). Without a registry
+    model, it serves the run root's `variant` (default: cfg's variant at its training seed)."""
+    variant = variant or model_key(cfg)
     ref = check_servable(cfg, variant)
     s, scaling = cfg.serve, cfg.serve.autoscaling
     explainer = None

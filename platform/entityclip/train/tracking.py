@@ -12,6 +12,9 @@ import requests
 from entityclip.config import PipelineConfig, TrackingConfig
 from entityclip.errors import TrackingError
 
+# Where an evaluated run keeps every test query's result (evaluate.QueryResults tables).
+QUERY_RESULTS_ARTIFACT = "evaluation/queries.parquet"
+
 
 def resolve_uri(cfg: TrackingConfig, local_dir: str | Path) -> str:
     """The configured URI, or a local sqlite store in `local_dir` (the embedded default)."""
@@ -47,6 +50,8 @@ class Tracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         # MLflow writes the run's URL to stdout when a run ends; our commands' stdout is JSON.
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        # Paired comparisons download small tables: no progress bar for each.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         from mlflow.tracking import MlflowClient
 
         check_reachable(uri)
@@ -122,6 +127,32 @@ class Tracker:
     def log_artifacts(self, run_id: str, local_dir: str | Path, artifact_path: str) -> None:
         self._call("log artifacts", lambda: self.client.log_artifacts(run_id, str(local_dir), artifact_path))
 
+    def log_table(self, run_id: str, table, artifact_file: str) -> None:
+        """A pyarrow table as the run's Parquet artifact `artifact_file` (replacing any before)."""
+        import tempfile
+
+        import pyarrow.parquet as pq
+
+        folder, _, name = artifact_file.rpartition("/")
+        with tempfile.TemporaryDirectory(prefix="entityclip-table-") as d:
+            pq.write_table(table, Path(d) / name)
+            self._call("log a table", lambda: self.client.log_artifact(run_id, str(Path(d) / name), folder or None))
+
+    def read_table(self, run_id: str, artifact_file: str):
+        """The run's Parquet artifact `artifact_file` as a pyarrow table, or None if it has none."""
+        import tempfile
+
+        import pyarrow.parquet as pq
+
+        folder = artifact_file.rpartition("/")[0]
+        listed = self._call(f"list artifacts of run {run_id}", lambda: self.client.list_artifacts(run_id, folder or None))
+        if artifact_file not in {f.path for f in listed}:
+            return None
+        with tempfile.TemporaryDirectory(prefix="entityclip-table-") as d:
+            local = self._call(f"download {artifact_file} of run {run_id}",
+                               lambda: self.client.download_artifacts(run_id, artifact_file, d))
+            return pq.read_table(local)
+
     def register_model(self, run_id: str, artifact_path: str, name: str) -> str:
         """A registered model version whose source is the run's checkpoint artifacts."""
         def _register():
@@ -153,6 +184,21 @@ class Tracker:
         what = f"find {name} {'version ' + version if version else '@' + str(alias)}"
         found = self._call(what, lambda: self.client.get_model_version(name, version) if version
                            else self.client.get_model_version_by_alias(name, alias))
+        return str(found.version), found.run_id
+
+    def alias_version(self, name: str, alias: str) -> tuple[str, str] | None:
+        """(version, run id) that registered model `name`'s `alias` names, or None where it
+        names none (or the model does not exist yet)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = self.client.get_model_version_by_alias(name, alias)
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+                return None
+            raise TrackingError(f"MLflow ({self.uri}) refused to read {name}@{alias}: {exc.message}") from None
+        except requests.RequestException as exc:
+            raise TrackingError(f"MLflow ({self.uri}) unreachable while reading {name}@{alias} ({exc})") from None
         return str(found.version), found.run_id
 
     def has_artifact(self, run_id: str, path: str) -> bool:

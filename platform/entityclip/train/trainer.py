@@ -19,6 +19,7 @@ from entityclip import storage
 from entityclip.config import PipelineConfig, flatten, to_dict
 from entityclip.errors import ConfigError, TrackingError, TrainingInterrupted, find_user_error
 from entityclip.models import build_model
+from entityclip.paths import model_key
 from entityclip.runtime import init_ray
 from entityclip.train.checkpoint import META, WEIGHTS, load_pretrained, save_checkpoint
 from entityclip.train.precision import PRECISIONS
@@ -146,7 +147,7 @@ def _begin(cfg: PipelineConfig, tracker: Tracker, state_uri: str, resume: bool) 
     if not resume:
         # Unique even for runs started in the same second (sweep trials): a Ray Train run of the
         # same name would restore the other's checkpoints.
-        run_name = f"{cfg.model.variant}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+        run_name = f"{model_key(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
         run_id = tracker.start_run(cfg.tracking.experiment, run_name, flatten(cfg))
         tracker.set_tags(run_id, {"variant": cfg.model.variant, "stage": "train"})
         storage.write_json(state_uri, {"run_name": run_name, "run_id": run_id, "status": "running"})
@@ -168,7 +169,7 @@ def run_training(cfg: PipelineConfig, paths: dict, tracker: Tracker, ray_dir: Pa
     """Train `cfg.model.variant` (or just package it, for the untrained zero-shot baseline);
     `resume` continues the variant's interrupted run: same Ray Train run, same MLflow run."""
     start = time.time()
-    state_uri = storage.join(paths["training"], f"{cfg.model.variant}.json")
+    state_uri = storage.join(paths["training"], f"{model_key(cfg)}.json")
     run_name, run_id = _begin(cfg, tracker, state_uri, resume)
     try:
         model = build_model(cfg.model)
@@ -183,7 +184,7 @@ def run_training(cfg: PipelineConfig, paths: dict, tracker: Tracker, ray_dir: Pa
                 load_pretrained(model, cfg.model.pretrained)
             local, final = save_checkpoint(model, tempfile.mkdtemp(prefix="entityclip-final-")), {}
             train_loss = None
-        checkpoint_uri = storage.join(paths["checkpoints"], cfg.model.variant)
+        checkpoint_uri = storage.join(paths["checkpoints"], model_key(cfg))
         storage.upload_dir(local, checkpoint_uri)
         tracker.log_artifacts(run_id, local, "checkpoint")
         shutil.rmtree(local, ignore_errors=True)

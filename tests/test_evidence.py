@@ -1,0 +1,119 @@
+"""Evidence: training is reproducible, seeds are an axis of runs, comparisons are paired tests
+on the same test queries, and promotion moves the champion only on a significant gain."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from entityclip import storage
+from entityclip.compare import collect, compare_pair, compare_runs, promote_best, seed_groups
+from entityclip.paths import RunPaths
+from entityclip.pipeline import train_variant, with_seed
+from entityclip.train.tracking import QUERY_RESULTS_ARTIFACT, tracker_for
+from tests.conftest import tiny_config
+from tests.test_cli import ENTITYCLIP
+
+METRIC = "test_unseen/rsum"
+
+
+@pytest.fixture(scope="module")
+def evidence(trained_run, mlflow_server, cluster_env, tmp_path_factory):
+    """The session run's data and explanations in a root of their own, its own experiment and
+    registered model; `entityclip train --seeds 0,1` trains there through the CLI."""
+    root = tmp_path_factory.mktemp("evidence")
+    shutil.copytree(trained_run["root"] / "data", root / "data")
+    shutil.copy(trained_run["root"] / "explanations.parquet", root / "explanations.parquet")
+    cfg = tiny_config(root, f"tracking.uri={mlflow_server}", "tracking.experiment=evidence",
+                      "tracking.registered_model=evidence")
+    args = ["--root", str(root), "--no-progress", "--set", f"tracking.uri={mlflow_server}",
+            "--set", "tracking.experiment=evidence", "--set", "tracking.registered_model=evidence",
+            *[arg for item in _tiny_overrides() for arg in ("--set", item)]]
+    done = subprocess.run([ENTITYCLIP, "train", "--seeds", "0,1", *args], capture_output=True, text=True,
+                          env=cluster_env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return {"cfg": cfg, "root": root, "args": args, "env": cluster_env,
+            "by_seed": json.loads(done.stdout[done.stdout.index("{"):])}
+
+
+def _tiny_overrides() -> list[str]:
+    from tests.conftest import TINY
+
+    return TINY
+
+
+def test_the_same_config_and_seed_train_to_the_same_metrics(trained_run, evidence):
+    # The session's run and this one share data, explanations, config and seed 0; only the
+    # storage root and the experiment differ. Every figure and every query's rank agree.
+    again = evidence["by_seed"]["0"]["evaluate"]
+    assert again == trained_run["metrics"]
+    tracker = tracker_for(evidence["cfg"])
+    first = tracker.read_table(trained_run["train"].run_id, QUERY_RESULTS_ARTIFACT)
+    second = tracker.read_table(evidence["by_seed"]["0"]["train"]["run_id"], QUERY_RESULTS_ARTIFACT)
+    assert first.equals(second)
+
+
+def test_seeds_train_side_by_side_and_compare_groups_them(evidence):
+    paths = RunPaths.for_config(evidence["cfg"])
+    assert storage.exists(storage.join(paths.checkpoint("entityclip"), "model.json"))  # seed 0: the default key
+    assert storage.exists(storage.join(paths.checkpoint("entityclip-seed1"), "model.json"))
+    assert storage.exists(paths.query_results("entityclip-seed1"))
+    rows = [r for r in collect(evidence["cfg"]) if not r["reranker"]]
+    assert sorted(r["seed"] for r in rows) == ["0", "1"]
+    (group,) = [g for g in seed_groups(rows)]
+    assert sorted(group.seeds) == ["0", "1"] and set(group.run_ids) == {r["run_id"] for r in rows}
+    values = [r[METRIC] for r in rows]
+    assert group.rsum["test_unseen"].mean == pytest.approx(sum(values) / 2)
+    assert group.rsum["test_unseen"].low == min(values) and group.rsum["test_unseen"].high == max(values)
+    text, _ = compare_runs(evidence["cfg"])
+    assert "Over seeds" in text and group.id in text and "±" in text
+
+
+def test_every_evaluation_logs_intervals_that_bracket_its_figures(evidence):
+    metrics = evidence["by_seed"]["1"]["evaluate"]["test_unseen"]
+    for name in ("rsum", "t2i_r1", "i2t_map10"):
+        assert metrics[f"{name}_ci_low"] <= metrics[name] <= metrics[f"{name}_ci_high"]
+    row = next(r for r in collect(evidence["cfg"]) if r["seed"] == "1" and not r["reranker"])
+    assert row[f"{METRIC}_ci_low"] == pytest.approx(metrics["rsum_ci_low"])
+
+
+def test_promotion_needs_a_significant_paired_gain_or_force(evidence):
+    cfg = evidence["cfg"]
+    first = promote_best(cfg, METRIC)
+    assert first["promoted"] and "had no 'champion'" in first["reason"]
+    assert promote_best(cfg, METRIC)["promoted"] is False  # already the champion: nothing moves
+
+    # The champion's seed trained again: the same model, so a new version with the same score.
+    champion_seed = next(r["seed"] for r in collect(cfg) if r["run"] == first["run"])
+    twin = train_variant(with_seed(cfg, int(champion_seed)), progress=False)
+    tracker = tracker_for(cfg)
+    refused = promote_best(cfg, METRIC)
+    assert refused["promoted"] is False and refused["version"] == twin.model.version
+    assert "difference +0.0" in refused["reason"] and "not significant" in refused["reason"]
+    assert "--force" in refused["reason"]
+    assert tracker.alias_version("evidence-entityclip", "champion")[0] == first["version"]
+
+    result = compare_pair(cfg, twin.train.run_id, first["run"].split(" ")[0], METRIC)
+    assert result.difference == 0 and not result.significant
+
+    cli = subprocess.run([ENTITYCLIP, "compare", "--promote", METRIC, "--force", *evidence["args"]],
+                         capture_output=True, text=True, env=evidence["env"], timeout=300)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    forced = json.loads(cli.stdout[cli.stdout.index("\n{") + 1:])  # the JSON after the table
+    assert forced["promoted"] and "promoted by --force" in forced["reason"]
+    assert tracker.alias_version("evidence-entityclip", "champion")[0] == twin.model.version
+
+
+def test_compare_paired_names_runs_or_seed_groups(evidence):
+    rows = [r for r in collect(evidence["cfg"]) if not r["reranker"]]
+    group = seed_groups(rows)[0].id
+    cli = subprocess.run([ENTITYCLIP, "compare", "--paired", group, rows[-1]["run_id"], *evidence["args"]],
+                         capture_output=True, text=True, env=evidence["env"], timeout=300)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert f"paired, {group} minus {rows[-1]['run_id']}: {METRIC}" in cli.stdout
+    assert "significant at 95%" in cli.stdout
+    unknown = subprocess.run([ENTITYCLIP, "compare", "--paired", "nope", group, *evidence["args"]],
+                             capture_output=True, text=True, env=evidence["env"], timeout=300)
+    assert unknown.returncode == 2 and "no evaluated run or seed group 'nope'" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
