@@ -10,7 +10,6 @@ import pytest
 from entityclip import storage
 from entityclip.compare import collect, compare_pair, compare_runs, promote_best, seed_groups
 from entityclip.paths import RunPaths
-from entityclip.pipeline import train_variant, with_seed
 from entityclip.train.tracking import QUERY_RESULTS_ARTIFACT, tracker_for
 from tests.conftest import tiny_config
 from tests.test_cli import ENTITYCLIP
@@ -21,7 +20,7 @@ METRIC = "test_unseen/rsum"
 @pytest.fixture(scope="module")
 def evidence(trained_run, mlflow_server, cluster_env, tmp_path_factory):
     """The session run's data and explanations in a root of their own, its own experiment and
-    registered model; `entityclip train --seeds 0,1` trains there through the CLI."""
+    registered model; `entityclip pipeline --seeds 0,1` trains there through the CLI."""
     root = tmp_path_factory.mktemp("evidence")
     shutil.copytree(trained_run["root"] / "data", root / "data")
     shutil.copy(trained_run["root"] / "explanations.parquet", root / "explanations.parquet")
@@ -30,11 +29,13 @@ def evidence(trained_run, mlflow_server, cluster_env, tmp_path_factory):
     args = ["--root", str(root), "--no-progress", "--set", f"tracking.uri={mlflow_server}",
             "--set", "tracking.experiment=evidence", "--set", "tracking.registered_model=evidence",
             *[arg for item in _tiny_overrides() for arg in ("--set", item)]]
-    done = subprocess.run([ENTITYCLIP, "train", "--seeds", "0,1", *args], capture_output=True, text=True,
-                          env=cluster_env, timeout=600)
+    done = subprocess.run([ENTITYCLIP, "pipeline", "--seeds", "0,1", "--no-serve", *args], capture_output=True,
+                          text=True, env=cluster_env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "Over seeds" in done.stdout and "±" in done.stdout  # the printed table
+    results = json.loads((root / "summary.json").read_text())["results"]
     return {"cfg": cfg, "root": root, "args": args, "env": cluster_env,
-            "by_seed": json.loads(done.stdout[done.stdout.index("{"):])}
+            "by_seed": {str(r["seed"]): r for r in results.values()}}
 
 
 def _tiny_overrides() -> list[str]:
@@ -46,11 +47,11 @@ def _tiny_overrides() -> list[str]:
 def test_the_same_config_and_seed_train_to_the_same_metrics(trained_run, evidence):
     # The session's run and this one share data, explanations, config and seed 0; only the
     # storage root and the experiment differ. Every figure and every query's rank agree.
-    again = evidence["by_seed"]["0"]["evaluate"]
+    again = evidence["by_seed"]["0"]["metrics"]
     assert again == trained_run["metrics"]
     tracker = tracker_for(evidence["cfg"])
     first = tracker.read_table(trained_run["train"].run_id, QUERY_RESULTS_ARTIFACT)
-    second = tracker.read_table(evidence["by_seed"]["0"]["train"]["run_id"], QUERY_RESULTS_ARTIFACT)
+    second = tracker.read_table(evidence["by_seed"]["0"]["run_id"], QUERY_RESULTS_ARTIFACT)
     assert first.equals(second)
 
 
@@ -71,7 +72,7 @@ def test_seeds_train_side_by_side_and_compare_groups_them(evidence):
 
 
 def test_every_evaluation_logs_intervals_that_bracket_its_figures(evidence):
-    metrics = evidence["by_seed"]["1"]["evaluate"]["test_unseen"]
+    metrics = evidence["by_seed"]["1"]["metrics"]["test_unseen"]
     for name in ("rsum", "t2i_r1", "i2t_map10"):
         assert metrics[f"{name}_ci_low"] <= metrics[name] <= metrics[f"{name}_ci_high"]
     row = next(r for r in collect(evidence["cfg"]) if r["seed"] == "1" and not r["reranker"])
@@ -84,17 +85,21 @@ def test_promotion_needs_a_significant_paired_gain_or_force(evidence):
     assert first["promoted"] and "had no 'champion'" in first["reason"]
     assert promote_best(cfg, METRIC)["promoted"] is False  # already the champion: nothing moves
 
-    # The champion's seed trained again: the same model, so a new version with the same score.
+    # The champion's seed trained again (`train --seeds`): the same model, a new version, the same score.
     champion_seed = next(r["seed"] for r in collect(cfg) if r["run"] == first["run"])
-    twin = train_variant(with_seed(cfg, int(champion_seed)), progress=False)
+    cli = subprocess.run([ENTITYCLIP, "train", "--seeds", champion_seed, *evidence["args"]],
+                         capture_output=True, text=True, env=evidence["env"], timeout=600)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    twin = json.loads(cli.stdout)[champion_seed]
     tracker = tracker_for(cfg)
     refused = promote_best(cfg, METRIC)
-    assert refused["promoted"] is False and refused["version"] == twin.model.version
+    twin_version = twin["model"].rsplit("/", 1)[1]
+    assert refused["promoted"] is False and refused["version"] == twin_version
     assert "difference +0.0" in refused["reason"] and "not significant" in refused["reason"]
     assert "--force" in refused["reason"]
     assert tracker.alias_version("evidence-entityclip", "champion")[0] == first["version"]
 
-    result = compare_pair(cfg, twin.train.run_id, first["run"].split(" ")[0], METRIC)
+    result = compare_pair(cfg, twin["train"]["run_id"], first["run"], METRIC)
     assert result.difference == 0 and not result.significant
 
     cli = subprocess.run([ENTITYCLIP, "compare", "--promote", METRIC, "--force", *evidence["args"]],
@@ -102,7 +107,7 @@ def test_promotion_needs_a_significant_paired_gain_or_force(evidence):
     assert cli.returncode == 0, cli.stderr[-2000:]
     forced = json.loads(cli.stdout[cli.stdout.index("\n{") + 1:])  # the JSON after the table
     assert forced["promoted"] and "promoted by --force" in forced["reason"]
-    assert tracker.alias_version("evidence-entityclip", "champion")[0] == twin.model.version
+    assert tracker.alias_version("evidence-entityclip", "champion")[0] == twin_version
 
 
 def test_compare_paired_names_runs_or_seed_groups(evidence):
@@ -117,3 +122,11 @@ def test_compare_paired_names_runs_or_seed_groups(evidence):
                              capture_output=True, text=True, env=evidence["env"], timeout=300)
     assert unknown.returncode == 2 and "no evaluated run or seed group 'nope'" in unknown.stderr
     assert "Traceback" not in unknown.stderr
+
+
+@pytest.mark.parametrize("seeds, message", [("0,0", "repeats a seed"), ("one,two", "comma-separated integers")])
+def test_bad_seed_lists_are_one_line_errors(seeds, message):
+    from tests.test_cli import run_cli
+
+    result = run_cli("train", "--seeds", seeds, "--root", "/nonexistent/run")
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

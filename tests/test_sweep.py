@@ -15,7 +15,7 @@ from tests.conftest import tiny_config
 @pytest.mark.slow
 def test_a_grid_sweep_tracks_each_trial_and_promotes_the_best(ray_session, mlflow_server, tmp_path):
     cfg = tiny_config(tmp_path, "train.epochs=1", "train.num_workers=1", f"tracking.uri={mlflow_server}",
-                      "tracking.experiment=sweeps")
+                      "tracking.experiment=sweeps", "tracking.registered_model=sweeps")  # no champion yet
     stage_data(cfg, progress=False)
     stage_explain(cfg, progress=False)
 
@@ -35,6 +35,7 @@ def test_a_grid_sweep_tracks_each_trial_and_promotes_the_best(ray_session, mlflo
     rows = collect(cfg, sweep="lr-grid")
     assert {r["params"] for r in rows} == {"train.lr=0.001", "train.lr=0.003"}
     promoted = promote_best(cfg, "test_unseen/rsum", sweep="lr-grid")
+    assert promoted["promoted"]
     champion = client.get_model_version_by_alias(promoted["model"], "champion")
     assert champion.run_id in {t["run_id"] for t in result.trials if t["test_unseen/rsum"] == scores[0]}  # a best trial (ties happen)
 

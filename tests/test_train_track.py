@@ -42,7 +42,8 @@ def test_evaluation_reports_recall_per_split_and_direction(trained_run, mlflow_s
         for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"):
             assert 0.0 <= split[key] <= 100.0
         assert split["i2t_r1"] <= split["i2t_r5"] <= split["i2t_r10"]
-        assert split["rsum"] == pytest.approx(sum(v for k, v in split.items() if "_r" in k))
+        assert split["rsum"] == pytest.approx(sum(split[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)))
+        assert split["rsum_ci_low"] <= split["rsum"] <= split["rsum_ci_high"]
     logged = MlflowClient(mlflow_server).get_run(trained_run["train"].run_id).data.metrics
     assert logged["test_unseen/t2i_r1"] == pytest.approx(metrics["test_unseen"]["t2i_r1"])
     assert logged["itm/test_unseen/rsum"] == pytest.approx(metrics["itm/test_unseen"]["rsum"])

@@ -35,25 +35,32 @@ def collect(cfg: PipelineConfig, sweep: str | None = None) -> list[dict]:
     one more per re-ranked evaluation of it; each metric with its interval where it was logged."""
     rows = []
     for run in tracker_for(cfg).runs(cfg.tracking.experiment):
-        m, tags = run.data.metrics, run.data.tags
-        if not any(k.startswith("test_") for k in m):
-            continue  # unfinished or failed runs have no evaluation
-        if sweep is not None and tags.get("sweep") != sweep:
-            continue
-        params = " ".join(f"{k[len('param.'):]}={v}" for k, v in sorted(tags.items()) if k.startswith("param."))
-        # A re-ranked evaluation logs "<reranker>/<split>/<metric>" (pipeline.stage_evaluate);
-        # `served` marks the row that serve.rerank's default (auto) serves.
-        rerankers = sorted({k.split("/")[0] for k in m if k.count("/") == 2 and k.split("/")[1] in SPLITS})
-        served = next((r for r in rerankers if r in DEFINING), "")
-        for reranker in ["", *rerankers]:
-            prefix = f"{reranker}/" if reranker else ""
-            rows.append({"run": run.info.run_name + (f" +{reranker}" if reranker else ""),
-                         "run_id": run.info.run_id, "variant": tags.get("variant", "?"),
-                         "sweep": tags.get("sweep", ""), "params": params, "reranker": reranker,
-                         "served": reranker == served, "seed": run.data.params.get(SEED_PARAM, "?"),
-                         "group": group_id(run.data.params, reranker),
-                         **{f"{key}{end}": m.get(f"{prefix}{key}{end}")
-                            for key in METRICS for end in ("", "_ci_low", "_ci_high")}})
+        if sweep is None or run.data.tags.get("sweep") == sweep:
+            rows += rows_of(run)
+    return rows
+
+
+def rows_of(run) -> list[dict]:
+    """An MLflow run's rows: none before it is evaluated (unfinished or failed runs), one for
+    its index alone and one per re-ranked evaluation."""
+    m, tags = run.data.metrics, run.data.tags
+    if not any(k.startswith("test_") for k in m):
+        return []
+    params = " ".join(f"{k[len('param.'):]}={v}" for k, v in sorted(tags.items()) if k.startswith("param."))
+    # A re-ranked evaluation logs "<reranker>/<split>/<metric>" (pipeline.stage_evaluate);
+    # `served` marks the row that serve.rerank's default (auto) serves.
+    rerankers = sorted({k.split("/")[0] for k in m if k.count("/") == 2 and k.split("/")[1] in SPLITS})
+    served = next((r for r in rerankers if r in DEFINING), "")
+    rows = []
+    for reranker in ["", *rerankers]:
+        prefix = f"{reranker}/" if reranker else ""
+        rows.append({"run": run.info.run_name + (f" +{reranker}" if reranker else ""),
+                     "run_id": run.info.run_id, "variant": tags.get("variant", "?"),
+                     "sweep": tags.get("sweep", ""), "params": params, "reranker": reranker,
+                     "served": reranker == served, "seed": run.data.params.get(SEED_PARAM, "?"),
+                     "group": group_id(run.data.params, reranker),
+                     **{f"{key}{end}": m.get(f"{prefix}{key}{end}")
+                        for key in METRICS for end in ("", "_ci_low", "_ci_high")}})
     return rows
 
 
@@ -271,7 +278,8 @@ def promote_best(cfg: PipelineConfig, metric: str, alias: str = "champion", swee
     elif current[0] == version:
         return {**out, "promoted": False, "reason": f"version {version} already is {name}@{alias}"}
     else:
-        champion = [r for r in rows if r["run_id"] == current[1] and r["served"]]
+        # The champion may come from outside this experiment or sweep: read its own run.
+        champion = [r for r in rows_of(tracker.run(current[1])) if r["served"]]
         if not champion:
             test, reason = None, f"{name}@{alias} (version {current[0]}) has no evaluation to compare with"
         else:

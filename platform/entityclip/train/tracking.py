@@ -222,6 +222,9 @@ class Tracker:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self._call("end the run", lambda: self.client.set_terminated(run_id, status))
 
+    def run(self, run_id: str):
+        return self._call(f"read run {run_id}", lambda: self.client.get_run(run_id))
+
     def runs(self, experiment: str) -> list:
         def _search():
             exp = self.client.get_experiment_by_name(experiment)
