@@ -8,9 +8,10 @@ import subprocess
 import pytest
 
 from entityclip import storage
-from entityclip.compare import collect, compare_pair, compare_runs, promote_best, seed_groups
+from entityclip.compare import collect, compare_pair, compare_runs, group_id, promote_best, seed_groups
 from entityclip.paths import RunPaths
-from entityclip.train.tracking import QUERY_RESULTS_ARTIFACT, tracker_for
+from entityclip.pipeline import explanations_fingerprint
+from entityclip.train.tracking import EXPLANATIONS_TAG, QUERY_RESULTS_ARTIFACT, tracker_for
 from tests.conftest import tiny_config
 from tests.test_cli import ENTITYCLIP
 
@@ -69,6 +70,16 @@ def test_seeds_train_side_by_side_and_compare_groups_them(evidence):
     assert group.rsum["test_unseen"].low == min(values) and group.rsum["test_unseen"].high == max(values)
     text, _ = compare_runs(evidence["cfg"])
     assert "Over seeds" in text and group.id in text and "±" in text
+    fingerprint = explanations_fingerprint(paths.explanations)
+    assert all(tracker_for(evidence["cfg"]).tags(r["run_id"])[EXPLANATIONS_TAG] == fingerprint for r in rows)
+
+
+def test_a_configuration_is_its_params_but_the_seed_and_the_explanations_it_read():
+    params = {"train.seed": "0", "train.lr": "0.001"}
+    assert group_id(params, "") == group_id({**params, "train.seed": "3"}, "")
+    assert group_id(params, "") != group_id({**params, "train.lr": "0.003"}, "")
+    assert group_id(params, "", "e44edeb98fb78b2f") != group_id(params, "", "8b8945c4630ae6a4")
+    assert group_id(params, "") != group_id(params, "itm")  # a re-ranked evaluation is another configuration
 
 
 def test_every_evaluation_logs_intervals_that_bracket_its_figures(evidence):

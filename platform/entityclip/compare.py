@@ -16,7 +16,7 @@ from entityclip.errors import ConfigError
 from entityclip.evaluate import QueryResults, sample_scores
 from entityclip.rerank import DEFINING
 from entityclip.stats import PairedResult, SeedSummary, over_seeds, paired_bootstrap
-from entityclip.train.tracking import QUERY_RESULTS_ARTIFACT, Tracker, tracker_for
+from entityclip.train.tracking import EXPLANATIONS_TAG, QUERY_RESULTS_ARTIFACT, Tracker, tracker_for
 
 COLUMNS = ["t2i_r1", "t2i_r5", "i2t_r1", "i2t_r5", "rsum"]
 SPLITS = ["test_seen", "test_unseen"]
@@ -24,9 +24,10 @@ METRICS = [f"{s}/{c}" for s in SPLITS for c in COLUMNS]
 SEED_PARAM = "train.seed"
 
 
-def group_id(params: dict[str, str], reranker: str) -> str:
-    """Runs with this id differ at most by their training seed: the same configuration."""
-    same = {k: v for k, v in params.items() if k != SEED_PARAM} | {"reranker": reranker}
+def group_id(params: dict[str, str], reranker: str, explanations: str = "") -> str:
+    """Runs with this id differ at most by their training seed: the same configuration, trained
+    on the same explanations (their fingerprint, pipeline.EXPLANATIONS_TAG)."""
+    same = {k: v for k, v in params.items() if k != SEED_PARAM} | {"reranker": reranker, "explanations": explanations}
     return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -58,7 +59,7 @@ def rows_of(run) -> list[dict]:
                      "run_id": run.info.run_id, "variant": tags.get("variant", "?"),
                      "sweep": tags.get("sweep", ""), "params": params, "reranker": reranker,
                      "served": reranker == served, "seed": run.data.params.get(SEED_PARAM, "?"),
-                     "group": group_id(run.data.params, reranker),
+                     "group": group_id(run.data.params, reranker, tags.get(EXPLANATIONS_TAG, "")),
                      **{f"{key}{end}": m.get(f"{prefix}{key}{end}")
                         for key in METRICS for end in ("", "_ci_low", "_ci_high")}})
     return rows

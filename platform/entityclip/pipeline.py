@@ -15,7 +15,7 @@ from entityclip.config import PipelineConfig
 from entityclip.errors import ConfigError, EntityClipError
 from entityclip.paths import RunPaths, model_key, require
 from entityclip.runtime import init_ray, quiet_logs
-from entityclip.train.tracking import QUERY_RESULTS_ARTIFACT, tracker_for
+from entityclip.train.tracking import EXPLANATIONS_TAG, QUERY_RESULTS_ARTIFACT, tracker_for
 
 
 def stage_data(cfg: PipelineConfig, progress: bool = True) -> dict:
@@ -282,14 +282,27 @@ def train_variant(cfg: PipelineConfig, progress: bool = True, resume: bool = Fal
     run = timer.run if timer else (lambda _name, fn, *args: fn(*args))
     name = model_key(cfg)
     trained = run(f"train[{name}]", stage_train, cfg, progress, resume)
-    if tags:
-        tracker_for(cfg).set_tags(trained.run_id, tags)
+    # Which explanations it read: two runs of one config are the same experiment only if these agree.
+    inputs = {EXPLANATIONS_TAG: explanations_fingerprint(RunPaths.for_config(cfg).explanations)}
+    tracker_for(cfg).set_tags(trained.run_id, inputs | (tags or {}))
     metrics = None
     if evaluate:
         run(f"index[{name}]", stage_index, cfg)
         metrics = run(f"evaluate[{name}]", stage_evaluate, cfg, trained.run_id)
     model = run(f"register[{name}]", stage_register, cfg, trained.run_id)
     return TrainedVariant(trained, metrics, model)
+
+
+def explanations_fingerprint(uri: str) -> str:
+    """A short hash of every (sample id, explanation) pair: tells apart runs whose explanations
+    differ (e.g. an LLM trained on another machine; see docs/evidence.md)."""
+    import hashlib
+
+    table = storage.read_parquet(uri).select(["sample_id", "explanation"]).sort_by("sample_id")
+    digest = hashlib.sha256()
+    for sample_id, explanation in zip(table["sample_id"].to_pylist(), table["explanation"].to_pylist()):
+        digest.update(f"{sample_id}\x1f{explanation}\x1e".encode())
+    return digest.hexdigest()[:16]
 
 
 def with_seed(cfg: PipelineConfig, seed: int) -> PipelineConfig:

@@ -14,6 +14,8 @@ from entityclip.errors import TrackingError
 
 # Where an evaluated run keeps every test query's result (evaluate.QueryResults tables).
 QUERY_RESULTS_ARTIFACT = "evaluation/queries.parquet"
+# The tag naming the explanations a training run read (pipeline.explanations_fingerprint).
+EXPLANATIONS_TAG = "explanations_sha256"
 
 
 def resolve_uri(cfg: TrackingConfig, local_dir: str | Path) -> str:
