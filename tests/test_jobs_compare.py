@@ -53,7 +53,9 @@ def test_compare_tabulates_and_plots_every_evaluated_variant(trained_run, tmp_pa
     assert "clip_zeroshot" in text and "entityclip" in text
     assert Path(plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = Path(report).read_text()
-    assert page.count("<tr>") == len(rows) + 1 and "clip_zeroshot" in page
+    runs_table = page.split("</table>")[0]  # a seed-group table may follow
+    assert runs_table.count("<tr>") == len(rows) + 1 and "clip_zeroshot" in page
+    assert "<small>[" in runs_table  # each figure with its 95% interval
     assert 'src="data:image/png;base64,' in page  # the chart travels inside the file
 
 

@@ -31,6 +31,7 @@ def test_a_grid_sweep_tracks_each_trial_and_promotes_the_best(ray_session, mlflo
         assert run.data.tags["sweep"] == "lr-grid" and run.data.tags["param.train.lr"] == t["params"]["train.lr"]
         assert float(run.data.params["train.lr"]) == float(t["params"]["train.lr"])  # trained with its value
         assert run.data.metrics["test_unseen/rsum"] == pytest.approx(t["test_unseen/rsum"])
+        assert t["test_unseen/rsum_ci_low"] <= t["test_unseen/rsum"] <= t["test_unseen/rsum_ci_high"]
 
     rows = collect(cfg, sweep="lr-grid")
     assert {r["params"] for r in rows} == {"train.lr=0.001", "train.lr=0.003"}

@@ -222,11 +222,16 @@ def cmd_sweep(args) -> None:
     result = run_sweep(_cfg(args), args.param, args.metric, args.samples, args.concurrent, args.name,
                        progress=not args.no_progress)
     print(f"sweep {result.name}: {len(result.trials)} trials finished, {len(result.failed)} failed; best first")
+    from entityclip.compare import with_interval
+
     for t in result.trials:
         params = " ".join(f"{k}={v}" for k, v in t["params"].items())
-        print(f"  {result.metric}={t[result.metric]:.1f}  {params}  run {t['run_id']}  {t['model']}")
+        value = with_interval(t[result.metric], t[f"{result.metric}_ci_low"], t[f"{result.metric}_ci_high"])
+        print(f"  {result.metric}={value}  {params}  run {t['run_id']}  {t['model']}")
     for line in result.failed:
         print(f"  failed: {line}")
+    print(f"(± half the 95% interval over test queries; `entityclip compare --sweep {result.name} --paired A B` "
+          "tests two trials against each other)")
     print(f"`entityclip compare --sweep {result.name} --promote {result.metric}` promotes the best trial")
 
 

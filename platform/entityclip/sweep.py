@@ -75,7 +75,7 @@ def _one_line(error: BaseException) -> str:
 class SweepResult:
     name: str
     metric: str
-    trials: list[dict]  # params, the metric, run id and model URI per finished trial, best first
+    trials: list[dict]  # params, the metric and its interval, run id and model URI per finished trial, best first
     failed: list[str]  # one line per failed trial
 
 
@@ -135,5 +135,7 @@ def run_sweep(cfg: PipelineConfig, specs: list[str], metric: str, samples: int =
     if not finished:
         raise EntityClipError(f"every trial of sweep {name} failed: {failed[:3]}")
     trials = [{"params": r.config["params"], metric: r.metrics[metric], "run_id": r.metrics["run_id"],
-               "model": r.metrics["model"]} for r in finished]
+               "model": r.metrics["model"],
+               **{f"{metric}{end}": r.metrics.get(f"{metric}{end}") for end in ("_ci_low", "_ci_high")}}
+              for r in finished]
     return SweepResult(name, metric, trials, failed)
