@@ -161,6 +161,22 @@ def test_filip_trains_its_tokens_with_the_token_wise_contrastive_loss():
     assert m.reranker == "late_interaction" and not m.uses_explanations
 
 
+def test_explanation_token_alignment_contrasts_image_patches_with_explanation_words():
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(variant="entityclip", **TINY)).train()
+    images, ids, expl = torch.randn(5, 3, 32, 32), m.tokenize(TEXTS), m.tokenize(list(reversed(TEXTS)))
+    assert "loss_explanation_tokens" not in Objective(m, TrainConfig())(images, ids, expl)  # off by default
+    out = Objective(m, TrainConfig(explanation_token_weight=1.0))(images, ids, expl)
+    img, txt = m.encode_images(images), m.encode_texts(ids, expl)
+    image_to_text, text_to_image = token_similarities(img.tokens, txt.expl_tokens, txt.expl_padding)
+    target = torch.arange(5)
+    expected = (F.cross_entropy(m.logit_scale * image_to_text, target)
+                + F.cross_entropy(m.logit_scale * text_to_image.T, target)) / 2
+    assert out["loss_explanation_tokens"].item() == pytest.approx(expected.item(), rel=1e-5)
+    out["loss_explanation_tokens"].backward()
+    assert m.clip.visual.conv1.weight.grad.abs().sum() > 0  # it trains the image tower's patches
+
+
 # --- xattn_fusion: cross-modal attention over features fused from several layers --------------
 
 def test_layer_fusion_starts_as_the_mean_of_the_layers_and_learns_their_weights():

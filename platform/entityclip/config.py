@@ -137,6 +137,9 @@ class TrainConfig:
     gated_weight: float = 1.0  # contrastive loss on gated expert features (retrieval embeddings)
     itm_weight: float = 0.1  # η: matching loss of GI-ITM (or of xattn_fusion's matcher)
     explanation_weight: float = 1.0  # images vs their explanation's embedding (see train/objective.py)
+    # Attribute-level alignment: image patches vs explanation words, FILIP's token-wise
+    # contrastive loss between image tokens and explanation tokens (train/objective.py); 0 = off.
+    explanation_token_weight: float = 0.0
     # cprd: each query's `distill_candidates` hardest in-batch negatives (by the dual encoder)
     # are ranked by the GI-ITM head; the dual encoder learns the top `distill_ranked` places of
     # that order (train/objective.py).

@@ -1,13 +1,16 @@
 """The training objective as an nn.Module, so DDP wraps one forward that returns the loss.
 
 loss = plain_weight · L_VTC(CLS, EOT) + gated_weight · L_VTC(V*, T*) + itm_weight · L_ITM
-       + explanation_weight · L_VTC(V*, E)
+       + explanation_weight · L_VTC(V*, E) + explanation_token_weight · L_token(patches, E words)
 
 The paper uses 1 · L_VTC(CLS) + 0.1 · L_VTC(V*, T*) + 0.1 · L_ITM and scores with CLS at
 inference. We retrieve with the gated features, so they carry full weight by default. L_VTC(V*, E)
 contrasts images with their explanation's own embedding E: the paper starts from a pretrained
 CLIP whose text tower already knows what "a red circle" looks like; a backbone trained from
 scratch must learn it, or it matches by memorised names and cannot reach unseen entities.
+L_token(patches, E words), off by default, is the same at the level of attributes: FILIP's
+token-wise contrastive loss between an image's patch tokens and its explanation's word tokens
+("orange", "diamond", "dots"), so that patches learn the words that describe them.
 
 The cprd variant adds contrastive partial ranking distillation (Chen et al., CVPR 2024):
 for each text, its `distill_candidates` hardest negative images in the worker's batch by the
@@ -167,6 +170,10 @@ class Objective(nn.Module):
                 out["loss_explanation"] = contrastive_loss(image_emb, F.normalize(txt.expl_eot, dim=-1), scale,
                                                            groups)
                 loss = loss + self.cfg.explanation_weight * out["loss_explanation"]
+            if m.uses_explanations and self.cfg.explanation_token_weight:
+                out["loss_explanation_tokens"] = token_contrastive_loss(img.tokens, txt.expl_tokens, txt.expl_padding,
+                                                                        scale, groups)
+                loss = loss + self.cfg.explanation_token_weight * out["loss_explanation_tokens"]
         if m.has_match_head and images.shape[0] > 1:  # GI-ITM, or xattn_fusion's matcher
             out["loss_itm"] = self._itm_loss(img, txt, scale * cls_img @ cls_txt.T, groups)
             loss = loss + self.cfg.itm_weight * out["loss_itm"]
