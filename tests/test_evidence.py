@@ -141,3 +141,17 @@ def test_bad_seed_lists_are_one_line_errors(seeds, message):
 
     result = run_cli("train", "--seeds", seeds, "--root", "/nonexistent/run")
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_seed_groups_are_named_by_what_sets_them_apart():
+    def row(group, lr, seed, unseen):
+        return {"group": group, "config": {"model.variant": "entityclip", "train.lr": lr, "train.epochs": "60"},
+                "variant": "entityclip", "reranker": "", "seed": seed, "run_id": f"{group}{seed}",
+                "test_seen/rsum": 500.0, "test_unseen/rsum": unseen}
+
+    rows = [row("a", "0.001", "0", 300.0), row("a", "0.001", "1", 320.0), row("b", "0.003", "0", 280.0),
+            row("b", "0.003", "1", 290.0), row("c", "0.01", "0", 100.0)]  # one run: not a seed group
+    groups = seed_groups(rows)
+    assert [(g.id, g.label, g.seeds) for g in groups] == [("a", "entityclip train.lr=0.001", ["0", "1"]),
+                                                           ("b", "entityclip train.lr=0.003", ["0", "1"])]
+    assert groups[0].rsum["test_unseen"].mean == 310.0

@@ -60,6 +60,7 @@ def rows_of(run) -> list[dict]:
                      "sweep": tags.get("sweep", ""), "params": params, "reranker": reranker,
                      "served": reranker == served, "seed": run.data.params.get(SEED_PARAM, "?"),
                      "group": group_id(run.data.params, reranker, tags.get(EXPLANATIONS_TAG, "")),
+                     "config": {k: v for k, v in run.data.params.items() if k != SEED_PARAM},
                      **{f"{key}{end}": m.get(f"{prefix}{key}{end}")
                         for key in METRICS for end in ("", "_ci_low", "_ci_high")}})
     return rows
@@ -98,16 +99,19 @@ class SeedGroup:
 
 
 def seed_groups(rows: list[dict], min_runs: int = 2) -> list[SeedGroup]:
-    """Configurations evaluated with at least `min_runs` runs, in the order first seen."""
+    """Configurations evaluated with at least `min_runs` runs, in the order first seen; each
+    labelled by its variant, re-ranker and the params in which the groups differ."""
     by_id: dict[str, list[dict]] = {}
     for r in rows:
         by_id.setdefault(r["group"], []).append(r)
+    chosen = {gid: members for gid, members in by_id.items() if len(members) >= min_runs}
+    configs = [members[0]["config"] for members in chosen.values()]
+    differing = sorted({k for c in configs for k in c if len({d.get(k) for d in configs}) > 1} - {"model.variant"})
     groups = []
-    for gid, members in by_id.items():
-        if len(members) < min_runs:
-            continue
+    for gid, members in chosen.items():
         first = members[0]
-        label = first["variant"] + (f" +{first['reranker']}" if first["reranker"] else "")
+        label = " ".join([first["variant"] + (f" +{first['reranker']}" if first["reranker"] else ""),
+                          *(f"{k}={first['config'].get(k, '-')}" for k in differing)])
         rsum = {s: over_seeds([m[f"{s}/rsum"] for m in members]) for s in SPLITS
                 if all(m[f"{s}/rsum"] is not None for m in members)}
         groups.append(SeedGroup(gid, label, [m["seed"] for m in members], [m["run_id"] for m in members], rsum))
@@ -115,12 +119,13 @@ def seed_groups(rows: list[dict], min_runs: int = 2) -> list[SeedGroup]:
 
 
 def seed_table(groups: list[SeedGroup]) -> str:
-    lines = [f"{'group':<9} {'configuration':<26} {'seeds':<12} "
+    width = max([26, *(len(g.label) for g in groups)])
+    lines = [f"{'group':<9} {'configuration':<{width}} {'seeds':<12} "
              + " ".join(f"{s.split('_')[1] + ' rsum: mean [95% CI] sd (min-max)':<46}" for s in SPLITS)]
     for g in groups:
         cells = [f"{v.mean:.1f} [{v.ci_low:.1f}, {v.ci_high:.1f}] sd {v.std:.1f} ({v.low:.1f}-{v.high:.1f})"
                  if (v := g.rsum.get(s)) else "-" for s in SPLITS]
-        lines.append(f"{g.id:<9} {g.label:<26} {','.join(sorted(g.seeds, key=str)):<12} "
+        lines.append(f"{g.id:<9} {g.label:<{width}} {','.join(sorted(g.seeds, key=str)):<12} "
                      + " ".join(f"{c:<46}" for c in cells))
     return "\n".join(lines)
 
