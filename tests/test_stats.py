@@ -59,6 +59,21 @@ def test_seed_spread_widens_the_paired_interval_of_two_configurations():
     assert not over.significant  # a 10-point mean over seeds that move it by +-40 is not established
 
 
+def test_seeds_shared_by_both_sides_are_paired_too():
+    rng = np.random.default_rng(4)
+    queries = rng.uniform(0, 600, 150)
+    # Each seed moves both configurations alike (its initial weights), B a steady 8 points lower.
+    shifts = (-40.0, 0.0, 40.0)
+    a = np.stack([queries + s + rng.normal(0, 5, 150) for s in shifts])
+    b = np.stack([queries + s - 8 + rng.normal(0, 5, 150) for s in shifts])
+    apart, by_seed = paired_bootstrap("rsum", a, b), paired_bootstrap("rsum", a, b, same_seeds=True)
+    assert not apart.significant  # the seeds' spread swamps the gain ...
+    assert by_seed.significant and by_seed.ci_low > 6  # ... unless each seed is compared with itself
+    assert "paired by seed" in by_seed.sentence()
+    with pytest.raises(ValueError, match="as many runs"):
+        paired_bootstrap("rsum", a, b[:2], same_seeds=True)
+
+
 def test_paired_scores_need_the_same_queries():
     with pytest.raises(ValueError, match="same queries"):
         paired_bootstrap("rsum", np.ones(10), np.ones(11))

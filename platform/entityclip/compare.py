@@ -168,8 +168,12 @@ def select(rows: list[dict], name: str) -> list[dict]:
 
 
 def paired(cfg: PipelineConfig, a: list[dict], b: list[dict], metric: str) -> PairedResult:
-    """Group `a` against group `b` (one run or several seeds each) on the same test queries."""
+    """Group `a` against group `b` (one run or several seeds each) on the same test queries;
+    groups trained with the same seeds are also paired seed by seed."""
     tracker = tracker_for(cfg)
+    same_seeds = len(a) > 1 and sorted(r["seed"] for r in a) == sorted(r["seed"] for r in b)
+    if same_seeds:
+        a, b = sorted(a, key=lambda r: r["seed"]), sorted(b, key=lambda r: r["seed"])
     sides = []
     for rows in (a, b):
         scored = [query_scores(tracker, r, metric, cfg.evaluate.ks) for r in rows]
@@ -179,7 +183,8 @@ def paired(cfg: PipelineConfig, a: list[dict], b: list[dict], metric: str) -> Pa
         if ids_other != ids:
             raise ConfigError("the runs were evaluated on different test queries (other data or split); "
                               "a paired comparison needs the same ones")
-    return paired_bootstrap(metric, np.stack([s for _, s in sides[0]]), np.stack([s for _, s in sides[1]]))
+    return paired_bootstrap(metric, np.stack([s for _, s in sides[0]]), np.stack([s for _, s in sides[1]]),
+                            same_seeds=same_seeds)
 
 
 def compare_pair(cfg: PipelineConfig, a: str, b: str, metric: str = "test_unseen/rsum",

@@ -52,6 +52,7 @@ class PairedResult:
     p_value: float  # two-sided, from the same bootstrap distribution
     queries: int
     seeds: tuple[int, int] = (1, 1)  # runs averaged on each side
+    same_seeds: bool = False  # the sides' runs were paired by seed
 
     @property
     def significant(self) -> bool:
@@ -61,19 +62,22 @@ class PairedResult:
     def sentence(self) -> str:
         verdict = "significant" if self.significant else "not significant"
         seeds = "" if self.seeds == (1, 1) else f", {self.seeds[0]} vs {self.seeds[1]} seeds"
+        seeds += " paired by seed" if self.same_seeds else ""
         return (f"{self.metric}: {self.a:.1f} vs {self.b:.1f}, difference {self.difference:+.1f} "
                 f"(95% CI {self.ci_low:+.1f} to {self.ci_high:+.1f}, p={self.p_value:.3f}, "
                 f"{self.queries} paired queries{seeds}): {verdict} at 95%")
 
 
 def paired_bootstrap(metric: str, a: np.ndarray, b: np.ndarray, samples: int = BOOTSTRAP_SAMPLES,
-                     seed: int = 0) -> PairedResult:
+                     seed: int = 0, same_seeds: bool = False) -> PairedResult:
     """Compare per-query scores of two groups of runs on the same queries.
 
     `a` [Sa, N] and `b` [Sb, N]: one row per run (seed), one column per query, columns aligned.
     Each resample draws the queries once for both sides (the pairing) and each side's seeds with
     replacement, so the interval covers seed-to-seed spread as well as which queries were drawn.
-    With one run a side this is the ordinary paired bootstrap."""
+    `same_seeds`: row i of both sides was trained with the same seed (the same initial weights
+    and data order), so seeds are drawn once for both sides too. With one run a side this is
+    the ordinary paired bootstrap."""
     a, b = np.atleast_2d(np.asarray(a, np.float64)), np.atleast_2d(np.asarray(b, np.float64))
     if a.shape[1] != b.shape[1] or a.shape[1] == 0:
         raise ValueError(f"paired scores need the same queries on both sides ({a.shape[1]} vs {b.shape[1]})")
@@ -82,10 +86,14 @@ def paired_bootstrap(metric: str, a: np.ndarray, b: np.ndarray, samples: int = B
     weights = _weights(n, samples, seed)
     per_run_a, per_run_b = weights @ a.T / n, weights @ b.T / n  # [samples, Sa], [samples, Sb]
 
+    if same_seeds and a.shape[0] != b.shape[0]:
+        raise ValueError(f"same_seeds needs as many runs on each side ({a.shape[0]} vs {b.shape[0]})")
+    shared = rng.integers(0, a.shape[0], size=per_run_a.shape) if same_seeds else None
+
     def over_seeds(per_run: np.ndarray) -> np.ndarray:
         if per_run.shape[1] == 1:
             return per_run[:, 0]
-        pick = rng.integers(0, per_run.shape[1], size=per_run.shape)
+        pick = shared if shared is not None else rng.integers(0, per_run.shape[1], size=per_run.shape)
         return np.take_along_axis(per_run, pick, axis=1).mean(axis=1)
 
     draws = over_seeds(per_run_a) - over_seeds(per_run_b)
@@ -93,7 +101,7 @@ def paired_bootstrap(metric: str, a: np.ndarray, b: np.ndarray, samples: int = B
     p = min(1.0, 2 * min(np.mean(draws <= 0), np.mean(draws >= 0)))
     mean_a, mean_b = float(a.mean()), float(b.mean())
     return PairedResult(metric, mean_a, mean_b, mean_a - mean_b, float(low), float(high), float(p), n,
-                        (a.shape[0], b.shape[0]))
+                        (a.shape[0], b.shape[0]), same_seeds and a.shape[0] > 1)
 
 
 @dataclass(frozen=True)
