@@ -70,6 +70,8 @@ def test_seeds_train_side_by_side_and_compare_groups_them(evidence):
     assert group.rsum["test_unseen"].low == min(values) and group.rsum["test_unseen"].high == max(values)
     text, _ = compare_runs(evidence["cfg"])
     assert "Over seeds" in text and group.id in text and "±" in text
+    # The index-only group and its GI-ITM re-ranked twin: each group is tested against the best.
+    assert "Paired against the best group by test_unseen/rsum" in text and "significant at 95%" in text
     fingerprint = explanations_fingerprint(paths.explanations)
     assert all(tracker_for(evidence["cfg"]).tags(r["run_id"])[EXPLANATIONS_TAG] == fingerprint for r in rows)
 

@@ -324,4 +324,23 @@ def compare_runs(cfg: PipelineConfig, plot_path: str | None = None, html_path: s
     if groups:
         text += "\n\nOver seeds (runs that differ only by train.seed; CI: t-interval of the mean over seeds)\n"
         text += seed_table(groups)
+    if len(groups) > 1:
+        text += "\n\n" + against_best(cfg, rows, groups)
     return text, written
+
+
+def against_best(cfg: PipelineConfig, rows: list[dict], groups: list[SeedGroup],
+                 metric: str = "test_unseen/rsum") -> str:
+    """Each seed group tested against the best one by `metric` on the same test queries: which
+    differences are real."""
+    split = _split_metric(metric)[0]
+    ranked = sorted((g for g in groups if split in g.rsum), key=lambda g: g.rsum[split].mean, reverse=True)
+    best = ranked[0]
+    lines = [f"Paired against the best group by {metric}, {best.id} ({best.label}):"]
+    members = {g.id: [r for r in rows if r["group"] == g.id] for g in ranked}
+    for g in ranked[1:]:
+        try:
+            lines.append(f"  {g.id}: {paired(cfg, members[g.id], members[best.id], metric).sentence()}")
+        except ConfigError as exc:  # e.g. runs evaluated before per-query results were kept
+            lines.append(f"  {g.id}: cannot be tested ({exc})")
+    return "\n".join(lines)
