@@ -4,6 +4,8 @@ import os
 import re
 from pathlib import Path
 
+import pytest
+
 from entityclip.cli import build_parser
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,6 +32,13 @@ def test_every_entityclip_command_in_the_readme_exists():
     assert used and used <= COMMANDS, used - COMMANDS
 
 
-def test_every_file_the_readme_points_to_exists():
-    for path in re.findall(r"`((?:configs|serve|infra|jobs|benchmarks|scripts)/[\w./-]+)`", README):
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+@pytest.mark.parametrize("page", DOCS, ids=lambda p: p.name)
+def test_every_file_and_link_a_page_points_to_exists(page):
+    text = page.read_text()
+    for path in re.findall(r"`((?:configs|serve|infra|jobs|benchmarks|scripts)/[\w./-]+)`", text):
         assert (REPO / path).exists(), path
+    for link in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):  # relative Markdown links and images
+        assert (page.parent / link).exists(), link

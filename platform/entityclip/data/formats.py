@@ -1,4 +1,4 @@
-"""Ingest: the real EITM datasets' own formats → samples.parquet (shared/entityclip-paper.md §4).
+"""Ingest: the real EITM datasets' own formats → samples.parquet (docs/entityclip-paper.md §4).
 
 Layouts, as the official EntityCLIP code reads them:
 - n24news:    news/nytimes_{train,dev,test}.json (list; image_id, caption, headline, ...),

@@ -1,4 +1,4 @@
-"""The bundled synthetic entity benchmark (DESIGN.md §4).
+"""The bundled synthetic entity benchmark (docs/design.md §4).
 
 A world of fictional entities whose invented names say nothing about how they look. Each has a
 knowledge record of visual attributes; images are drawn from those attributes, texts only name

@@ -26,7 +26,7 @@ Retrieval (rerank.py) re-scores the single-vector search's top candidates with i
 
 Retrieval embeddings. The paper scores with plain CLIP features at inference; here the gated
 features are the retrieval embeddings, so the explanation of a query still helps when matching
-entities never seen in training (DESIGN.md §4). The image side uses no explanation, which keeps
+entities never seen in training (docs/design.md §4). The image side uses no explanation, which keeps
 the gallery indexable independently of any query.
 """
 

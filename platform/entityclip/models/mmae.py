@@ -1,6 +1,6 @@
 """Multimodal Attentive Experts (MMAE) and the gate that aggregates them (GI-ITM).
 
-Follows the official EntityCLIP code (shared/entityclip-paper.md §1.2): every expert is a
+Follows the official EntityCLIP code (docs/entityclip-paper.md §1.2): every expert is a
 single-head pre-LN transformer block whose queries come from one modality and keys/values from
 itself (vision/text experts) or from the explanation tokens (shared experts, whose weights
 serve both the image and the text branch).
