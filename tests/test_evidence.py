@@ -12,7 +12,7 @@ from entityclip.compare import collect, compare_pair, compare_runs, group_id, pr
 from entityclip.paths import RunPaths
 from entityclip.pipeline import explanations_fingerprint
 from entityclip.train.tracking import EXPLANATIONS_TAG, QUERY_RESULTS_ARTIFACT, tracker_for
-from tests.conftest import tiny_config
+from tests.conftest import TINY, tiny_config
 from tests.test_cli import ENTITYCLIP
 
 METRIC = "test_unseen/rsum"
@@ -29,7 +29,7 @@ def evidence(trained_run, mlflow_server, cluster_env, tmp_path_factory):
                       "tracking.registered_model=evidence")
     args = ["--root", str(root), "--no-progress", "--set", f"tracking.uri={mlflow_server}",
             "--set", "tracking.experiment=evidence", "--set", "tracking.registered_model=evidence",
-            *[arg for item in _tiny_overrides() for arg in ("--set", item)]]
+            *[arg for item in TINY for arg in ("--set", item)]]
     done = subprocess.run([ENTITYCLIP, "pipeline", "--seeds", "0,1", "--no-serve", *args], capture_output=True,
                           text=True, env=cluster_env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -37,12 +37,6 @@ def evidence(trained_run, mlflow_server, cluster_env, tmp_path_factory):
     results = json.loads((root / "summary.json").read_text())["results"]
     return {"cfg": cfg, "root": root, "args": args, "env": cluster_env,
             "by_seed": {str(r["seed"]): r for r in results.values()}}
-
-
-def _tiny_overrides() -> list[str]:
-    from tests.conftest import TINY
-
-    return TINY
 
 
 def test_the_same_config_and_seed_train_to_the_same_metrics(trained_run, evidence):

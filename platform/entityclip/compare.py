@@ -156,15 +156,16 @@ def query_scores(tracker: Tracker, row: dict, metric: str, ks: list[int]) -> tup
 
 
 def select(rows: list[dict], name: str) -> list[dict]:
-    """The rows `name` picks: a seed group's id (all its runs), a run id or a run's name as the
-    table shows it."""
-    picked = [r for r in rows if name in (r["group"], r["run_id"], r["run"])]
-    if not picked:
+    """The rows `name` picks: a seed group's id (all its runs), or a run id or a run's name as
+    the table shows it (a run's id picks the row its model serves)."""
+    group = [r for r in rows if r["group"] == name]
+    if group:
+        return group
+    run = [r for r in rows if name in (r["run_id"], r["run"])]
+    if not run:
         raise ConfigError(f"no evaluated run or seed group {name!r} in the experiment; "
                           "give a run name or id, or a group id from `entityclip compare`")
-    by_run = [r for r in picked if name in (r["run_id"], r["run"])]
-    served = [r for r in by_run if r["served"]]  # a run id picks the row its model serves
-    return served[:1] if len(by_run) > 1 and served else by_run or picked
+    return [r for r in run if r["served"]][:1] or run
 
 
 def paired(cfg: PipelineConfig, a: list[dict], b: list[dict], metric: str) -> PairedResult:

@@ -90,13 +90,13 @@ def paired_bootstrap(metric: str, a: np.ndarray, b: np.ndarray, samples: int = B
         raise ValueError(f"same_seeds needs as many runs on each side ({a.shape[0]} vs {b.shape[0]})")
     shared = rng.integers(0, a.shape[0], size=per_run_a.shape) if same_seeds else None
 
-    def over_seeds(per_run: np.ndarray) -> np.ndarray:
+    def seed_means(per_run: np.ndarray) -> np.ndarray:
         if per_run.shape[1] == 1:
             return per_run[:, 0]
         pick = shared if shared is not None else rng.integers(0, per_run.shape[1], size=per_run.shape)
         return np.take_along_axis(per_run, pick, axis=1).mean(axis=1)
 
-    draws = over_seeds(per_run_a) - over_seeds(per_run_b)
+    draws = seed_means(per_run_a) - seed_means(per_run_b)
     low, high = _interval(draws)
     p = min(1.0, 2 * min(np.mean(draws <= 0), np.mean(draws >= 0)))
     mean_a, mean_b = float(a.mean()), float(b.mean())
