@@ -48,9 +48,7 @@ def main() -> None:
     args = parser.parse_args()
 
     paths = RunPaths.for_config(load_config(None, [f"storage.root={args.root}"]))
-    variants = args.variants.split(",") if args.variants else sorted(
-        uri.rstrip("/").split("/")[-2] for uri in storage.list_uris(storage.join(paths.root, "index"))
-        if uri.endswith("images.parquet"))
+    variants = args.variants.split(",") if args.variants else sorted(storage.list_children(storage.join(paths.root, "index")))
     samples = storage.read_parquet(paths.samples).to_pylist()
     texts = [s["text"] for s in samples if s["split"] == "test_unseen"][:args.queries]
     rows = []

@@ -30,7 +30,7 @@ from pathlib import Path
 import aiohttp
 import requests
 
-from entityclip import storage
+from entityclip import publish, storage
 from entityclip.config import load_config
 from entityclip.paths import RunPaths
 from entityclip.pipeline import run_pipeline, start_serving
@@ -129,7 +129,7 @@ def main() -> None:
 
     cfg = load_config(None, [f"storage.root={args.root}", f"serve.port={free_port()}", *args.overrides])
     paths = RunPaths.for_config(cfg)
-    if not storage.exists(storage.join(paths.index(cfg.model.variant), "texts.faiss")):
+    if not storage.exists(storage.join(publish.current(paths.index(cfg.model.variant)), "texts.faiss")):
         print(f"no index under {paths.root}: running the pipeline first", flush=True)
         run_pipeline(cfg, [cfg.model.variant], serve_query=False)
     texts = [s["text"] for s in storage.read_parquet(paths.samples).to_pylist()]

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from entityclip import storage
+from entityclip import publish, storage
 from entityclip.compare import collect, compare_pair, compare_runs, group_id, promote_best, seed_groups
 from entityclip.paths import RunPaths
 from entityclip.pipeline import explanations_fingerprint
@@ -52,8 +52,8 @@ def test_the_same_config_and_seed_train_to_the_same_metrics(trained_run, evidenc
 
 def test_seeds_train_side_by_side_and_compare_groups_them(evidence):
     paths = RunPaths.for_config(evidence["cfg"])
-    assert storage.exists(storage.join(paths.checkpoint("entityclip"), "model.json"))  # seed 0: the default key
-    assert storage.exists(storage.join(paths.checkpoint("entityclip-seed1"), "model.json"))
+    assert storage.exists(storage.join(publish.current(paths.checkpoint("entityclip")), "model.json"))  # seed 0: the default key
+    assert storage.exists(storage.join(publish.current(paths.checkpoint("entityclip-seed1")), "model.json"))
     assert storage.exists(paths.query_results("entityclip-seed1"))
     rows = [r for r in collect(evidence["cfg"]) if not r["reranker"]]
     assert sorted(r["seed"] for r in rows) == ["0", "1"]

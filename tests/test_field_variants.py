@@ -281,7 +281,7 @@ def test_a_reranking_variant_trains_evaluates_and_serves_two_stage_retrieval(tra
                                                                              variant, losses, reranker, teacher):
     from mlflow.tracking import MlflowClient
 
-    from entityclip.data.images import read_image_tensor
+    from entityclip.data.images import load_image_tensor
     from entityclip.pipeline import stage_train, with_variant
     from entityclip.retrieval import Retriever
 
@@ -306,7 +306,7 @@ def test_a_reranking_variant_trains_evaluates_and_serves_two_stage_retrieval(tra
     # The gallery's stored tokens give the score the model gives the image itself.
     top = answer["results"][0]
     model = retriever.model
-    pixels = read_image_tensor(top["image_uri"], model.image_size).unsqueeze(0)
+    pixels = load_image_tensor(retriever.gallery_image(top["sample_id"])[0], model.image_size).unsqueeze(0)
     with torch.no_grad():
         fresh = model.pair_scores(model.encode_images(pixels), model.text_features([unseen_sample["text"]]), True)
     assert fresh.item() == pytest.approx(top["rerank_score"], abs=1e-2)
@@ -367,7 +367,7 @@ def test_a_teacher_run_is_stored_beside_the_training_shards_and_cannot_teach_its
     stored = storage.read_parquet(out)
     assert rows == stored.num_rows == storage.read_parquet(paths.samples).num_rows
     assert teacher_scale(out) == pytest.approx(load_model(paths.checkpoint("entityclip")).logit_scale.item())
-    index = storage.read_parquet(storage.join(paths.index("entityclip"), "texts.parquet")).to_pylist()
+    index = storage.read_parquet(storage.join(publish.current(paths.index("entityclip")), "texts.parquet")).to_pylist()
     text_of = {r["sample_id"]: r["embedding"] for r in index}
     first = stored.slice(0, 1).to_pylist()[0]
     assert first["text_embedding"] == pytest.approx(text_of[first["sample_id"]])  # rows joined by sample id

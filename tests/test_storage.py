@@ -1,3 +1,4 @@
+import json
 import time
 
 import pyarrow as pa
@@ -52,6 +53,35 @@ def test_s3_roundtrip_listing_and_dirs(s3_bucket, tmp_path):
     assert (back / "sub" / "f.txt").read_text() == "data"
 
 
+def test_a_key_that_leads_outside_the_download_folder_is_refused_before_anything_is_written(
+        s3_bucket, tmp_path, monkeypatch):
+    root = f"s3://{s3_bucket}/traversal"
+    storage.write_bytes(f"{root}/model.json", b"{}")
+    # AWS S3 stores a key such as "traversal/../../escaped.txt" as written; SeaweedFS refuses to
+    # (InvalidRequest), so the listing that would name one is made here.
+    listed = storage.list_uris(root) + [f"{root}/../../escaped.txt"]
+    monkeypatch.setattr(storage, "list_uris", lambda prefix: listed)
+    target = tmp_path / "a" / "b"
+    with pytest.raises(StorageError, match="leads outside"):
+        storage.download_dir(root, target)
+    assert not (tmp_path / "escaped.txt").exists() and not target.exists()
+
+
+def test_publishing_on_s3_switches_readers_and_removes_old_versions(s3_bucket):
+    from entityclip import publish
+
+    uri = f"s3://{s3_bucket}/published"
+    versions = []
+    for content in (b"1", b"2", b"3"):
+        with publish.publishing(uri) as version:
+            storage.write_bytes(storage.join(version, "part", "data.bin"), content)
+            if versions:  # mid-publish, readers still get the previous version
+                assert storage.read_bytes(storage.join(publish.current(uri), "part", "data.bin")) != content
+        versions.append(version.rsplit("/", 1)[-1])
+        assert storage.read_bytes(storage.join(publish.current(uri), "part", "data.bin")) == content
+    assert storage.list_children(uri) == {publish.POINTER, *versions[1:]}
+
+
 def test_s3_missing_key_and_bucket_are_clear_errors(s3_bucket):
     with pytest.raises(StorageError, match="no such object"):
         storage.read_bytes(f"s3://{s3_bucket}/does/not/exist")
@@ -94,8 +124,10 @@ def test_stages_run_with_the_storage_root_on_s3(s3_bucket, ray_session, trained_
 
     retriever = Retriever.load(root, config=cfg)
     answer = retriever.search_text("Velmora Rovers lift the cup", k=3)
-    assert len(answer["results"]) == 3 and answer["model"]["checkpoint"].startswith("s3://")
+    assert len(answer["results"]) == 3 and answer["model"]["variant"] == "entityclip"
+    assert "s3://" not in json.dumps(answer)  # answers name no storage location
     # The search page's thumbnails come from the S3 gallery.
     hit = answer["results"][0]
-    assert hit["image_uri"].startswith("s3://")
-    assert retriever.gallery_image(hit["sample_id"]) == (storage.read_bytes(hit["image_uri"]), "image/png")
+    stored = {s["sample_id"]: s["image_uri"] for s in storage.read_parquet(f"{root}/data/samples.parquet").to_pylist()}
+    assert stored[hit["sample_id"]].startswith("s3://")
+    assert retriever.gallery_image(hit["sample_id"]) == (storage.read_bytes(stored[hit["sample_id"]]), "image/png")

@@ -3,7 +3,7 @@
 import pytest
 from mlflow.tracking import MlflowClient
 
-from entityclip import storage
+from entityclip import publish, storage
 from entityclip.errors import TrackingError
 from entityclip.train.checkpoint import load_model, read_meta
 from entityclip.config import TrackingConfig
@@ -28,7 +28,7 @@ def test_training_logs_params_step_metrics_checkpoint_and_a_registered_mlflow_mo
 
 def test_checkpoint_is_stored_and_loadable(trained_run):
     uri = trained_run["train"].checkpoint_uri
-    assert storage.exists(storage.join(uri, "model.safetensors"))
+    assert storage.exists(storage.join(publish.current(uri), "model.safetensors"))
     assert read_meta(uri)["model"]["variant"] == "entityclip"
     assert load_model(uri).image_size == 32
 

@@ -3,7 +3,8 @@ checkpoint, and `EmbeddingIndex` searches them with FAISS (inner product of unit
 
 Layout under the index URI, per kind (images, texts): `<kind>.parquet` with sample_id,
 image_uri, text, entities, split and a fixed-size `embedding` column, and `<kind>.faiss`, the
-serialized FAISS index over the same rows (structure from `index.kind`, vector_index.py).
+serialized FAISS index over the same rows (structure from `index.kind`, vector_index.py). An
+index is published atomically as one version folder (publish.py): these files sit in it.
 For a model with a re-ranker (rerank.py), `images.tokens.npy` also holds every image's token
 features [N, T, D] in float16, row-aligned with images.parquet: the re-ranker reads the gallery's
 candidates from it instead of decoding and encoding their images again. It costs N × T × D × 2
@@ -12,16 +13,15 @@ bytes (65 tokens × 64 dims = 8 KB an image at the default size; 50 × 512 = 51 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import io
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import ray
 import torch
 
-from entityclip import storage, vector_index
+from entityclip import publish, storage, vector_index
 from entityclip.config import IndexConfig
 from entityclip.data.images import read_image_tensor
 from entityclip.data.pairs import load_pairs
@@ -65,7 +65,7 @@ def build_index(checkpoint_uri: str, samples_uri: str, explanations_uri: str, ou
     rows = [{"sample_id": p.sample_id, "image_uri": p.image_uri, "text": p.text, "explanation": p.explanation,
              "entities": list(p.entities), "split": p.split, "boxes": [list(b) for b in p.boxes]}
             for p in load_pairs(samples_uri, explanations_uri)]
-    dim = 0
+    tables, tokens = {}, None
     for kind in KINDS:
         ds = ray.data.from_items(rows).map_batches(
             Embedder, fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "kind": kind},
@@ -74,15 +74,24 @@ def build_index(checkpoint_uri: str, samples_uri: str, explanations_uri: str, ou
         items = ds.take_all()
         if items and "tokens" in items[0]:
             tokens = np.stack([item.pop("tokens") for item in items])
-            storage.write_bytes(storage.join(out_uri, TOKENS), _npy_bytes(tokens))
-        table = pa.Table.from_pylist(items)
-        embeddings = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
-        dim = embeddings.shape[1]
-        table = table.drop_columns(["embedding"]).append_column(
-            "embedding", pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), dim))
-        storage.write_parquet(storage.join(out_uri, f"{kind}.parquet"), table)
-        vector_index.save(vector_index.build_faiss(embeddings, cfg), storage.join(out_uri, f"{kind}.faiss"))
-    return IndexStats(out_uri, len(rows), dim)
+        tables[kind] = pa.Table.from_pylist(items)
+    write_index(out_uri, tables, cfg, tokens)
+    return IndexStats(out_uri, len(rows), len(tables["images"]["embedding"][0].as_py()) if rows else 0)
+
+
+def write_index(uri: str, tables: dict[str, pa.Table], cfg: IndexConfig, tokens: np.ndarray | None = None) -> None:
+    """Publish a gallery index (publish.py): per kind, its rows with a fixed-size `embedding`
+    column and a FAISS index over them; the re-ranker's image tokens where given. Readers see the
+    previous index until every file of this one is written."""
+    with publish.publishing(uri) as version:
+        for kind, table in tables.items():
+            embeddings = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+            table = table.drop_columns(["embedding"]).append_column(
+                "embedding", pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), embeddings.shape[1]))
+            storage.write_parquet(storage.join(version, f"{kind}.parquet"), table)
+            vector_index.save(vector_index.build_faiss(embeddings, cfg), storage.join(version, f"{kind}.faiss"))
+        if tokens is not None:
+            storage.write_bytes(storage.join(version, TOKENS), _npy_bytes(tokens))
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -100,6 +109,11 @@ class Hit:
     split: str
     rerank_score: float | None = None  # the re-ranker's score, for the candidates it re-ranked
 
+    def answer(self) -> dict:
+        """What a search answers with: no storage location (the gallery image is served by id)."""
+        return {"sample_id": self.sample_id, "score": self.score, "text": self.text, "split": self.split,
+                "rerank_score": self.rerank_score}
+
 
 class EmbeddingIndex:
     """Row metadata, the embeddings (for evaluation) and one FAISS index per kind."""
@@ -115,6 +129,7 @@ class EmbeddingIndex:
 
     @classmethod
     def load(cls, uri: str) -> "EmbeddingIndex":
+        uri = publish.current(uri)
         tables = {k: storage.read_parquet(storage.join(uri, f"{k}.parquet")) for k in KINDS}
         tokens_uri = storage.join(uri, TOKENS)
         tokens = np.load(io.BytesIO(storage.read_bytes(tokens_uri))) if storage.exists(tokens_uri) else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 
-from entityclip import storage
+from entityclip import publish, storage
 from entityclip.config import PipelineConfig
 from entityclip.errors import ConfigError, EntityClipError
 from entityclip.paths import RunPaths, model_key, require
@@ -127,7 +127,7 @@ def stage_index(cfg: PipelineConfig):
 
     paths, key = RunPaths.for_config(cfg), model_key(cfg)
     checkpoint = paths.checkpoint(key)
-    require(storage.join(checkpoint, "model.json"), "train")
+    publish.require(checkpoint, "model.json", "train")
     init_ray()
     return build_index(checkpoint, paths.samples, require(paths.explanations, "explain"), paths.index(key), cfg.index)
 
@@ -147,7 +147,7 @@ def stage_evaluate(cfg: PipelineConfig, run_id: str | None = None) -> dict:
 
     paths, key = RunPaths.for_config(cfg), model_key(cfg)
     index_uri = paths.index(key)
-    require(storage.join(index_uri, "images.parquet"), "index")
+    publish.require(index_uri, "images.parquet", "index")
     index = EmbeddingIndex.load(index_uri)
     queries = evaluate_index(index, cfg.evaluate)
     model = load_model(paths.checkpoint(key))
@@ -173,9 +173,8 @@ def stage_register(cfg: PipelineConfig, run_id: str):
     from entityclip.registry import register_run
 
     paths, key = RunPaths.for_config(cfg), model_key(cfg)
-    checkpoint = paths.checkpoint(key)
-    require(storage.join(checkpoint, "model.json"), "train")  # a checkpoint is a folder or S3 prefix
-    index = paths.index(key)
+    checkpoint = publish.require(paths.checkpoint(key), "model.json", "train")
+    index = publish.current(paths.index(key))
     has_index = storage.exists(storage.join(index, "images.faiss"))
     return register_run(tracker_for(cfg), run_id, cfg, checkpoint, index if has_index else None, paths.entities)
 

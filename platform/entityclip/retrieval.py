@@ -89,8 +89,8 @@ class Retriever:
         if config is None:  # explain queries with the engine that explained the run's data
             cfg = replace(cfg, explain=engine_of_run(paths.explanations, cfg.explain))
         checkpoint = paths.checkpoint(variant)
-        return cls.from_parts(cfg, checkpoint, paths.index(variant), paths.entities,
-                              {"variant": variant, "checkpoint": checkpoint}, explain)
+        # `info` is in every answer: what model answers, never where it is stored.
+        return cls.from_parts(cfg, checkpoint, paths.index(variant), paths.entities, {"variant": variant}, explain)
 
     @classmethod
     def from_parts(cls, cfg: PipelineConfig, checkpoint: str, index: str | None, entities: str,
@@ -161,7 +161,7 @@ class Retriever:
             embeddings = self.model.text_embedding(features).numpy()
         rerank = (lambda q, c: self.reranker.score_images(features, q, c)) if self.reranker else None
         hits = self.index.search(embeddings, "images", max(ks), rerank, self.reranker.k if rerank else 0)
-        return [{"explanation": e, "results": [h.__dict__ for h in row[:k]], "model": self.info}
+        return [{"explanation": e, "results": [h.answer() for h in row[:k]], "model": self.info}
                 for e, row, k in zip(given, hits, ks)]
 
     def embed_texts(self, texts: list[str], explanations: list[str | None] | None = None) -> tuple[np.ndarray, list[str]]:
@@ -194,7 +194,7 @@ class Retriever:
             embedding = self.model.image_embedding(features).numpy()
         rerank = (lambda q, c: self.reranker.score_texts(features, q, c)) if self.reranker else None
         hits = self.index.search(embedding, "texts", k, rerank, self.reranker.k if rerank else 0)
-        return {"results": [h.__dict__ for h in hits[0]], "model": self.info}
+        return {"results": [h.answer() for h in hits[0]], "model": self.info}
 
     def score(self, text: str, image: bytes | Image.Image, explanation: str | None = None) -> dict:
         """Similarity of the retrieval embeddings and, where the variant has one, P(match)

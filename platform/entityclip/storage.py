@@ -11,6 +11,7 @@ import functools
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
@@ -161,6 +162,30 @@ def list_uris(prefix: str) -> list[str]:
     return sorted(str(p) for p in root.rglob("*") if p.is_file() and not p.name.endswith(".tmp"))
 
 
+def list_children(prefix: str) -> set[str]:
+    """Names of the files and folders directly under a directory prefix."""
+    if is_s3(prefix):
+        base = prefix.rstrip("/")
+        return {item[len(base):].lstrip("/").split("/", 1)[0] for item in list_uris(base)}
+    root = local_path(prefix)
+    return {p.name for p in root.iterdir() if not p.name.endswith(".tmp")} if root.is_dir() else set()
+
+
+def delete_tree(uri: str) -> None:
+    """Delete a file or everything under a directory prefix (nothing there is fine)."""
+    if is_s3(uri):
+        for item in list_uris(uri):
+            delete(item)
+        if exists(uri):
+            delete(uri)
+        return
+    path = local_path(uri)
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def delete(uri: str) -> None:
     if is_s3(uri):
         bucket, key = _split_s3(uri)
@@ -219,9 +244,15 @@ def download_dir(uri: str, local_dir: str | Path) -> Path:
     found = list_uris(base)
     if not found:
         raise StorageError(f"{uri}: nothing stored there")
+    root, targets = local_dir.resolve(), []
     for item in found:
         rel = item[len(base):].lstrip("/") if is_s3(base) else str(Path(item).relative_to(local_path(base)))
-        target = local_dir / rel
+        target = (local_dir / rel).resolve()
+        # An S3 key may hold "..": refuse one that leads outside the folder, before writing any.
+        if not target.is_relative_to(root) or target == root:
+            raise StorageError(f"{item}: its key leads outside {local_dir}; refusing to download {uri}")
+        targets.append((item, target))
+    for item, target in targets:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(read_bytes(item))
     return local_dir

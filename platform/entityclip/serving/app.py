@@ -26,10 +26,10 @@ from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from entityclip import storage
+from entityclip import publish
 from entityclip.config import PipelineConfig, from_dict, to_dict
 from entityclip.errors import ConfigError, InputError, InputTooLarge, NotFound
-from entityclip.paths import RunPaths, model_key, require
+from entityclip.paths import RunPaths, model_key
 from entityclip.registry import MODEL_PATH, ModelRef, load_retriever, resolve
 from entityclip.retrieval import Retriever, decode_base64
 from entityclip.serving.explainer import Explainer, explainer_options
@@ -167,9 +167,8 @@ def check_servable(cfg: PipelineConfig, variant: str) -> ModelRef | None:
             raise ConfigError(f"{ref.uri} has no gallery index (trained with --no-eval?): it cannot search")
         return ref
     paths = RunPaths.for_config(cfg)
-    require(storage.join(paths.checkpoint(variant), "model.json"), "train")
-    for kind in ("images", "texts"):
-        require(storage.join(paths.index(variant), f"{kind}.faiss"), "index")
+    publish.require(paths.checkpoint(variant), "model.json", "train")
+    publish.require(paths.index(variant), "texts.faiss", "index")
     return None
 
 

@@ -1,17 +1,21 @@
 """Model checkpoints: `model.safetensors` + `model.json` (model config, tokenizer, metrics).
 
-A checkpoint is a directory (local) or prefix (s3://); `load_model` accepts either.
+A checkpoint is a directory (local) or prefix (s3://); `load_model` accepts either. The run
+root's checkpoints are published atomically (publish.py): readers load the current version.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import pickle
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from entityclip import storage
+from entityclip import publish, storage
 from entityclip.config import ModelConfig, from_dict, to_dict
 from entityclip.errors import StorageError
 from entityclip.models import EntityCLIP, build_model
@@ -31,28 +35,41 @@ def save_checkpoint(model: EntityCLIP, directory: str | Path, metrics: dict | No
     return directory
 
 
-def _local_copy(uri: str) -> Path:
-    if storage.is_s3(uri):
-        return storage.download_dir(uri, tempfile.mkdtemp(prefix="entityclip-ckpt-"))
-    path = storage.local_path(uri)
-    if not (path / WEIGHTS).is_file():
-        raise StorageError(f"{uri}: not a checkpoint (no {WEIGHTS})")
-    return path
+def publish_checkpoint(local: str | Path, uri: str) -> None:
+    """Publish the checkpoint folder `local` as the new current version of `uri` (publish.py):
+    a reader loads the previous checkpoint until every file of this one is written."""
+    with publish.publishing(uri) as version:
+        storage.upload_dir(local, version)
+
+
+@contextlib.contextmanager
+def _local_copy(uri: str) -> Iterator[Path]:
+    """The current version of checkpoint `uri` as a local folder (a temporary copy of an S3
+    one, removed on exit)."""
+    uri = publish.current(uri)
+    if not storage.is_s3(uri):
+        path = storage.local_path(uri)
+        if not (path / WEIGHTS).is_file():
+            raise StorageError(f"{uri}: not a checkpoint (no {WEIGHTS})")
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="entityclip-ckpt-") as d:
+        yield storage.download_dir(uri, d)
 
 
 def read_meta(uri: str) -> dict:
-    return storage.read_json(storage.join(uri, META))
+    return storage.read_json(storage.join(publish.current(uri), META))
 
 
 def load_model(uri: str) -> EntityCLIP:
     """Build the model its checkpoint describes and load the weights (eval mode, CPU)."""
-    path = _local_copy(uri)
-    try:
-        meta = json.loads((path / META).read_text())
-    except (FileNotFoundError, json.JSONDecodeError) as exc:
-        raise StorageError(f"{uri}: missing or invalid {META} ({exc})") from None
-    model = build_model(from_dict(ModelConfig, meta["model"]))
-    load_weights(model, path / WEIGHTS)
+    with _local_copy(uri) as path:
+        try:
+            meta = json.loads((path / META).read_text())
+        except (FileNotFoundError, json.JSONDecodeError) as exc:
+            raise StorageError(f"{uri}: missing or invalid {META} ({exc})") from None
+        model = build_model(from_dict(ModelConfig, meta["model"]))
+        load_weights(model, path / WEIGHTS)
     return model.eval()
 
 
@@ -69,7 +86,7 @@ def load_pretrained(model: EntityCLIP, uri: str) -> None:
     (third-party key conversion, `module.` prefixes, position-embedding resizing)."""
     import open_clip
 
-    if storage.exists(storage.join(uri, WEIGHTS)):
+    if storage.exists(storage.join(publish.current(uri), WEIGHTS)):
         init_from(model, uri)
         return
     if not storage.exists(uri):
@@ -80,8 +97,9 @@ def load_pretrained(model: EntityCLIP, uri: str) -> None:
             local = Path(d) / uri.rsplit("/", 1)[-1]
             local.write_bytes(storage.read_bytes(uri))
         try:
-            open_clip.load_checkpoint(model.clip, str(local), strict=True)
-        except (RuntimeError, KeyError, ValueError, AssertionError, EOFError, OSError) as exc:
+            # weights_only: a checkpoint file is data; a pickle that would run code is refused.
+            open_clip.load_checkpoint(model.clip, str(local), strict=True, weights_only=True)
+        except (RuntimeError, KeyError, ValueError, AssertionError, EOFError, OSError, pickle.UnpicklingError) as exc:
             # open_clip asserts on misfit shapes; load_state_dict lists every misfit over many
             # lines, the first of which says what is wrong.
             raise StorageError(f"{uri}: not a checkpoint for backbone {model.cfg.backbone!r} "
@@ -92,7 +110,8 @@ def init_from(model: EntityCLIP, uri: str) -> None:
     """Initialise from another checkpoint: one of ours, or a bare open_clip CLIP state dict in
     model.safetensors. Shared weights load; new modules (experts, gates) keep their random init,
     as in the official code. A checkpoint that fits nothing is an error, not a silent no-op."""
-    state = load_file(str(_local_copy(uri) / WEIGHTS))
+    with _local_copy(uri) as path:
+        state = load_file(str(path / WEIGHTS))
     if not any(k.startswith("clip.") for k in state):
         state = {f"clip.{k}": v for k, v in state.items()}
     own = model.state_dict()

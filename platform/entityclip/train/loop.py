@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import resource
 import signal
 import tempfile
@@ -27,6 +28,7 @@ import torch.distributed as dist
 
 from entityclip import storage
 from entityclip.config import PipelineConfig, from_dict
+from entityclip.errors import StorageError
 from entityclip.models import build_model
 from entityclip.train.checkpoint import load_pretrained, save_checkpoint
 from entityclip.train.ingest import MaskNames
@@ -67,6 +69,17 @@ def _worker_facts(model: torch.nn.Module, steps: int, device: torch.device) -> d
             "allreduce_s": (time.perf_counter() - start) / 5 * steps}
 
 
+def load_train_state(path: Path, device: torch.device) -> dict:
+    """A resume checkpoint's training state. Tensors and plain values only (`weights_only`): a
+    pickle that would run code is refused, so whoever can write the run root's storage cannot
+    run code in the workers."""
+    try:
+        return torch.load(path, weights_only=True, map_location=device)
+    except pickle.UnpicklingError:
+        raise StorageError(f"{path.name}: refused to load, it holds objects other than tensors and "
+                           "plain values (a pickle that could run code)") from None
+
+
 def train_loop_per_worker(config: dict) -> None:
     cfg: PipelineConfig = from_dict(PipelineConfig, config["pipeline"])
     tc = cfg.train
@@ -96,7 +109,7 @@ def train_loop_per_worker(config: dict) -> None:
     resume = ray.train.get_checkpoint()
     if resume:
         with resume.as_directory() as d:
-            state = torch.load(Path(d) / TRAIN_STATE, weights_only=False, map_location=device)
+            state = load_train_state(Path(d) / TRAIN_STATE, device)
         model.load_state_dict(state["model"])
         for name, part in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
             part.load_state_dict(state[name])

@@ -23,7 +23,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from entityclip import storage
+from entityclip import publish, storage
 from entityclip.errors import ConfigError, InputError
 
 SCALE_KEY = b"teacher_logit_scale"
@@ -38,10 +38,11 @@ def write_teacher_embeddings(index_uri: str, checkpoint_uri: str, out_uri: str) 
     """Join the teacher's gallery index tables by sample_id into `out_uri`; returns the rows."""
     from entityclip.train.checkpoint import load_model
 
-    if not storage.exists(storage.join(index_uri, "images.parquet")):
+    index = publish.current(index_uri)
+    if not storage.exists(storage.join(index, "images.parquet")):
         raise ConfigError(f"the reinforcement teacher has no gallery index at {index_uri}: train and index it first")
-    images = storage.read_parquet(storage.join(index_uri, "images.parquet")).select(["sample_id", "embedding"])
-    texts = storage.read_parquet(storage.join(index_uri, "texts.parquet")).select(["sample_id", "embedding"])
+    images = storage.read_parquet(storage.join(index, "images.parquet")).select(["sample_id", "embedding"])
+    texts = storage.read_parquet(storage.join(index, "texts.parquet")).select(["sample_id", "embedding"])
     text_row = {sample_id: i for i, sample_id in enumerate(texts["sample_id"].to_pylist())}
     order = pa.array([text_row[sample_id] for sample_id in images["sample_id"].to_pylist()])
     table = pa.table({"sample_id": images["sample_id"], "image_embedding": images["embedding"],

@@ -21,7 +21,7 @@ from entityclip.errors import ConfigError, TrackingError, TrainingInterrupted, f
 from entityclip.models import build_model
 from entityclip.paths import model_key
 from entityclip.runtime import init_ray
-from entityclip.train.checkpoint import META, WEIGHTS, load_pretrained, save_checkpoint
+from entityclip.train.checkpoint import META, WEIGHTS, load_pretrained, publish_checkpoint, save_checkpoint
 from entityclip.train.precision import PRECISIONS
 from entityclip.train.tracking import Tracker
 
@@ -89,8 +89,8 @@ def ray_storage(root: str, local_dir: Path) -> tuple[str, object]:
 
 
 def _fit(cfg: PipelineConfig, tracker: Tracker, run_id: str, paths: dict, ray_dir: Path, run_name: str,
-         with_explanations: bool, progress: bool) -> tuple[Path, dict]:
-    """Run DDP training; returns a local directory holding the final model checkpoint, and the
+         with_explanations: bool, progress: bool, out: Path) -> dict:
+    """Run DDP training and copy the final model checkpoint into the folder `out`; returns the
     final metrics (loss, timings, worker facts)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -135,11 +135,10 @@ def _fit(cfg: PipelineConfig, tracker: Tracker, run_id: str, paths: dict, ray_di
                 raise
             raise TrainingInterrupted(f"training run {run_name} failed ({str(exc).strip().splitlines()[0][:200]}); "
                                       "`entityclip train --resume` continues it from its last checkpoint") from None
-    out = Path(tempfile.mkdtemp(prefix="entityclip-final-"))
     with result.checkpoint.as_directory() as d:
         for name in (WEIGHTS, META):
             shutil.copy(Path(d) / name, out / name)
-    return out, dict(result.metrics)
+    return dict(result.metrics)
 
 
 def _begin(cfg: PipelineConfig, tracker: Tracker, state_uri: str, resume: bool) -> tuple[str, str]:
@@ -173,21 +172,22 @@ def run_training(cfg: PipelineConfig, paths: dict, tracker: Tracker, ray_dir: Pa
     run_name, run_id = _begin(cfg, tracker, state_uri, resume)
     try:
         model = build_model(cfg.model)
-        if model.trainable:
-            init_ray()  # after _begin: a resume that cannot go ahead says so without starting Ray
-            local, final = _fit(cfg, tracker, run_id, paths, ray_dir, run_name, model.uses_explanations, progress)
-            train_loss = final.get("train_loss")
-            tracker.log_metrics(run_id, {"train/worker_peak_rss_mb": final["worker_peak_rss_mb"]})
-            tracker.set_tags(run_id, {"worker_nodes": ",".join(final["worker_nodes"])})
-        else:
-            if cfg.model.pretrained:
-                load_pretrained(model, cfg.model.pretrained)
-            local, final = save_checkpoint(model, tempfile.mkdtemp(prefix="entityclip-final-")), {}
-            train_loss = None
-        checkpoint_uri = storage.join(paths["checkpoints"], model_key(cfg))
-        storage.upload_dir(local, checkpoint_uri)
-        tracker.log_artifacts(run_id, local, "checkpoint")
-        shutil.rmtree(local, ignore_errors=True)
+        with tempfile.TemporaryDirectory(prefix="entityclip-final-") as d:
+            local = Path(d)
+            if model.trainable:
+                init_ray()  # after _begin: a resume that cannot go ahead says so without starting Ray
+                final = _fit(cfg, tracker, run_id, paths, ray_dir, run_name, model.uses_explanations, progress, local)
+                train_loss = final.get("train_loss")
+                tracker.log_metrics(run_id, {"train/worker_peak_rss_mb": final["worker_peak_rss_mb"]})
+                tracker.set_tags(run_id, {"worker_nodes": ",".join(final["worker_nodes"])})
+            else:
+                if cfg.model.pretrained:
+                    load_pretrained(model, cfg.model.pretrained)
+                final, train_loss = {}, None
+                save_checkpoint(model, local)
+            checkpoint_uri = storage.join(paths["checkpoints"], model_key(cfg))
+            publish_checkpoint(local, checkpoint_uri)
+            tracker.log_artifacts(run_id, local, "checkpoint")
     except BaseException:
         tracker.end_run(run_id, "FAILED")
         raise
