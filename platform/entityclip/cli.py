@@ -140,30 +140,17 @@ def cmd_serve(args) -> None:
 
 
 def cmd_query(args) -> None:
-    import base64
+    from entityclip.serving.client import ServeClient
 
-    import requests
-    from requests.adapters import HTTPAdapter
-    from urllib3.util import Retry
-
+    client = ServeClient(args.url)
     if args.image:
-        with open(args.image, "rb") as fh:
-            payload, path = {"image_base64": base64.b64encode(fh.read()).decode(), "k": args.k}, "/search/image"
+        try:
+            image = Path(args.image).read_bytes()
+        except OSError as exc:
+            raise EntityClipError(f"cannot read {args.image} ({exc.strerror})") from None
+        _print(client.search_image(image, args.k))
     else:
-        payload, path = {"text": args.text, "k": args.k}, "/search/text"
-    session = requests.Session()
-    # Searches are read-only, so one whose connection broke (a replica died while answering)
-    # is safe to send again.
-    retry = Retry(total=2, connect=2, read=2, status=0, allowed_methods=None, backoff_factor=0.2, raise_on_status=False)
-    for scheme in ("http://", "https://"):
-        session.mount(scheme, HTTPAdapter(max_retries=retry))
-    try:
-        response = session.post(args.url.rstrip("/") + path, json=payload, timeout=60)
-    except requests.RequestException as exc:
-        raise EntityClipError(f"cannot reach {args.url} ({type(exc).__name__})") from None
-    if response.status_code != 200:
-        raise EntityClipError(f"HTTP {response.status_code}: {response.json().get('detail', response.text)}")
-    _print(response.json())
+        _print(client.search_text(args.text, args.k))
 
 
 def cmd_pipeline(args) -> None:
@@ -281,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--model", help="a registered version to serve: models:/NAME@ALIAS or models:/NAME/VERSION "
                    "(= --set serve.model=...); default: the run root's checkpoint of model.variant")
-    p = add("query", cmd_query, "send a query to a running Serve app")
+    p = add("query", cmd_query, "send a query to a running Serve app (the API key, where the app wants one, "
+            "from $ENTITYCLIP_API_KEY; a request the app lost to a dying replica is sent again)")
     p.add_argument("--url", default="http://127.0.0.1:8000")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--text", help="text → image search")

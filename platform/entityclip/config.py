@@ -221,8 +221,13 @@ class ServeConfig:
     # With serve.model naming an alias, `entityclip serve` checks it this often and rolls the
     # app to the version it moves to (0: never).
     follow_alias_s: float = 10.0
+    # Bind address. Any other than loopback needs an API key (api_key_env) or an authenticating
+    # ingress in front (docs/operations.md, "Security").
     host: str = "127.0.0.1"
     port: int = 8000
+    # The environment variable that holds the API key replicas require (Authorization: Bearer);
+    # unset or empty: no key. The key itself never goes in a config: MLflow logs configs.
+    api_key_env: str = "ENTITYCLIP_API_KEY"
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
     cpus_per_replica: float = 0.5
     # Text queries waiting together are encoded as one batch (@serve.batch); no wait for a
@@ -242,6 +247,9 @@ class ServeConfig:
     max_k: int = 1000
     max_text_chars: int = 1000
     max_image_bytes: int = 8_000_000
+    # Checked from the image header, before decoding: a small PNG can decode to gigabytes.
+    max_image_pixels: int = 16_000_000
+    image_formats: list[str] = field(default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF", "BMP"])
 
 
 @dataclass

@@ -15,6 +15,7 @@ from entityclip.config import PipelineConfig
 from entityclip.errors import ConfigError, EntityClipError
 from entityclip.paths import RunPaths, model_key, require
 from entityclip.runtime import init_ray, quiet_logs
+from entityclip.serving.client import ServeClient
 from entityclip.train.tracking import EXPLANATIONS_TAG, QUERY_RESULTS_ARTIFACT, tracker_for
 
 
@@ -190,9 +191,13 @@ def start_serving(cfg: PipelineConfig, blocking: bool = False) -> str:
     from ray.exceptions import RayError
     from ray.serve.context import _get_global_client
 
-    from entityclip.serving.app import APP_NAME, build_app
+    from entityclip.serving.app import APP_NAME, LOOPBACK, api_key, build_app
 
     quiet_logs()  # again: importing Serve configures its loggers
+    if cfg.serve.host not in LOOPBACK and not api_key(cfg.serve):
+        raise ConfigError(f"serve.host={cfg.serve.host} opens the API to the network: set an API key in "
+                          f"${cfg.serve.api_key_env} (clients send Authorization: Bearer <key>), or keep "
+                          "serve.host=127.0.0.1 behind an authenticating proxy")
     app, ref = build_app(cfg)  # checks what it serves before Serve starts
     try:
         serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
@@ -254,14 +259,6 @@ class StageTimer:
 
 def with_variant(cfg: PipelineConfig, variant: str) -> PipelineConfig:
     return replace(cfg, model=replace(cfg.model, variant=variant))
-
-
-def query_text(base_url: str, text: str, k: int = 5, timeout_s: float = 60.0) -> dict:
-    import requests
-
-    response = requests.post(f"{base_url}/search/text", json={"text": text, "k": k}, timeout=timeout_s)
-    response.raise_for_status()
-    return response.json()
 
 
 @dataclass
@@ -340,7 +337,7 @@ def run_pipeline(cfg: PipelineConfig, variants: list[str], serve_query: bool = T
         unseen = [s for s in storage.read_parquet(paths.samples).to_pylist() if s["split"] == "test_unseen"]
         sample = (unseen or storage.read_parquet(paths.samples).to_pylist())[0]
         text = sample["text"]
-        answer = timer.run("query", query_text, base_url, text)
+        answer = timer.run("query", ServeClient(base_url).search_text, text, 5)
         known = KnowledgeEngine(paths.entities).find_entities(text)
         summary["query"] = {"url": f"{base_url}/search/text", "text": text, "entities": known,
                             "expected_sample": sample["sample_id"], "answer": answer}

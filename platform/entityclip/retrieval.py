@@ -25,7 +25,7 @@ from PIL import Image
 from entityclip import storage
 from entityclip.config import PipelineConfig, ServeConfig, StorageConfig, load_config
 from entityclip.data.images import load_image_tensor, to_tensor
-from entityclip.errors import InputError, InputTooLarge, NotFound
+from entityclip.errors import InputError, InputTooLarge, NotFound, StorageError
 from entityclip.explain.cache import ExplanationCache
 from entityclip.explain.engines import engine_of_run, in_process, make_engine, run_explain_config
 from entityclip.index import EmbeddingIndex
@@ -50,10 +50,12 @@ class Limits:
     max_k: int = 1000
     max_text_chars: int = 1000
     max_image_bytes: int = 8_000_000
+    max_image_pixels: int = 16_000_000
+    image_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 
     @classmethod
     def from_config(cls, cfg: ServeConfig) -> "Limits":
-        return cls(cfg.max_k, cfg.max_text_chars, cfg.max_image_bytes)
+        return cls(cfg.max_k, cfg.max_text_chars, cfg.max_image_bytes, cfg.max_image_pixels, tuple(cfg.image_formats))
 
 
 class Retriever:
@@ -140,7 +142,8 @@ class Retriever:
             return to_tensor(image.convert("RGB"), self.model.image_size)
         if not isinstance(image, (bytes, bytearray)):
             raise InputError("image must be bytes or a PIL image")
-        return load_image_tensor(bytes(image), self.model.image_size, max_bytes=self.limits.max_image_bytes)
+        return load_image_tensor(bytes(image), self.model.image_size, max_bytes=self.limits.max_image_bytes,
+                                 max_pixels=self.limits.max_image_pixels, formats=self.limits.image_formats)
 
     # --- retrieval --------------------------------------------------------------------------
     def explain(self, texts: list[str]) -> list[str]:
@@ -214,7 +217,11 @@ class Retriever:
         uri = self._gallery.get(sample_id) if isinstance(sample_id, str) else None
         if uri is None:
             raise NotFound(f"no gallery image {sample_id!r}")
-        return storage.read_bytes(uri), mimetypes.guess_type(uri)[0] or "application/octet-stream"
+        try:
+            data = storage.read_bytes(uri)
+        except StorageError:  # the index names it, but storage lost it: say so without the path
+            raise NotFound(f"gallery image {sample_id!r} cannot be read from the gallery's storage") from None
+        return data, mimetypes.guess_type(uri)[0] or "application/octet-stream"
 
     def health(self) -> dict:
         return {"status": "ok", "index_size": len(self._index) if self._index else 0, "model": self.info}

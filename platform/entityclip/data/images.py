@@ -23,8 +23,11 @@ MAX_IMAGE_BYTES = 20_000_000
 MAX_IMAGE_PIXELS = 40_000_000
 
 
-def decode_image(data: bytes, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode bytes to an RGB image, or raise `InputError` saying what is wrong with them."""
+def decode_image(data: bytes, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS,
+                 formats: list[str] | tuple[str, ...] | None = None) -> Image.Image:
+    """Decode bytes to an RGB image, or raise `InputError` saying what is wrong with them. The
+    pixel count is checked from the header, before anything is decoded; `formats` (Pillow names,
+    e.g. ["JPEG", "PNG"]) limits which decoders may read the bytes at all (None: any)."""
     if not data:
         raise InputError("image is empty (0 bytes)")
     if len(data) > max_bytes:
@@ -32,7 +35,11 @@ def decode_image(data: bytes, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            try:
+                img = Image.open(io.BytesIO(data), formats=formats)
+            except Image.UnidentifiedImageError:
+                accepted = f"; accepted: {', '.join(formats)}" if formats else ""
+                raise InputError(f"image cannot be decoded: not a recognised image format{accepted}") from None
             width, height = img.size
             if width * height > max_pixels:
                 raise InputTooLarge(f"image is {width}x{height} pixels; the limit is {max_pixels} pixels")
@@ -41,8 +48,6 @@ def decode_image(data: bytes, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int 
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InputTooLarge(f"image is larger than {max_pixels} pixels") from None
-    except Image.UnidentifiedImageError:
-        raise InputError("image cannot be decoded: not a recognised image format") from None
     except Exception as exc:  # PIL raises many types for corrupt data
         raise InputError(f"image cannot be decoded ({type(exc).__name__}: {exc})") from None
     return img.convert("RGB")

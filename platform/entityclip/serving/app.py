@@ -15,7 +15,12 @@ Bad input is answered with a 4xx and a one-line `detail`, never a traceback.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations as types.
+import base64
+import hashlib
+import hmac
+import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -23,12 +28,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from entityclip import publish
-from entityclip.config import PipelineConfig, from_dict, to_dict
-from entityclip.errors import ConfigError, InputError, InputTooLarge, NotFound
+from entityclip.config import PipelineConfig, ServeConfig, from_dict, to_dict
+from entityclip.errors import ConfigError, EntityClipError, InputError, InputTooLarge, NotFound
 from entityclip.paths import RunPaths, model_key
 from entityclip.registry import MODEL_PATH, ModelRef, load_retriever, resolve
 from entityclip.retrieval import Retriever, decode_base64
@@ -38,6 +44,31 @@ from entityclip.train.tracking import tracker_for
 APP_NAME = "entityclip"
 # The search page for people: plain HTML/JS/CSS, no build step, nothing from a CDN.
 PAGE = (Path(__file__).parent / "static" / "index.html").read_text()
+PUBLIC_PATHS = {"/", "/healthz"}
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}  # binds that need no API key  # open without an API key: the static page and the health check
+
+
+def _inline_hashes(tag: str) -> str:
+    """CSP source list allowing exactly the page's own inline <script> or <style> blocks."""
+    blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", PAGE, flags=re.S)
+    return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'" for b in blocks)
+
+
+# The page runs only its own script and style, talks only to this server, shows images from it
+# (or blob: URLs it fetched with the API key), and cannot be framed.
+PAGE_HEADERS = {
+    "Content-Security-Policy": f"default-src 'none'; script-src {_inline_hashes('script')}; "
+                               f"style-src {_inline_hashes('style')}; img-src 'self' blob:; connect-src 'self'; "
+                               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+# A gallery image is shown, never run: no script even if its bytes look like HTML.
+IMAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; sandbox", "X-Content-Type-Options": "nosniff"}
+
+
+def api_key(cfg: ServeConfig) -> str:
+    """The API key replicas require, from the environment variable `serve.api_key_env` (never
+    from the config, which MLflow logs); "" for none."""
+    return os.environ.get(cfg.api_key_env, "").strip() if cfg.api_key_env else ""
 
 
 class Query(BaseModel):
@@ -69,7 +100,8 @@ def max_body_bytes(max_image_bytes: int, max_text_chars: int) -> int:
 
 EXPLAINER_CHOICES = ("auto", "deployment", "in_process")
 
-api = FastAPI(title="EntityCLIP retrieval", docs_url=None, redoc_url=None)
+api = FastAPI(title="EntityCLIP retrieval", docs_url=None, redoc_url=None, openapi_url=None)
+logger = logging.getLogger("ray.serve")
 
 
 @api.exception_handler(InputError)
@@ -86,13 +118,77 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
     return JSONResponse({"detail": "; ".join(problems)}, status_code=422)
 
 
-@api.middleware("http")
-async def _limit_body(request: Request, call_next):
-    """Refuse a body over the limit from its Content-Length, before reading it."""
-    length, limit = request.headers.get("content-length", ""), request.app.state.max_body
-    if length.isdigit() and int(length) > limit:
-        return JSONResponse({"detail": f"request body is {length} bytes; the limit is {limit}"}, status_code=413)
-    return await call_next(request)
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    detail = f"request body is over the limit of {request.app.state.max_body} bytes" if exc.status_code == 413 \
+        else exc.detail
+    return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+@api.exception_handler(EntityClipError)
+async def _server_error(request: Request, exc: EntityClipError) -> JSONResponse:
+    # e.g. storage that cannot be read: one line that names no internal location.
+    logger.warning("%s %s failed: %s", request.method, request.url.path, exc)
+    return JSONResponse({"detail": "the server cannot answer this now (its storage or model failed); "
+                                   "try again later"}, status_code=503)
+
+
+class BodyLimit:
+    """Refuses a body over `state.max_body` bytes: at once when its Content-Length says so, else
+    when the bytes read pass the limit (a chunked body declares no length), so no more than the
+    limit is ever held."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = scope["app"].state.max_body
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            response = JSONResponse({"detail": f"request body is {int(declared)} bytes; the limit is {limit}"},
+                                    status_code=413)
+            return await response(scope, receive, send)
+        read = 0
+
+        async def counted():
+            nonlocal read
+            message = await receive()
+            read += len(message.get("body", b""))
+            if read > limit:  # FastAPI passes an HTTPException from here to its handler (_http_error)
+                raise StarletteHTTPException(413)
+            return message
+
+        return await self.app(scope, counted, send)
+
+
+class ApiKeyGate:
+    """With `serve.api_key_env` set in the replicas' environment, every route but the health
+    check and the (static) search page wants `Authorization: Bearer <key>`. Checked before the
+    body is read."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["app"].state.api_key:
+            return await self.app(scope, receive, send)
+        key = scope["app"].state.api_key
+        path, prefix = scope["path"], scope.get("root_path", "")  # Serve's route prefix is the root path
+        if prefix and path.startswith(prefix):
+            path = path[len(prefix):] or "/"
+        if path not in PUBLIC_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                response = JSONResponse({"detail": "missing or wrong API key (send Authorization: Bearer <key>)"},
+                                        status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+api.add_middleware(BodyLimit)
+api.add_middleware(ApiKeyGate)  # added last, so it runs first: no body is read for a refused key
 
 
 @serve.deployment
@@ -112,6 +208,7 @@ class RetrievalServer:
         self.explainer = explainer
         self.max_image_bytes = cfg.serve.max_image_bytes
         api.state.max_body = max_body_bytes(cfg.serve.max_image_bytes, cfg.serve.max_text_chars)
+        api.state.api_key = api_key(cfg.serve)
         self._search_batch.set_max_batch_size(cfg.serve.max_batch_size)
         self._search_batch.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
 
@@ -131,13 +228,13 @@ class RetrievalServer:
 
     @api.get("/", response_class=HTMLResponse)
     def page(self) -> HTMLResponse:
-        return HTMLResponse(PAGE)
+        return HTMLResponse(PAGE, headers=PAGE_HEADERS)
 
     @api.get("/images/{sample_id}")
     def image(self, sample_id: str) -> Response:
         data, media_type = self.retriever.gallery_image(sample_id)
         # Gallery images never change under an id within a deployed index.
-        return Response(data, media_type=media_type, headers={"Cache-Control": "public, max-age=86400"})
+        return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=86400", **IMAGE_HEADERS})
 
     @api.post("/search/text")
     async def search_text(self, query: TextQuery) -> dict:
