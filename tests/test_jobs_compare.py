@@ -1,5 +1,7 @@
 """Operating: Ray Jobs submission to the running cluster, and tracked run comparison."""
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -8,7 +10,7 @@ import pytest
 from entityclip import storage
 from entityclip.compare import collect, compare_runs
 from entityclip.errors import EntityClipError
-from entityclip.jobs import submit_job
+from entityclip.jobs import ray_token, submit_job
 from tests.test_cli import run_cli
 from entityclip.pipeline import stage_evaluate, stage_index, stage_register, stage_train, with_variant
 
@@ -23,6 +25,35 @@ def test_a_stage_submitted_as_a_ray_job_runs_on_the_cluster(ray_session, tmp_pat
     out = submit_job(ray_session.dashboard_address, entrypoint, str(REPO), timeout_s=300)
     assert out["status"] == "SUCCEEDED"
     assert storage.read_parquet(str(root / "explanations.parquet")).num_rows == 48
+    # The job used the cluster's own credentials: the submitter's were not copied into the job's
+    # metadata, which the Jobs API and the dashboard show to anyone who can read them.
+    from ray.job_submission import JobSubmissionClient
+
+    shown = JobSubmissionClient(ray_session.dashboard_address, headers={"Authorization": f"Bearer {ray_token()}"})
+    env = shown.get_job_info(out["job_id"]).runtime_env.get("env_vars", {})
+    assert "AWS_ENDPOINT_URL" in env and not {"AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"} & set(env)
+
+
+def submit_cli(address: str, home: Path, **env: str):
+    """`entityclip submit` as a user runs it, with only the Ray token settings in `env`."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    return subprocess.run([str(Path(sys.executable).parent / "entityclip"), "submit", "--address", address,
+                           "--working-dir", str(REPO), f"{sys.executable} -c \"print('hello from the job')\""],
+                          capture_output=True, text=True, timeout=300, env={**clean, "HOME": str(home), **env})
+
+
+def test_submitting_to_a_cluster_with_token_auth_needs_its_token(ray_session, tmp_path):
+    assert os.environ.get("RAY_AUTH_MODE") == "token"  # Ray >= 2.59 turns it on for a local cluster
+    address = ray_session.dashboard_address
+    missing = submit_cli(address, tmp_path)  # no RAY_AUTH_TOKEN and no ~/.ray/auth_token
+    assert missing.returncode == 2 and "requires a token" in missing.stderr and "Traceback" not in missing.stderr
+    wrong = submit_cli(address, tmp_path, RAY_AUTH_TOKEN="not-the-token")
+    assert wrong.returncode == 2 and "refused the token" in wrong.stderr
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text(ray_token())  # Ray's default token file
+    given = submit_cli(address, tmp_path)
+    assert given.returncode == 0, given.stderr[-2000:]
+    assert "SUCCEEDED" in given.stdout and "hello from the job" in given.stdout
 
 
 def test_a_failing_job_is_reported_with_its_logs(ray_session, tmp_path):

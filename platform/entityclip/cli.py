@@ -312,7 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version", help="its version number")
     p.add_argument("--alias", default="champion", help="the alias to set (default champion)")
     p = add("submit", cmd_submit, "submit a command to a Ray cluster as a Ray Job")
-    p.add_argument("--address", default="http://127.0.0.1:8265", help="Ray dashboard / Jobs API address")
+    p.add_argument("--address", default="http://127.0.0.1:8265",
+                   help="Ray dashboard / Jobs API address; a cluster with token auth wants its token in "
+                        "$RAY_AUTH_TOKEN, the file $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token")
     p.add_argument("--working-dir", default=".", help="uploaded as the job's working directory")
     p.add_argument("--no-wait", action="store_true", help="return once submitted")
     p.add_argument("entrypoint", help="shell command the job runs, e.g. 'python jobs/pipeline.py'")
