@@ -24,6 +24,7 @@ import signal
 import statistics
 import threading
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from entityclip.paths import RunPaths
 from entityclip.pipeline import follow_alias, run_pipeline, stage_register, start_serving
 from entityclip.registry import registered_name, resolve
 from entityclip.runtime import free_port
-from entityclip.serving.client import ServeClient, ServeError
+from entityclip.serving.client import ServeClient
 from entityclip.train.tracking import tracker_for
 
 
@@ -51,11 +52,24 @@ def serve_actors(prefix: str) -> list:
     return [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000) if a.class_name.startswith(prefix)]
 
 
+def haproxy_pids() -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "comm").read_text().strip() == "haproxy":
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
 def memory() -> dict:
+    """RSS of the replicas (mean: killed ones are replaced), and of the processes that live
+    through the whole run: Serve's controller and HAProxy."""
     replicas = [rss_mb(a.pid) for a in serve_actors("ServeReplica:entityclip:RetrievalServer")]
     controller = [rss_mb(a.pid) for a in serve_actors("ServeController")]
     return {"replica_mean_mb": statistics.mean(replicas) if replicas else 0.0, "replicas": len(replicas),
-            "controller_mb": sum(controller)}
+            "controller_mb": sum(controller), "haproxy_mb": sum(rss_mb(pid) for pid in haproxy_pids())}
 
 
 class Load:
@@ -66,6 +80,7 @@ class Load:
         self.url, self.texts, self.clients = url, texts, clients
         self.log: list[tuple[float, float, bool, bool]] = []
         self.versions: list[str] = []
+        self.errors: Counter = Counter()  # the client failures' messages
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
 
@@ -77,8 +92,9 @@ class Load:
                 answer = client.search_text(rng.choice(self.texts), k=10)
                 ok = True
                 self.versions.append(str(answer["model"].get("version")))
-            except ServeError:
+            except Exception as exc:  # ServeError, or anything the client let through: a failure either way
                 ok = False
+                self.errors[str(exc).splitlines()[0][:120]] += 1
             self.log.append((time.time(), time.perf_counter() - start, client.retried == retried, ok))
 
     def __enter__(self) -> "Load":
@@ -176,15 +192,18 @@ def main() -> None:
     print("-" * len(head))
     print(f"{'all':>6} | {total['requests']:>8} {total['raw_failures']:>8} {total['client_failures']:>11} | "
           f"{1000 * seconds[len(seconds) // 2]:>7.1f} {1000 * seconds[int(len(seconds) * 0.99)]:>7.1f}")
-    growth = {k: (mem_end[k] / mem_start[k] - 1) if mem_start[k] else None for k in ("replica_mean_mb", "controller_mb")}
-    print(f"RSS start → end: replica mean {mem_start['replica_mean_mb']:.0f} → {mem_end['replica_mean_mb']:.0f} MB "
-          f"({100 * growth['replica_mean_mb']:+.1f}%), controller {mem_start['controller_mb']:.0f} → "
-          f"{mem_end['controller_mb']:.0f} MB ({100 * growth['controller_mb']:+.1f}%)")
+    kinds = {"replica_mean_mb": "replica (mean)", "controller_mb": "controller", "haproxy_mb": "HAProxy"}
+    growth = {k: (mem_end[k] / mem_start[k] - 1) if mem_start[k] else None for k in kinds}
+    print("RSS start → end: " + ", ".join(
+        f"{name} {mem_start[k]:.0f} → {mem_end[k]:.0f} MB" + (f" ({100 * growth[k]:+.1f}%)" if growth[k] is not None else "")
+        for k, name in kinds.items()))
+    for message, count in load.errors.most_common(5):
+        print(f"client failure x{count}: {message}")
     if rolled:
         print(f"versions answering: {sorted(set(load.versions))} (rolled to {rolled['to_version']})")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows, "total": total, "kills": kills,
-                                               "rolled": rolled, "memory_start": mem_start, "memory_end": mem_end,
+                                               "rolled": rolled, "errors": dict(load.errors), "memory_start": mem_start, "memory_end": mem_end,
                                                "growth": growth}, indent=2))
 
 

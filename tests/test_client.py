@@ -21,6 +21,15 @@ class Scripted(BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.shutdown(2)
             return
+        if step == "cut":  # the answer starts, then the connection dies mid-body
+            self.send_response(200)
+            self.send_header("content-length", "1000")
+            self.end_headers()
+            self.wfile.write(b'{"results": [')
+            self.close_connection = True
+            self.wfile.flush()
+            self.connection.shutdown(2)
+            return
         status, body, kind = step
         self.send_response(status)
         self.send_header("content-type", kind)
@@ -49,7 +58,7 @@ def client_for(server, retries=2):
     return ServeClient(f"http://127.0.0.1:{server.server_address[1]}", api_key="", retries=retries, backoff_s=0.01)
 
 
-@pytest.mark.parametrize("lost", [["reset"], [PROXY_502], ["reset", PROXY_502]])
+@pytest.mark.parametrize("lost", [["reset"], ["cut"], [PROXY_502], ["reset", PROXY_502]])
 def test_a_request_the_replica_never_answered_is_sent_again(server, lost):
     server.script = lost + [(200, json.dumps(OURS).encode(), "application/json")]
     client = client_for(server)

@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from entityclip.pipeline import start_serving, with_variant
+from entityclip.serving.client import ServeClient, ServeError
 
 pytestmark = pytest.mark.slow
 
@@ -19,8 +20,10 @@ pytestmark = pytest.mark.slow
 class LoadLoop:
     """`clients` threads sending text queries back to back until stopped (at most `limit_s`)."""
 
-    def __init__(self, url: str, clients: int, limit_s: float = 120):
-        self.url, self.deadline = url, time.time() + limit_s
+    def __init__(self, url: str, clients: int, limit_s: float = 120, shipped: bool = False):
+        """`shipped`: send through the platform's ServeClient (which retries a request no
+        replica answered) rather than bare requests."""
+        self.url, self.deadline, self.shipped = url, time.time() + limit_s, shipped
         self.statuses: dict[str, int] = {}
         self.failed_at: list[float] = []
         self.versions: list[str] = []  # the registry version of each answer, in arrival order
@@ -29,16 +32,21 @@ class LoadLoop:
         self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
 
     def _client(self, i: int) -> None:
-        session = requests.Session()
+        session, client = requests.Session(), ServeClient(self.url)
         n = 0
         while not self._stop.is_set() and time.time() < self.deadline:
             n += 1
             version = None
+            text = f"Velmora Rovers {i} {n}"
             try:
-                response = session.post(f"{self.url}/search/text", json={"text": f"Velmora Rovers {i} {n}", "k": 5},
-                                        timeout=60)
-                status = str(response.status_code)
-                version = response.json()["model"].get("version") if response.ok else None
+                if self.shipped:
+                    status, version = "200", client.search_text(text, k=5)["model"].get("version")
+                else:
+                    response = session.post(f"{self.url}/search/text", json={"text": text, "k": 5}, timeout=60)
+                    status = str(response.status_code)
+                    version = response.json()["model"].get("version") if response.ok else None
+            except ServeError as exc:
+                status = str(exc.status or "unreachable")
             except requests.RequestException as exc:
                 status = type(exc).__name__
             with self._lock:
@@ -116,7 +124,7 @@ def test_a_killed_replica_loses_at_most_a_few_requests_around_the_kill(trained_r
     clients = 8
     url = deploy(trained_run, serve_port, min_replicas=2, max_replicas=2)
     assert wait_for(lambda: len(running_replicas()) == 2, timeout_s=60)
-    with LoadLoop(url, clients=clients) as load:
+    with LoadLoop(url, clients=clients) as load, LoadLoop(url, clients=clients // 2, shipped=True) as shipped:
         time.sleep(3)
         before = sum(load.statuses.values())
         victim = running_replicas()[0]
@@ -126,6 +134,8 @@ def test_a_killed_replica_loses_at_most_a_few_requests_around_the_kill(trained_r
     assert sum(load.statuses.values()) > before + 50, "the load stalled after the kill"
     assert len(load.failed_at) <= clients // 2, load.statuses
     assert all(abs(t - killed_at) < 1.0 for t in load.failed_at), (killed_at, load.failed_at)
+    # The platform's own client sends again what the dead replica never answered: none lost.
+    assert set(shipped.statuses) == {"200"} and shipped.statuses["200"] > 50, shipped.statuses
     # Serve replaces the dead replica.
     assert wait_for(lambda: len(running_replicas()) == 2 and victim.pid not in {a.pid for a in running_replicas()}, 60)
 

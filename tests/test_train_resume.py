@@ -76,3 +76,28 @@ def test_train_resume_continues_the_interrupted_run_in_a_new_invocation(data_roo
 
     again = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=300, env=cluster_env)
     assert again.returncode == 2 and "no interrupted training" in again.stderr
+
+
+class RunsCode:
+    """A pickle that runs a command when loaded: what a writer of the run root could plant."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_resume_state_that_would_run_code_is_refused_without_running_it(tmp_path):
+    import torch
+
+    from entityclip.errors import StorageError
+    from entityclip.train.loop import load_train_state
+
+    plain, planted, marker = tmp_path / "plain.pt", tmp_path / "planted.pt", tmp_path / "ran"
+    torch.save({"model": {"w": torch.ones(2)}, "epoch": 3}, plain)
+    assert load_train_state(plain, torch.device("cpu"))["epoch"] == 3
+    torch.save({"model": {"w": torch.ones(2)}, "epoch": RunsCode(marker)}, planted)
+    with pytest.raises(StorageError, match="refused to load"):
+        load_train_state(planted, torch.device("cpu"))
+    assert not marker.exists()

@@ -6,8 +6,8 @@ the pipeline's smoke query and the benchmarks.
     client.search_text("Velmora Rovers lift the cup", k=5)
 
 Every endpoint is read-only, so a request that got no answer from a replica is sent again (at
-most `retries` times, after a jittered pause): a connection reset or refused while a replica
-dies or restarts, or a proxy's 500/502/503/504 that carries no answer of ours (our own errors
+most `retries` times, after a jittered pause): a connection refused, reset or cut off mid-answer
+while a replica dies or restarts, or a proxy's 500/502/503/504 that carries no answer of ours (our own errors
 are JSON with a `detail`). Any other client should do the same (docs/operations.md).
 """
 
@@ -23,6 +23,8 @@ import requests
 from entityclip.errors import EntityClipError
 
 RETRY_STATUSES = {500, 502, 503, 504}
+# No (whole) answer came back: refused, reset, timed out, or cut off mid-body.
+NO_ANSWER = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
 
 
 class ServeError(EntityClipError):
@@ -61,7 +63,7 @@ class ServeClient:
             last = attempt == self.retries
             try:
                 response = self.session.request(method, self.base_url + path, json=payload, timeout=self.timeout_s)
-            except (requests.ConnectionError, requests.Timeout) as exc:
+            except NO_ANSWER as exc:
                 if last:
                     raise ServeError(0, f"cannot reach {self.base_url} ({type(exc).__name__})") from None
             else:
