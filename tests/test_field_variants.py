@@ -355,7 +355,7 @@ def test_teacher_embeddings_join_the_training_rows_by_sample_id(tmp_path):
 
 
 def test_a_teacher_run_is_stored_beside_the_training_shards_and_cannot_teach_itself(trained_run, tmp_path):
-    from entityclip import storage
+    from entityclip import publish, storage
     from entityclip.paths import RunPaths
     from entityclip.pipeline import stage_train, with_variant
     from entityclip.train.checkpoint import load_model

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from entityclip import storage
+from entityclip import publish, storage
 from entityclip.runtime import free_port
 from tests.conftest import BIN, MLFLOW_ARTIFACTS, TINY, tiny_config, wait_http
 
@@ -104,7 +104,7 @@ def test_training_submitted_to_two_nodes_spreads_workers_and_stores_on_s3(
     client = MlflowClient(mlflow_server)
     (run,) = client.search_runs([client.get_experiment_by_name("multinode").experiment_id])
     assert len(run.data.tags["worker_nodes"].split(",")) == 2  # one worker on each node
-    assert storage.exists(f"{root}/checkpoints/entityclip/model.safetensors")
+    assert storage.exists(storage.join(publish.current(f"{root}/checkpoints/entityclip"), "model.safetensors"))
     ray_checkpoints = [u for u in storage.list_uris(f"{root}/ray_results") if u.endswith("train_state.pt")]
     assert ray_checkpoints, "Ray Train wrote no checkpoint to S3"
     artifacts = storage.list_uris(f"s3://{s3_bucket}/{MLFLOW_ARTIFACTS}")

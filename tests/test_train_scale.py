@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from entityclip import storage
+from entityclip import publish, storage
 from entityclip.config import ModelConfig, TrainConfig
 from entityclip.data.shards import read_manifest, split_rows
 from entityclip.errors import ConfigError, StorageError
@@ -214,5 +214,5 @@ def test_model_pretrained_config_initialises_a_run(trained_run, mlflow_server, t
                       "model.variant=clip_zeroshot", f"model.pretrained={weights}")
     # The zero-shot baseline is packaged without training: its checkpoint is the pretrained CLIP.
     result = stage_train(cfg, progress=False)
-    saved = load_file(str(storage.local_path(result.checkpoint_uri) / "model.safetensors"))
+    saved = load_file(str(storage.local_path(publish.current(result.checkpoint_uri)) / "model.safetensors"))
     assert all(torch.equal(saved[f"clip.{k}"], v) for k, v in clip.state_dict().items())
