@@ -138,7 +138,7 @@ def native_ddp(cfg, paths: RunPaths) -> dict:
 
 def ray_train(cfg, paths: RunPaths) -> dict:
     from entityclip.runtime import init_ray
-    from entityclip.train.tracking import Tracker
+    from entityclip.tracking import Tracker
     from entityclip.train.trainer import run_training
 
     init_ray()  # a running cluster is the norm; its start is not training overhead

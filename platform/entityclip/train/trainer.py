@@ -21,9 +21,8 @@ from entityclip.errors import ConfigError, TrackingError, TrainingInterrupted, f
 from entityclip.models import build_model
 from entityclip.paths import model_key
 from entityclip.runtime import init_ray
-from entityclip.train.checkpoint import META, WEIGHTS, load_pretrained, publish_checkpoint, save_checkpoint
-from entityclip.train.precision import PRECISIONS
-from entityclip.train.tracking import Tracker
+from entityclip.models.checkpoint import META, WEIGHTS, load_pretrained, publish_checkpoint, save_checkpoint
+from entityclip.tracking import Tracker
 
 
 @dataclass
@@ -54,23 +53,14 @@ def _follow(future, tracker: Tracker, run_id: str, epochs: int, label: str, prog
                 bar.set_postfix(loss=f"{state['loss']:.3f}")
 
 
-PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-CACHES = ("none", "encoded", "decoded")
-POSITIVES = ("entities", "pair")
 
 
 def check_train_config(cfg: PipelineConfig, rows: int) -> None:
     tc = cfg.train
-    if tc.precision not in PRECISIONS:
-        raise ConfigError(f"train.precision={tc.precision!r}; choose one of {list(PRECISIONS)}")
+    # The choices themselves are checked when the config loads (config.py); here, what they
+    # need of each other and of the data.
     if tc.precision == "fp16" and not tc.use_gpu:
         raise ConfigError("train.precision=fp16 needs train.use_gpu=true; on CPU use bf16")
-    if tc.placement_strategy not in PLACEMENTS:
-        raise ConfigError(f"train.placement_strategy={tc.placement_strategy!r}; choose one of {list(PLACEMENTS)}")
-    if tc.cache not in CACHES:
-        raise ConfigError(f"train.cache={tc.cache!r}; choose one of {list(CACHES)}")
-    if tc.positives not in POSITIVES:
-        raise ConfigError(f"train.positives={tc.positives!r}; choose one of {list(POSITIVES)}")
     if min(tc.num_workers, tc.batch_size, tc.grad_accum_steps, tc.epochs) < 1:
         raise ConfigError("train.num_workers, batch_size, grad_accum_steps and epochs must be at least 1")
     needed = tc.num_workers * tc.batch_size * tc.grad_accum_steps
