@@ -117,22 +117,21 @@ def stage_explain(cfg: PipelineConfig, progress: bool = True):
 
 
 def stage_train(cfg: PipelineConfig, progress: bool = True, resume: bool = False):
-    from entityclip.train.trainer import run_training
+    from entityclip.train.trainer import TrainingPaths, run_training
 
     paths = RunPaths.for_config(cfg)
     require(paths.explanations, "explain")
-    run_paths = paths.as_dict()
-    teacher = cfg.train.reinforce_teacher
+    teacher, teacher_embeddings = cfg.train.reinforce_teacher, None
     if teacher:
         from entityclip.train.reinforce import teacher_uri, write_teacher_embeddings
 
         if teacher == cfg.model.variant:
             raise ConfigError(f"train.reinforce_teacher is {teacher}, the variant being trained: pick another run")
         # Written afresh each time, so a retrained teacher never leaves stale embeddings behind.
-        run_paths["teacher"] = teacher_uri(paths.shards, teacher)
-        write_teacher_embeddings(paths.index(teacher), paths.checkpoint(teacher), run_paths["teacher"])
-    tracker = tracker_for(cfg)
-    return run_training(cfg, run_paths, tracker, paths.local / "ray_results", progress, resume)
+        teacher_embeddings = teacher_uri(paths.shards, teacher)
+        write_teacher_embeddings(paths.index(teacher), paths.checkpoint(teacher), teacher_embeddings)
+    return run_training(cfg, TrainingPaths.of(paths, teacher_embeddings), tracker_for(cfg), paths.local / "ray_results",
+                        progress, resume)
 
 
 def stage_index(cfg: PipelineConfig):
