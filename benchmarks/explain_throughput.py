@@ -39,7 +39,7 @@ from entityclip import storage
 from entityclip.config import load_config
 from entityclip.data.synthetic import caption
 from entityclip.explain.engines import run_explain_config
-from entityclip.explain.pipeline import run_explain
+from entityclip.explain.stage import run_explain
 from entityclip.paths import RunPaths
 from entityclip.pipeline import stage_data, stage_lm
 from entityclip.runtime import init_ray

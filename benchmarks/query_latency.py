@@ -21,7 +21,7 @@ from entityclip import Retriever, storage
 from entityclip.config import load_config
 from entityclip.paths import RunPaths
 from entityclip.rerank import DEFINING
-from entityclip.train.checkpoint import load_model
+from entityclip.models.checkpoint import load_model
 
 
 def timed(retriever: Retriever, texts: list[str], k: int) -> list[float]:

@@ -33,7 +33,8 @@ import requests
 from entityclip import publish, storage
 from entityclip.config import load_config
 from entityclip.paths import RunPaths
-from entityclip.pipeline import run_pipeline, start_serving
+from entityclip.pipeline import run_pipeline
+from entityclip.serving.deploy import start_serving
 from entityclip.runtime import free_port
 
 HERE = Path(__file__).resolve().parent

@@ -31,11 +31,12 @@ from pathlib import Path
 from entityclip import publish, storage
 from entityclip.config import load_config
 from entityclip.paths import RunPaths
-from entityclip.pipeline import follow_alias, run_pipeline, stage_register, start_serving
+from entityclip.pipeline import run_pipeline, stage_register
 from entityclip.registry import registered_name, resolve
 from entityclip.runtime import free_port
 from entityclip.serving.client import ServeClient
-from entityclip.train.tracking import tracker_for
+from entityclip.serving.deploy import follow_alias, start_serving
+from entityclip.tracking import tracker_for
 
 
 def rss_mb(pid: int) -> float:

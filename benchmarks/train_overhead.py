@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -138,13 +139,14 @@ def native_ddp(cfg, paths: RunPaths) -> dict:
 
 def ray_train(cfg, paths: RunPaths) -> dict:
     from entityclip.runtime import init_ray
-    from entityclip.train.tracking import Tracker
-    from entityclip.train.trainer import run_training
+    from entityclip.tracking import Tracker
+    from entityclip.train.trainer import TrainingPaths, run_training
 
     init_ray()  # a running cluster is the norm; its start is not training overhead
     with tempfile.TemporaryDirectory() as d:
         tracker = Tracker(f"sqlite:///{d}/mlflow.db")
-        result = run_training(cfg, {**paths.as_dict(), "checkpoints": f"{d}/checkpoints"}, tracker,
+        # The final checkpoint goes to scratch: the run root's own stays as it was.
+        result = run_training(cfg, replace(TrainingPaths.of(paths), checkpoints=f"{d}/checkpoints"), tracker,
                               Path(d) / "ray_results", progress=False)
     m = result.metrics
     steps_per_worker = m["step"]

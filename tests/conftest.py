@@ -210,7 +210,8 @@ def served_url(trained_run, serve_port):
     """The session run's entityclip model served over HTTP (one replica) for one test module."""
     from ray import serve
 
-    from entityclip.pipeline import start_serving, with_variant
+    from entityclip.pipeline import with_variant
+    from entityclip.serving.deploy import start_serving
 
     cfg = with_variant(trained_run["cfg"], "entityclip")  # a copy: the session's config stays as it is
     scaling = replace(cfg.serve.autoscaling, min_replicas=1)

@@ -1,11 +1,28 @@
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
+import yaml
 
-from entityclip.config import PipelineConfig, dump_config, flatten, load_config
+from entityclip.config import PipelineConfig, choices, config_reference, dump_config, field_docs, flatten, load_config
 from entityclip.errors import ConfigError
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+REPO = Path(__file__).parent.parent
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def fields(cls=PipelineConfig, prefix=""):
+    """(dotted name, type, documentation) of every field, sections included."""
+    docs, hints = field_docs(cls), typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        yield prefix + f.name, hints[f.name], docs.get(f.name, "")
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from fields(hints[f.name], f"{prefix}{f.name}.")
+
+
+CHOICE_FIELDS = [(name, choices(typ)) for name, typ, _ in fields() if choices(typ)]
 
 
 def test_defaults_describe_the_whole_pipeline():
@@ -75,3 +92,34 @@ def test_a_relative_local_root_is_made_absolute_for_ray_workers(tmp_path, monkey
     paths = RunPaths.for_config(load_config(None, ["storage.root=runs/x"]))
     assert paths.samples == f"{tmp_path}/runs/x/data/samples.parquet"
     assert RunPaths.for_config(load_config(None, ["storage.root=s3://b/p"])).root == "s3://b/p"
+
+
+def test_every_field_and_section_is_documented_beside_it():
+    undocumented = [name for name, _, doc in fields() if not doc.strip()]
+    assert undocumented == []
+
+
+@pytest.mark.parametrize("name, allowed", CHOICE_FIELDS, ids=[name for name, _ in CHOICE_FIELDS])
+def test_a_choice_outside_its_values_is_refused_when_the_config_loads(name, allowed):
+    assert load_config(None, [f"{name}={allowed[-1]}"])  # every allowed value loads
+    with pytest.raises(ConfigError, match=f"{name}='bogus'; choose one of {list(allowed)}".replace("[", r"\[")):
+        load_config(None, [f"{name}=bogus"])
+
+
+def test_the_choice_fields_are_the_ones_with_fixed_values():
+    assert {name for name, _ in CHOICE_FIELDS} >= {
+        "data.source", "explain.engine", "model.variant", "train.placement_strategy", "train.precision",
+        "train.cache", "train.positives", "evaluate.relevance", "index.kind", "serve.explainer", "serve.rerank"}
+
+
+def test_the_documented_dump_loads_back_identically_and_shows_each_fields_docs(tmp_path):
+    cfg = load_config(None, ["train.epochs=4", "serve.rerank=none"])
+    text = dump_config(cfg, docs=True)
+    assert yaml.safe_load(text) == yaml.safe_load(dump_config(cfg))
+    assert "# Ray Train checkpoints: resume point after a failure\n  checkpoint_every_epochs: 5" in text
+    assert "rerank: none  # one of: auto, none, itm, late_interaction, xattn_fusion" in text
+
+
+def test_the_configuration_reference_page_is_current():
+    assert (REPO / "docs" / "configuration.md").read_text() == config_reference(), \
+        "regenerate it: .venv/bin/entityclip config --reference > docs/configuration.md"

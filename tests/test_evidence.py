@@ -11,7 +11,7 @@ from entityclip import publish, storage
 from entityclip.compare import collect, compare_pair, compare_runs, group_id, promote_best, seed_groups
 from entityclip.paths import RunPaths
 from entityclip.pipeline import explanations_fingerprint
-from entityclip.train.tracking import EXPLANATIONS_TAG, QUERY_RESULTS_ARTIFACT, tracker_for
+from entityclip.tracking import EXPLANATIONS_TAG, QUERY_RESULTS_ARTIFACT, tracker_for
 from tests.conftest import TINY, tiny_config
 from tests.test_cli import ENTITYCLIP
 

@@ -22,7 +22,7 @@ from entityclip.errors import ConfigError
 from entityclip.explain.engines import (LLM_VENV_PYTHON, ExplainRequest, HFEngine, KnowledgeEngine, VLLMEngine,
                                        in_process)
 from entityclip.explain.hygiene import NO_EXPLANATION, clean_explanation
-from entityclip.explain.pipeline import CRASH_AFTER_CHUNKS_ENV, EXPLANATIONS_SCHEMA, run_explain
+from entityclip.explain.stage import CRASH_AFTER_CHUNKS_ENV, EXPLANATIONS_SCHEMA, run_explain
 from entityclip.explain.prompts import PROMPT_VERSION, build_prompt, explanation_key, fit_prompt
 from entityclip.pipeline import stage_explain, stage_lm
 from tests.conftest import TINY, tiny_config

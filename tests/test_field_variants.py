@@ -257,7 +257,7 @@ def test_qperturb_indexes_the_gallery_with_its_object_boxes(trained_run):
     from entityclip.index import EmbeddingIndex
     from entityclip.paths import RunPaths
     from entityclip.pipeline import with_variant
-    from entityclip.train.checkpoint import load_model, save_checkpoint
+    from entityclip.models.checkpoint import load_model, save_checkpoint
 
     cfg = with_variant(trained_run["cfg"], "qperturb")
     paths = RunPaths.for_config(cfg)
@@ -358,7 +358,7 @@ def test_a_teacher_run_is_stored_beside_the_training_shards_and_cannot_teach_its
     from entityclip import publish, storage
     from entityclip.paths import RunPaths
     from entityclip.pipeline import stage_train, with_variant
-    from entityclip.train.checkpoint import load_model
+    from entityclip.models.checkpoint import load_model
     from entityclip.train.reinforce import teacher_scale, write_teacher_embeddings
 
     paths = RunPaths.for_config(trained_run["cfg"])

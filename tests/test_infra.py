@@ -141,7 +141,7 @@ def test_the_image_is_multi_stage_pinned_by_digest_and_runs_as_a_non_root_user()
     assert user and user[-1] not in {"root", "0", "0:0"}
 
 
-def resolve(import_path: str):
+def import_object(import_path: str):
     module, attr = import_path.split(":")
     return getattr(importlib.import_module(module), attr)
 
@@ -157,7 +157,7 @@ def test_serve_configs_name_an_importable_builder_and_a_shipped_config(monkeypat
     configs = [yaml.safe_load((REPO / "serve/config.yaml").read_text()), yaml.safe_load(service["spec"]["serveConfigV2"])]
     for config in configs:
         app = config["applications"][0]
-        assert callable(resolve(app["import_path"]))
+        assert callable(import_object(app["import_path"]))
         assert (REPO / app["args"]["config"]).is_file()
 
 

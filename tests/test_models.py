@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from entityclip.config import ModelConfig, TrainConfig
 from entityclip.errors import ConfigError
 from entityclip.models import VARIANTS, build_model
-from entityclip.train.checkpoint import load_model, save_checkpoint
+from entityclip.models.checkpoint import load_model, save_checkpoint
 from entityclip.train.objective import Objective, contrastive_loss, positive_targets, sample_hard_negatives
 
 TINY = dict(image_size=32, patch_size=8, width=32, embed_dim=32, layers=1, heads=2, context_length=32,
@@ -30,8 +30,10 @@ def test_every_variant_embeds_to_unit_vectors(variant):
 
 
 def test_unknown_variant_is_a_config_error():
-    with pytest.raises(ConfigError, match="unknown model variant"):
-        build_model(ModelConfig(variant="nope", **TINY))
+    from entityclip.config import load_config
+
+    with pytest.raises(ConfigError, match="model.variant='nope'; choose one of"):
+        load_config(None, ["model.variant=nope"])
 
 
 def test_image_embeddings_do_not_depend_on_the_batch_so_a_gallery_is_indexable():
@@ -136,7 +138,7 @@ def test_init_from_a_bare_open_clip_state_dict_loads_the_backbone(tmp_path):
     from safetensors.torch import save_file
 
     from entityclip.errors import StorageError
-    from entityclip.train.checkpoint import init_from
+    from entityclip.models.checkpoint import init_from
 
     source = model("clip_finetune")
     (tmp_path / "clip").mkdir()
@@ -149,3 +151,14 @@ def test_init_from_a_bare_open_clip_state_dict_loads_the_backbone(tmp_path):
     other = build_model(ModelConfig(variant="entityclip", **{**TINY, "width": 48, "embed_dim": 48}))
     with pytest.raises(StorageError, match="do not fit this model"):
         init_from(other, str(tmp_path / "clip"))
+
+
+def test_every_variant_the_config_names_has_one_spec():
+    from entityclip.models.entityclip import VARIANT_SPECS
+
+    assert tuple(VARIANT_SPECS) == VARIANTS
+    for name, spec in VARIANT_SPECS.items():
+        built = model(name)
+        assert (built.reranker, built.uses_experts, built.uses_explanations, built.trainable) == \
+            (spec.reranker, spec.experts, spec.explanations, spec.trainable)
+        assert built.has_match_head == (spec.reranker in ("itm", "xattn_fusion"))

@@ -20,7 +20,7 @@ from entityclip.errors import StorageError
 from entityclip.index import EmbeddingIndex, write_index
 from entityclip.models import build_model
 from entityclip.retrieval import Limits, Retriever
-from entityclip.train.checkpoint import load_model, publish_checkpoint, save_checkpoint
+from entityclip.models.checkpoint import load_model, publish_checkpoint, save_checkpoint
 
 MODEL = ModelConfig(variant="clip_finetune", image_size=32, patch_size=8, width=32, embed_dim=32, layers=1, heads=2,
                     context_length=32)

@@ -42,3 +42,17 @@ def test_every_file_and_link_a_page_points_to_exists(page):
         assert (REPO / path).exists(), path
     for link in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):  # relative Markdown links and images
         assert (page.parent / link).exists(), link
+
+
+def test_the_command_table_names_every_subcommand():
+    table = re.search(r"\| Command \| What it does \|\n((?:\|.*\|\n)+)", README).group(1)
+    named = set(re.findall(r"`(\w+)`", table.split("\n", 1)[1]))
+    assert named >= COMMANDS, COMMANDS - named
+
+
+def test_the_python_example_names_what_exists():
+    import importlib
+
+    block = re.search(r"```python\n(.*?)```", README, re.S).group(1)
+    for module, names in re.findall(r"^from ([\w.]+) import (\w+)", block, flags=re.M):
+        assert hasattr(importlib.import_module(module), names), (module, names)

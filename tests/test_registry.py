@@ -15,7 +15,7 @@ from entityclip.paths import RunPaths
 from entityclip.pipeline import stage_lm
 from entityclip.registry import register_run, save_package
 from entityclip.serving.app import check_servable
-from entityclip.train.tracking import Tracker, tracker_for
+from entityclip.tracking import Tracker, tracker_for
 from tests.conftest import MLFLOW_ARTIFACTS, tiny_config
 
 

@@ -11,7 +11,7 @@ from entityclip.errors import ConfigError
 from entityclip.evaluate import recall_at_k, rerank_similarity
 from entityclip.index import EmbeddingIndex, rerank_order
 from entityclip.models import build_model
-from entityclip.rerank import Reranker, resolve
+from entityclip.rerank import Reranker, choose
 
 TINY = dict(image_size=32, patch_size=8, width=32, embed_dim=32, layers=1, heads=2, context_length=32,
             n_vision_experts=1, n_shared_experts=1, n_text_experts=1, fusion_layers=1)
@@ -79,16 +79,14 @@ def test_index_search_reranks_only_the_first_rerank_k_candidates():
     ("xattn_fusion", "xattn_fusion", "xattn_fusion"), ("clip_finetune", None, None)])
 def test_auto_runs_the_rerankers_that_define_a_variant_and_others_are_opt_in(variant, auto, allowed):
     model = build_model(ModelConfig(variant=variant, **TINY))
-    assert resolve(model, "auto") == auto
-    assert resolve(model, "none") is None
+    assert choose(model, "auto") == auto
+    assert choose(model, "none") is None
     for name in ("itm", "late_interaction", "xattn_fusion"):
         if name == allowed:
-            assert resolve(model, name) == name
+            assert choose(model, name) == name
         else:
             with pytest.raises(ConfigError, match=f"cannot run: {'its re-ranker is' if allowed else 'it has none'}"):
-                resolve(model, name)
-    with pytest.raises(ConfigError, match="unknown serve.rerank"):
-        resolve(model, "bm25")
+                choose(model, name)
 
 
 def test_reranking_needs_the_token_features_in_the_index():

@@ -177,7 +177,7 @@ def test_with_an_api_key_only_the_page_and_health_check_are_open(keyed_url, unse
 
 def test_serving_on_a_network_interface_without_an_api_key_is_refused(trained_run, monkeypatch):
     from entityclip.errors import ConfigError
-    from entityclip.pipeline import start_serving
+    from entityclip.serving.deploy import start_serving
 
     monkeypatch.delenv("ENTITYCLIP_API_KEY", raising=False)
     cfg = trained_run["cfg"]

@@ -11,8 +11,9 @@ from dataclasses import replace
 import pytest
 import requests
 
-from entityclip.pipeline import start_serving, with_variant
+from entityclip.pipeline import with_variant
 from entityclip.serving.client import ServeClient, ServeError
+from entityclip.serving.deploy import follow_alias, start_serving
 
 pytestmark = pytest.mark.slow
 
@@ -144,8 +145,8 @@ def test_rolling_to_a_new_champion_fails_no_request(trained_run, serve_port, cle
     """The lifecycle's last step: the champion alias moves to another version, and the serving
     process follows it (what `entityclip serve --model models:/...@champion` does every
     serve.follow_alias_s): Serve starts the new replica before it retires the old one."""
-    from entityclip.pipeline import follow_alias, stage_register
-    from entityclip.train.tracking import tracker_for
+    from entityclip.pipeline import stage_register
+    from entityclip.tracking import tracker_for
 
     old = trained_run["model"]
     tracker = tracker_for(trained_run["cfg"])

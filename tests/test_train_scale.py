@@ -16,7 +16,7 @@ from entityclip.errors import ConfigError, StorageError
 from entityclip.models import build_model
 from entityclip.pipeline import stage_train
 from entityclip.runtime import free_port
-from entityclip.train.checkpoint import load_pretrained
+from entityclip.models.checkpoint import load_pretrained
 from entityclip.train.precision import autocast
 from entityclip.train.objective import Objective
 from tests.conftest import tiny_config
@@ -117,10 +117,9 @@ def test_training_in_bf16_with_accumulation_and_clipping_streaming_from_storage(
     (["train.positives=names"], "train.positives"),
 ])
 def test_impossible_training_configs_are_config_errors(trained_run, mlflow_server, overrides, message):
-    cfg = tiny_config(trained_run["root"], f"tracking.uri={mlflow_server}", "tracking.experiment=bad-config",
-                      *overrides)
-    with pytest.raises(ConfigError, match=message):
-        stage_train(cfg, progress=False)
+    with pytest.raises(ConfigError, match=message):  # when the config loads, or before training starts
+        stage_train(tiny_config(trained_run["root"], f"tracking.uri={mlflow_server}", "tracking.experiment=bad-config",
+                                *overrides), progress=False)
 
 
 def test_shards_hold_every_sample_once_with_its_image_bytes(trained_run):

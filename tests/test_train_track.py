@@ -5,9 +5,9 @@ from mlflow.tracking import MlflowClient
 
 from entityclip import publish, storage
 from entityclip.errors import TrackingError
-from entityclip.train.checkpoint import load_model, read_meta
+from entityclip.models.checkpoint import load_model, read_meta
 from entityclip.config import TrackingConfig
-from entityclip.train.tracking import Tracker, artifact_root, resolve_uri
+from entityclip.tracking import Tracker, artifact_root, resolve_uri
 
 
 def test_training_logs_params_step_metrics_checkpoint_and_a_registered_mlflow_model(trained_run, mlflow_server):

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from entityclip.config import PipelineConfig, dump_config, load_config
+from entityclip.config import PipelineConfig, config_reference, dump_config, load_config
 from entityclip.errors import EntityClipError, find_user_error
 from entityclip.models.entityclip import VARIANTS
 from entityclip.runtime import set_verbose
@@ -81,7 +81,7 @@ def _seed_summary(results: dict) -> str:
 
 
 def cmd_config(args) -> None:
-    print(dump_config(_cfg(args)), end="")
+    print(config_reference() if args.reference else dump_config(_cfg(args), docs=True), end="")
 
 
 def cmd_data(args) -> None:
@@ -93,7 +93,7 @@ def cmd_data(args) -> None:
 def cmd_lm(args) -> None:
     from entityclip.pipeline import stage_lm
 
-    _print(stage_lm(_cfg(args)))
+    _print(stage_lm(_cfg(args), progress=not args.no_progress))
 
 
 def cmd_explain(args) -> None:
@@ -131,7 +131,7 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from entityclip.pipeline import start_serving
+    from entityclip.serving.deploy import start_serving
 
     cfg = _cfg(args)
     if args.model:
@@ -223,7 +223,7 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_promote(args) -> None:
-    from entityclip.train.tracking import tracker_for
+    from entityclip.tracking import tracker_for
 
     cfg = _cfg(args)
     tracker_for(cfg).set_alias(args.model, args.version, args.alias)
@@ -246,7 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         return p
 
-    _config_args(add("config", cmd_config, "print the resolved config as YAML"))
+    p = add("config", cmd_config, "print the resolved config as YAML, every field's documentation above it")
+    _config_args(p)
+    p.add_argument("--reference", action="store_true",
+                   help="print the configuration reference page instead (docs/configuration.md)")
     _config_args(add("data", cmd_data, "generate or ingest the dataset (samples.parquet, images) and write the training shards"))
     _config_args(add("lm", cmd_lm, "train the synthetic world's LM into <root>/lm (explain.model=world "
                      "serves it with vLLM)"))

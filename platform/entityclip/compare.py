@@ -16,7 +16,7 @@ from entityclip.errors import ConfigError
 from entityclip.evaluate import QueryResults, sample_scores
 from entityclip.rerank import DEFINING
 from entityclip.stats import PairedResult, SeedSummary, over_seeds, paired_bootstrap
-from entityclip.train.tracking import EXPLANATIONS_TAG, QUERY_RESULTS_ARTIFACT, Tracker, tracker_for
+from entityclip.tracking import EXPLANATIONS_TAG, QUERY_RESULTS_ARTIFACT, Tracker, tracker_for
 
 COLUMNS = ["t2i_r1", "t2i_r5", "i2t_r1", "i2t_r5", "rsum"]
 SPLITS = ["test_seen", "test_unseen"]

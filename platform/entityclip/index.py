@@ -26,7 +26,7 @@ from entityclip.config import IndexConfig
 from entityclip.data.images import read_image_tensor
 from entityclip.data.pairs import load_pairs
 from entityclip.errors import InputError
-from entityclip.train.checkpoint import load_model
+from entityclip.models.checkpoint import load_model
 
 KINDS = ("images", "texts")
 TOKENS = "images.tokens.npy"

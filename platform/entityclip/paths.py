@@ -75,11 +75,6 @@ class RunPaths:
         """Every test query's result of `evaluation(variant)` (evaluate.QueryResults)."""
         return storage.join(self.root, "eval", f"{variant}.queries.parquet")
 
-    def as_dict(self) -> dict:
-        return {"root": self.root, "samples": self.samples, "shards": self.shards, "entities": self.entities,
-                "explanations": self.explanations, "checkpoints": self.checkpoints,
-                "training": self.training}
-
 
 def require(uri: str, stage: str) -> str:
     """`uri`, or a StorageError naming the stage that writes it."""

@@ -14,9 +14,10 @@ from entityclip import publish, storage
 from entityclip.config import PipelineConfig
 from entityclip.errors import ConfigError, EntityClipError
 from entityclip.paths import RunPaths, model_key, require
-from entityclip.runtime import init_ray, quiet_logs
+from entityclip.runtime import init_ray
 from entityclip.serving.client import ServeClient
-from entityclip.train.tracking import EXPLANATIONS_TAG, QUERY_RESULTS_ARTIFACT, tracker_for
+from entityclip.serving.deploy import start_serving
+from entityclip.tracking import EXPLANATIONS_TAG, QUERY_RESULTS_ARTIFACT, tracker_for
 
 
 def stage_data(cfg: PipelineConfig, progress: bool = True) -> dict:
@@ -53,15 +54,17 @@ def check_world_lm(cfg: PipelineConfig) -> None:
                           "to a local LLM folder (or explain.engine=knowledge only for synthetic data)")
 
 
-def stage_lm(cfg: PipelineConfig) -> dict:
+def stage_lm(cfg: PipelineConfig, progress: bool = True) -> dict:
     """Train the synthetic world's LM (explain/world_lm.py) into <root>/lm, in vLLM's environment;
     returns what training measured. An LM already trained on the same world with the same
-    steps and seed is kept."""
+    steps and seed is kept. `progress`: a bar of its steps and loss (about 3 minutes on 2 cores)."""
     import hashlib
     import json
     import subprocess
 
-    from entityclip.explain.engines import llm_python
+    from tqdm import tqdm
+
+    from entityclip.explain.engines import WORLD_LM_PROGRESS, llm_python
 
     check_world_lm(cfg)
     paths = RunPaths.for_config(cfg)
@@ -78,18 +81,27 @@ def stage_lm(cfg: PipelineConfig) -> dict:
     python = llm_python(cfg.explain)
     if not python:
         raise ConfigError("training the world LM needs .venv-llm (./scripts/setup makes it) or explain.python")
-    done = subprocess.run([python, "-m", "entityclip.explain.world_lm", entities, paths.world_lm,
-                           "--steps", str(cfg.explain.world_lm_steps), "--seed", str(cfg.data.seed)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise EntityClipError(f"training the world LM failed: {last}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    process = subprocess.Popen([python, "-m", "entityclip.explain.world_lm", entities, paths.world_lm,
+                                "--steps", str(cfg.explain.world_lm_steps), "--seed", str(cfg.data.seed)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    other = []  # what the training printed besides progress: its error, if it fails
+    with tqdm(total=cfg.explain.world_lm_steps, desc="world LM", unit="step", disable=not progress) as bar:
+        for line in process.stderr:
+            if line.startswith(WORLD_LM_PROGRESS):
+                step, _, loss = line.split()[1:]
+                bar.update(int(step) - bar.n)
+                bar.set_postfix(loss=loss)
+            elif line.strip():
+                other.append(line.strip())
+    out = process.stdout.read()
+    if process.wait() != 0:
+        raise EntityClipError(f"training the world LM failed: {(other or ['no output'])[-1]}")
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def stage_explain(cfg: PipelineConfig, progress: bool = True):
     from entityclip.explain.engines import run_explain_config
-    from entityclip.explain.pipeline import run_explain
+    from entityclip.explain.stage import run_explain
 
     paths = RunPaths.for_config(cfg)
     samples = require(paths.samples, "data")
@@ -105,22 +117,21 @@ def stage_explain(cfg: PipelineConfig, progress: bool = True):
 
 
 def stage_train(cfg: PipelineConfig, progress: bool = True, resume: bool = False):
-    from entityclip.train.trainer import run_training
+    from entityclip.train.trainer import TrainingPaths, run_training
 
     paths = RunPaths.for_config(cfg)
     require(paths.explanations, "explain")
-    run_paths = paths.as_dict()
-    teacher = cfg.train.reinforce_teacher
+    teacher, teacher_embeddings = cfg.train.reinforce_teacher, None
     if teacher:
         from entityclip.train.reinforce import teacher_uri, write_teacher_embeddings
 
         if teacher == cfg.model.variant:
             raise ConfigError(f"train.reinforce_teacher is {teacher}, the variant being trained: pick another run")
         # Written afresh each time, so a retrained teacher never leaves stale embeddings behind.
-        run_paths["teacher"] = teacher_uri(paths.shards, teacher)
-        write_teacher_embeddings(paths.index(teacher), paths.checkpoint(teacher), run_paths["teacher"])
-    tracker = tracker_for(cfg)
-    return run_training(cfg, run_paths, tracker, paths.local / "ray_results", progress, resume)
+        teacher_embeddings = teacher_uri(paths.shards, teacher)
+        write_teacher_embeddings(paths.index(teacher), paths.checkpoint(teacher), teacher_embeddings)
+    return run_training(cfg, TrainingPaths.of(paths, teacher_embeddings), tracker_for(cfg), paths.local / "ray_results",
+                        progress, resume)
 
 
 def stage_index(cfg: PipelineConfig):
@@ -144,7 +155,7 @@ def stage_evaluate(cfg: PipelineConfig, run_id: str | None = None) -> dict:
     from entityclip.evaluate import evaluate_index, summarize
     from entityclip.index import EmbeddingIndex
     from entityclip.rerank import Reranker
-    from entityclip.train.checkpoint import load_model
+    from entityclip.models.checkpoint import load_model
 
     paths, key = RunPaths.for_config(cfg), model_key(cfg)
     index_uri = paths.index(key)
@@ -178,70 +189,6 @@ def stage_register(cfg: PipelineConfig, run_id: str):
     index = publish.current(paths.index(key))
     has_index = storage.exists(storage.join(index, "images.faiss"))
     return register_run(tracker_for(cfg), run_id, cfg, checkpoint, index if has_index else None, paths.entities)
-
-
-def start_serving(cfg: PipelineConfig, blocking: bool = False) -> str:
-    """Deploy the Serve app for `cfg.serve.model` (a registry version) or else the run root's
-    `cfg.model.variant`; returns its base URL. An app already running in the Ray cluster is
-    updated in place: Serve starts the new replicas before it retires the old ones. `blocking`
-    keeps serving until Ctrl-C, following `serve.model`'s alias (see `follow_alias`), unless
-    this call only updated a cluster's running app."""
-    init_ray()  # first: Serve reads its settings from the environment on import
-    from ray import serve
-    from ray.exceptions import RayError
-    from ray.serve.context import _get_global_client
-
-    from entityclip.serving.app import APP_NAME, LOOPBACK, api_key, build_app
-
-    quiet_logs()  # again: importing Serve configures its loggers
-    if cfg.serve.host not in LOOPBACK and not api_key(cfg.serve):
-        raise ConfigError(f"serve.host={cfg.serve.host} opens the API to the network: set an API key in "
-                          f"${cfg.serve.api_key_env} (clients send Authorization: Bearer <key>), or keep "
-                          "serve.host=127.0.0.1 behind an authenticating proxy")
-    app, ref = build_app(cfg)  # checks what it serves before Serve starts
-    try:
-        serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    except RayError as exc:  # e.g. the port is taken, or HAProxy did not come up in time
-        raise EntityClipError(f"Ray Serve did not start on port {cfg.serve.port}: {str(exc).splitlines()[0]}") from None
-    # A Serve instance already running in this Ray keeps its own host and port.
-    http = _get_global_client().http_config
-    url = f"http://{http.host}:{http.port}"
-    updating = APP_NAME in serve.status().applications
-    serve.run(app, name=APP_NAME, route_prefix="/")
-    what = f"{ref.uri} ({cfg.serve.model})" if ref else cfg.model.variant
-    if blocking and updating:
-        print(f"updated the running app at {url} to {what}; it keeps serving after this command", flush=True)
-    elif blocking:
-        print(f"serving {what} at {url} (Ctrl-C stops)", flush=True)
-        following = ref is not None and "@" in cfg.serve.model and cfg.serve.follow_alias_s > 0
-        deployed = ref.version if ref else None
-        while True:
-            time.sleep(cfg.serve.follow_alias_s if following else 3600)
-            if following:
-                deployed = follow_alias(cfg, deployed)
-    return url
-
-
-def follow_alias(cfg: PipelineConfig, deployed: str) -> str:
-    """If `serve.model`'s alias now names another version than `deployed`, roll the running app
-    to it (new replicas first, then the old ones retire); returns the version now deployed. A
-    registry that cannot be read, or a version that cannot be served, leaves the app as it is."""
-    from ray import serve
-
-    from entityclip.registry import resolve
-    from entityclip.serving.app import APP_NAME, build_app
-
-    try:
-        if resolve(tracker_for(cfg), cfg.serve.model).version == deployed:
-            return deployed
-        app, ref = build_app(cfg)
-        serve.run(app, name=APP_NAME, route_prefix="/")
-    except (EntityClipError, RuntimeError) as exc:  # RuntimeError: Serve could not start the new replicas
-        print(f"still serving version {deployed}: cannot roll to {cfg.serve.model} ({str(exc).splitlines()[0]})",
-              flush=True)
-        return deployed
-    print(f"rolled {cfg.serve.model} from version {deployed} to {ref.version}", flush=True)
-    return ref.version
 
 
 class StageTimer:
@@ -315,7 +262,7 @@ def run_pipeline(cfg: PipelineConfig, variants: list[str], serve_query: bool = T
     paths = RunPaths.for_config(cfg)
     timer.run("data", stage_data, cfg, progress)
     if uses_world_lm(cfg.explain):
-        timer.run("lm", stage_lm, cfg)
+        timer.run("lm", stage_lm, cfg, progress)
     explain = timer.run("explain", stage_explain, cfg, progress)
     results = {}
     for variant in variants:

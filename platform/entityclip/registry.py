@@ -38,8 +38,8 @@ from entityclip.errors import ConfigError, InputError
 from entityclip.explain.engines import uses_world_lm
 from entityclip.paths import RunPaths
 from entityclip.retrieval import Retriever, decode_base64
-from entityclip.train.checkpoint import read_meta
-from entityclip.train.tracking import Tracker
+from entityclip.models.checkpoint import read_meta
+from entityclip.tracking import Tracker
 
 MODEL_PATH = "model"  # the run artifact path of the MLflow Model
 INPUT_COLUMNS = ("text", "explanation", "image_base64")

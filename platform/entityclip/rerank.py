@@ -19,16 +19,13 @@ from entityclip.errors import ConfigError
 from entityclip.index import EmbeddingIndex
 from entityclip.models.entityclip import EntityCLIP, ImageFeatures, TextFeatures
 
-CHOICES = ("auto", "none", "itm", "late_interaction", "xattn_fusion")
 # Re-rankers that are part of their variant's definition: `auto` runs them.
 DEFINING = ("late_interaction", "xattn_fusion")
 PAIRS_PER_BATCH = 1024  # pairs scored together: bounds the memory of late interaction
 
 
-def resolve(model: EntityCLIP, requested: str) -> str | None:
+def choose(model: EntityCLIP, requested: str) -> str | None:
     """The re-ranker to run for `serve.rerank` = `requested`, or None for the first stage alone."""
-    if requested not in CHOICES:
-        raise ConfigError(f"unknown serve.rerank {requested!r}; choose one of {list(CHOICES)}")
     if requested == "auto":
         return model.reranker if model.reranker in DEFINING else None
     if requested == "none":
@@ -52,7 +49,7 @@ class Reranker:
 
     @classmethod
     def for_model(cls, model: EntityCLIP, index: EmbeddingIndex | None, requested: str, k: int) -> "Reranker | None":
-        name = resolve(model, requested)
+        name = choose(model, requested)
         return cls(model, index, name, k) if name and index is not None else None
 
     @property

@@ -32,7 +32,7 @@ from entityclip.index import EmbeddingIndex
 from entityclip.models import EntityCLIP
 from entityclip.paths import RunPaths
 from entityclip.rerank import Reranker
-from entityclip.train.checkpoint import load_model
+from entityclip.models.checkpoint import load_model
 
 
 def decode_base64(data: str, max_bytes: int) -> bytes:

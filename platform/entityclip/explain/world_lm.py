@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from entityclip import storage
 from entityclip.data.synthetic import CITIES, EVENTS
-from entityclip.explain.engines import KnowledgeEngine
+from entityclip.explain.engines import WORLD_LM_PROGRESS, KnowledgeEngine
 from entityclip.explain.prompts import build_prompt
 
 # Share of training prompts naming two entities: the data names one or two, and two-entity
@@ -73,8 +74,10 @@ def batch(tokenizer, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
             "labels": torch.tensor([y + [-100] * (width - len(y)) for y in labels])}
 
 
-def train(entities_uri: str, out_dir: str, steps: int = 1500, batch_size: int = 32, seed: int = 0) -> dict:
-    """Train and save the LM; returns what it measured (loss, seconds, exact answers)."""
+def train(entities_uri: str, out_dir: str, steps: int = 1500, batch_size: int = 32, seed: int = 0,
+          report=None) -> dict:
+    """Train and save the LM; returns what it measured (loss, seconds, exact answers).
+    `report(step, steps, loss)` is called about a hundred times along the way."""
     start = time.time()
     rng, engine = random.Random(seed), KnowledgeEngine(entities_uri)
     torch.manual_seed(seed)
@@ -91,13 +94,16 @@ def train(entities_uri: str, out_dir: str, steps: int = 1500, batch_size: int = 
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps,
                                                    pct_start=max(0.05, 2.5 / steps))
     model.train()
-    for _ in range(steps):
+    every = max(1, steps // 100)
+    for step in range(1, steps + 1):
         loss = model(**batch(tokenizer, examples(engine, names, rng, batch_size))).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        if report and (step % every == 0 or step == steps):
+            report(step, steps, loss.item())
     model.eval()
     exact = _exact_answers(model, tokenizer, examples(engine, names, random.Random(seed + 1), 32))
     out = Path(out_dir)
@@ -130,4 +136,9 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    print(json.dumps(train(args.entities, args.out_dir, args.steps, seed=args.seed)))
+
+    def report(step: int, steps: int, loss: float) -> None:
+        # Read by `stage_lm`, which draws the progress bar; stdout carries only the result.
+        print(f"{WORLD_LM_PROGRESS} {step} {steps} {loss:.4f}", file=sys.stderr, flush=True)
+
+    print(json.dumps(train(args.entities, args.out_dir, args.steps, seed=args.seed, report=report)))

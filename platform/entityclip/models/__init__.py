@@ -1,4 +1,5 @@
-"""Models: the open_clip backbone, MMAE experts, GI-ITM, and the variants built from them."""
+"""Models: the open_clip backbone, MMAE experts, GI-ITM, the variants built from them, and
+their checkpoints (checkpoint.py)."""
 
 from entityclip.models.entityclip import VARIANTS, EntityCLIP, build_model
 

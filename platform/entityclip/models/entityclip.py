@@ -1,5 +1,6 @@
-"""EntityCLIP and its baselines as one module with a `variant` switch, so every variant runs
-through the same trainer, evaluator, index and server.
+"""EntityCLIP and its baselines as one module described by a variant's `VariantSpec`, so every
+variant runs through the same trainer, evaluator, index and server; a new variant is one entry
+of `VARIANT_SPECS` (and its name in config.Variant).
 
 Variants:
 - `entityclip`: MMAE experts + GI-ITM; text features are enriched with explanation tokens.
@@ -32,12 +33,13 @@ the gallery indexable independently of any query.
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 
-from entityclip.config import ModelConfig
+from entityclip.config import ModelConfig, Variant
 from entityclip.errors import ConfigError
 from entityclip.models import backbone
 from entityclip.models.late_interaction import pair_similarities
@@ -45,10 +47,30 @@ from entityclip.models.mmae import MMAE, Gate
 from entityclip.models.perturbation import patch_mask, perturb_toward_objects
 from entityclip.models.xattn_fusion import CrossAttentionMatcher, LayerFusion
 
-VARIANTS = ("entityclip", "entityclip_noexpl", "clip_finetune", "clip_zeroshot", "cprd", "qperturb", "filip",
-            "xattn_fusion")
-# Variants that are EntityCLIP (experts, gates, ITM head, explanations) trained or used differently.
-ENTITYCLIP_LIKE = ("entityclip", "cprd", "qperturb")
+@dataclass(frozen=True)
+class VariantSpec:
+    """What a variant is made of; the model, the objective and the re-ranker read only this."""
+    experts: bool  # MMAE experts and gates give the retrieval embeddings, with a GI-ITM head
+    explanations: bool  # the text side reads each text's explanation
+    reranker: str | None = None  # its second stage: itm | late_interaction | xattn_fusion
+    losses: tuple[str, ...] = ()  # extra training losses: distill (cprd), token (filip)
+    fused_tokens: bool = False  # token features fused over the last layers (xattn_fusion)
+    perturb: bool = False  # image embeddings perturbed toward object regions at inference (qperturb)
+    trainable: bool = True
+
+
+# One entry per variant (config.Variant names them; a test keeps the two equal).
+VARIANT_SPECS: dict[str, VariantSpec] = {
+    "entityclip": VariantSpec(experts=True, explanations=True, reranker="itm"),
+    "entityclip_noexpl": VariantSpec(experts=True, explanations=False, reranker="itm"),
+    "clip_finetune": VariantSpec(experts=False, explanations=False),
+    "clip_zeroshot": VariantSpec(experts=False, explanations=False, trainable=False),
+    "cprd": VariantSpec(experts=True, explanations=True, reranker="itm", losses=("distill",)),
+    "qperturb": VariantSpec(experts=True, explanations=True, reranker="itm", perturb=True),
+    "filip": VariantSpec(experts=False, explanations=False, reranker="late_interaction", losses=("token",)),
+    "xattn_fusion": VariantSpec(experts=False, explanations=False, reranker="xattn_fusion", fused_tokens=True),
+}
+VARIANTS = typing.get_args(Variant)
 
 
 @dataclass
@@ -82,14 +104,11 @@ class TextFeatures:
 class EntityCLIP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.variant not in VARIANTS:
-            raise ConfigError(f"unknown model variant {cfg.variant!r}; choose one of {list(VARIANTS)}")
-        self.cfg = cfg
+        self.cfg, self.spec = cfg, VARIANT_SPECS[cfg.variant]
         self.clip = backbone.build_clip(cfg)
         self.tokenizer = backbone.build_tokenizer(self.clip)
         self.image_size = backbone.image_size(self.clip)
-        self.uses_experts = cfg.variant in (*ENTITYCLIP_LIKE, "entityclip_noexpl")
-        self.uses_explanations = cfg.variant in ENTITYCLIP_LIKE
+        self.uses_experts, self.uses_explanations = self.spec.experts, self.spec.explanations
         dim = backbone.embed_dim(self.clip)
         if self.uses_experts:
             nv, ns, nt = cfg.n_vision_experts, cfg.n_shared_experts, cfg.n_text_experts
@@ -98,24 +117,23 @@ class EntityCLIP(nn.Module):
             self.text_gate = Gate(dim, 2 + nt + ns)
             self.pair_gate = Gate(2 * dim, nv + ns + nt + ns)
             self.itm_head = nn.Linear(dim, 2)  # class 1 = match
-        if cfg.variant == "xattn_fusion":
+        if self.spec.fused_tokens:
             depth = backbone.layer_count(self.clip)
             if not 1 <= cfg.fusion_layers <= depth:
                 raise ConfigError(f"model.fusion_layers is {cfg.fusion_layers}; this backbone gives {depth} "
                                   "layers' token features per tower")
             self.image_fusion, self.text_fusion = LayerFusion(cfg.fusion_layers), LayerFusion(cfg.fusion_layers)
+        if self.spec.reranker == "xattn_fusion":
             self.matcher = CrossAttentionMatcher(dim)
 
     @property
     def trainable(self) -> bool:
-        return self.cfg.variant != "clip_zeroshot"
+        return self.spec.trainable
 
     @property
     def reranker(self) -> str | None:
         """The second stage this model scores (image, text) pairs with, if any."""
-        if self.uses_experts:
-            return "itm"
-        return {"filip": "late_interaction", "xattn_fusion": "xattn_fusion"}.get(self.cfg.variant)
+        return self.spec.reranker
 
     @property
     def has_match_head(self) -> bool:
@@ -129,14 +147,14 @@ class EntityCLIP(nn.Module):
         return self.tokenizer(list(texts))
 
     def encode_images(self, images: torch.Tensor) -> ImageFeatures:
-        if self.cfg.variant == "xattn_fusion":
+        if self.spec.fused_tokens:
             layers = backbone.image_layers(self.clip, images, self.cfg.fusion_layers)
             return ImageFeatures(layers[-1][0], self.image_fusion([tokens for _, tokens in layers]))
         cls, tokens = backbone.image_tokens(self.clip, images)
         return ImageFeatures(cls, tokens)
 
     def encode_texts(self, ids: torch.Tensor, expl_ids: torch.Tensor | None = None) -> TextFeatures:
-        if self.cfg.variant == "xattn_fusion":
+        if self.spec.fused_tokens:
             layers = backbone.text_layers(self.clip, ids, self.cfg.fusion_layers)
             eot, tokens = layers[-1][0], self.text_fusion([t for _, t in layers])
             padding = backbone.text_padding(ids)
@@ -157,7 +175,7 @@ class EntityCLIP(nn.Module):
             return backbone.normalize(img.cls)
         candidates = torch.cat([img.cls.unsqueeze(1), self.mmae.vision_experts(img.tokens)], dim=1)
         embedding = self.image_gate(img.cls, candidates)
-        if self.cfg.variant == "qperturb" and boxes is not None:
+        if self.spec.perturb and boxes is not None:
             patches = img.tokens[:, 1:]
             grid = round(patches.shape[1] ** 0.5)
             masks = torch.stack([patch_mask(b, grid) for b in boxes]).to(patches.device)
@@ -180,7 +198,7 @@ class EntityCLIP(nn.Module):
     def match_logits(self, img: ImageFeatures, txt: TextFeatures) -> torch.Tensor:
         """[B, 2] match logits (class 1 = match) of aligned pairs from the variant's matching
         head: GI-ITM, or xattn_fusion's cross-modal attention matcher."""
-        if self.cfg.variant == "xattn_fusion":
+        if self.spec.reranker == "xattn_fusion":
             return self.matcher(img.tokens, txt.tokens, txt.padding, txt.eot_index)
         if not self.uses_experts:
             raise ValueError(f"variant {self.cfg.variant} has no matching head")
@@ -190,7 +208,7 @@ class EntityCLIP(nn.Module):
         """[B] the re-ranker's score of aligned pairs, for ranking images against a text query
         (`text_query`) or texts against an image query: late interaction's similarity for that
         direction, or the matching head's logit margin."""
-        if self.cfg.variant == "filip":
+        if self.spec.reranker == "late_interaction":
             image_to_text, text_to_image = pair_similarities(img.tokens, txt.tokens, txt.padding)
             return text_to_image if text_query else image_to_text
         logits = self.match_logits(img, txt)

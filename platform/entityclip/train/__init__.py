@@ -1,1 +1,1 @@
-"""Train: objective, checkpoints, MLflow tracking, and the Ray Train DDP loop."""
+"""Train: the objective, precision, data ingest, reinforcement and the Ray Train DDP loop."""

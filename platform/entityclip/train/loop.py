@@ -19,6 +19,7 @@ import resource
 import signal
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray.train
@@ -29,12 +30,12 @@ import torch.distributed as dist
 from entityclip import storage
 from entityclip.config import PipelineConfig, from_dict
 from entityclip.errors import StorageError
-from entityclip.models import build_model
-from entityclip.train.checkpoint import load_pretrained, save_checkpoint
+from entityclip.models import EntityCLIP, build_model
+from entityclip.models.checkpoint import load_pretrained, save_checkpoint
 from entityclip.train.ingest import MaskNames
 from entityclip.train.objective import Objective
 from entityclip.train.precision import autocast, grad_scaler
-from entityclip.train.tracking import Tracker
+from entityclip.tracking import Tracker
 
 TRAIN_STATE = "train_state.pt"
 
@@ -80,7 +81,26 @@ def load_train_state(path: Path, device: torch.device) -> dict:
                            "plain values (a pickle that could run code)") from None
 
 
-def train_loop_per_worker(config: dict) -> None:
+@dataclass
+class Worker:
+    """One DDP worker's training state: the model, its DDP-wrapped objective and optimizer."""
+    cfg: PipelineConfig
+    rank: int
+    world: int
+    device: torch.device
+    model: EntityCLIP
+    objective: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    steps_per_epoch: int
+
+    def state(self, epoch: int) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": epoch}
+
+
+def set_up(config: dict) -> Worker:
     cfg: PipelineConfig = from_dict(PipelineConfig, config["pipeline"])
     tc = cfg.train
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
@@ -88,7 +108,6 @@ def train_loop_per_worker(config: dict) -> None:
     # As many threads as reserved cores: no oversubscription when workers share a machine.
     torch.set_num_threads(max(1, int(tc.resources_per_worker.get("CPU", 1))))
     device = ray.train.torch.get_device()
-
     model = build_model(cfg.model)
     if cfg.model.pretrained and rank == 0:  # wrapping in DDP broadcasts rank 0's weights
         load_pretrained(model, cfg.model.pretrained)
@@ -98,101 +117,141 @@ def train_loop_per_worker(config: dict) -> None:
     ddp = {"static_graph": True} if tc.grad_accum_steps == 1 else {"find_unused_parameters": True}
     objective = ray.train.torch.prepare_model(Objective(model, tc, config.get("teacher_scale")),
                                               parallel_strategy_kwargs=ddp)
-    micro_batches = config["rows"] // world // tc.batch_size
-    steps_per_epoch = micro_batches // tc.grad_accum_steps
-    total_steps = max(1, tc.epochs * steps_per_epoch)
+    steps_per_epoch = config["rows"] // world // tc.batch_size // tc.grad_accum_steps
     optimizer = torch.optim.AdamW(objective.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps))
-    scaler = grad_scaler(tc.precision, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(max(1, tc.epochs * steps_per_epoch)))
+    return Worker(cfg, rank, world, device, model, objective, optimizer, scheduler,
+                  grad_scaler(tc.precision, device), steps_per_epoch)
 
-    start_epoch = 0
-    resume = ray.train.get_checkpoint()
-    if resume:
-        with resume.as_directory() as d:
-            state = load_train_state(Path(d) / TRAIN_STATE, device)
-        model.load_state_dict(state["model"])
-        for name, part in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
-            part.load_state_dict(state[name])
-        start_epoch = state["epoch"] + 1
 
-    tracker = Tracker(config["tracking_uri"]) if rank == 0 else None
-    run_id = config["run_id"]
+def resume(worker: Worker) -> int:
+    """Restore the run's last Ray Train checkpoint, if any; returns the epoch to start at."""
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return 0
+    with checkpoint.as_directory() as d:
+        state = load_train_state(Path(d) / TRAIN_STATE, worker.device)
+    worker.model.load_state_dict(state["model"])
+    for name in ("optimizer", "scheduler", "scaler"):
+        getattr(worker, name).load_state_dict(state[name])
+    return state["epoch"] + 1
+
+
+class MetricLog:
+    """Rank 0's MLflow logging. Steps that an earlier attempt of this run already logged keep
+    their first values (a restore re-runs them; MLflow cannot take a value back)."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.tracker, self.run_id = Tracker(tracking_uri), run_id
+        self.logged = self.tracker.last_steps(run_id, "train/")
+
+    def metrics(self, metrics: dict[str, float], step: int) -> None:
+        fresh = {k: v for k, v in metrics.items() if step > self.logged.get(k, -1)}
+        if fresh:
+            self.tracker.log_metrics(self.run_id, fresh, step)
+
+    def epoch(self, epoch: int, step: int, loss: float) -> None:
+        self.metrics({"train/epoch_loss": loss}, step)
+        self.tracker.set_tags(self.run_id, {"progress": json.dumps({"epoch": epoch + 1, "loss": loss})})
+
+
+def optimizer_step(worker: Worker, batches, timings: dict[str, float]) -> dict[str, torch.Tensor]:
+    """One optimizer step over `grad_accum_steps` micro-batches; returns the last one's losses."""
+    tc = worker.cfg.train
+    for micro in range(tc.grad_accum_steps):
+        tick = time.perf_counter()
+        batch = next(batches)
+        timings["data_s"] += time.perf_counter() - tick
+        tick = time.perf_counter()
+        last_micro = micro == tc.grad_accum_steps - 1
+        # Gradients are all-reduced once per optimizer step, on its last micro-batch.
+        sync = contextlib.nullcontext() if last_micro or worker.world == 1 else worker.objective.no_sync()
+        with sync:
+            with autocast(tc.precision, worker.device):
+                losses = worker.objective(batch["image"], batch["text_ids"], batch.get("explanation_ids"),
+                                          batch.get("teacher_image"), batch.get("teacher_text"), batch.get("group"))
+            worker.scaler.scale(losses["loss"] / tc.grad_accum_steps).backward()
+        timings["compute_s"] += time.perf_counter() - tick
+    tick = time.perf_counter()
+    if tc.grad_clip_norm:
+        worker.scaler.unscale_(worker.optimizer)
+        torch.nn.utils.clip_grad_norm_(worker.objective.parameters(), tc.grad_clip_norm)
+    worker.scaler.step(worker.optimizer)
+    worker.scaler.update()
+    worker.optimizer.zero_grad(set_to_none=True)
+    worker.scheduler.step()
+    timings["compute_s"] += time.perf_counter() - tick
+    return losses
+
+
+def report(worker: Worker, epoch: int, metrics: dict, with_checkpoint: bool) -> float:
+    """Report the epoch to Ray Train, with a checkpoint (model and resume state, written by
+    rank 0: the DDP replicas are identical) when asked; returns the seconds it took."""
+    if not with_checkpoint:
+        ray.train.report(metrics)
+        return 0.0
+    tick = time.perf_counter()
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None
+        if worker.rank == 0:
+            save_checkpoint(worker.model, d, {"train_loss": metrics["train_loss"]})
+            torch.save(worker.state(epoch), Path(d) / TRAIN_STATE)
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=checkpoint)
+    return time.perf_counter() - tick
+
+
+def fault_hooks(config: dict) -> list:
+    """Called at the start of each epoch with (epoch, worker). Fault injection for the resume
+    tests (trainer.KILL_WORKER_ENV): SIGKILL the last worker at that epoch, once per run (a
+    marker in storage outlives the process)."""
+    at, marker = config.get("kill_at_epoch"), config.get("kill_marker")
+    if at is None:
+        return []
+
+    def kill_once(epoch: int, worker: Worker) -> None:
+        if epoch == at and worker.rank == worker.world - 1 and not storage.exists(marker):
+            storage.write_bytes(marker, b"")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return [kill_once]
+
+
+def train_loop_per_worker(config: dict) -> None:
+    worker = set_up(config)
+    tc = worker.cfg.train
+    start_epoch = resume(worker)
+    log = MetricLog(config["tracking_uri"], config["run_id"]) if worker.rank == 0 else None
+    hooks = fault_hooks(config)
     shard = ray.train.get_dataset_shard("train")
     # Masking only helps a model that can fall back on the explanation.
-    mask_names = MaskNames(tc.name_mask_prob if model.uses_explanations else 0.0, seed=tc.seed + rank)
+    mask_names = MaskNames(tc.name_mask_prob if worker.model.uses_explanations else 0.0, seed=tc.seed + worker.rank)
     timings = {"data_s": 0.0, "compute_s": 0.0, "checkpoint_s": 0.0}
-    # Steps already logged by an earlier attempt of this run (a restore re-runs them).
-    logged = tracker.last_steps(run_id, "train/") if tracker else {}
-
-    def log(metrics: dict[str, float], at: int) -> None:
-        fresh = {k: v for k, v in metrics.items() if at > logged.get(k, -1)}
-        if fresh:
-            tracker.log_metrics(run_id, fresh, at)
-
-    step = start_epoch * steps_per_epoch
+    step = start_epoch * worker.steps_per_epoch
     loop_start = time.perf_counter()
     for epoch in range(start_epoch, tc.epochs):
-        if epoch == config.get("kill_at_epoch") and rank == world - 1 and not storage.exists(config["kill_marker"]):
-            # Fault injection (trainer.KILL_WORKER_ENV), once per run: the marker outlives this process.
-            storage.write_bytes(config["kill_marker"], b"")
-            os.kill(os.getpid(), signal.SIGKILL)
-        objective.train()
+        for hook in hooks:
+            hook(epoch, worker)
+        worker.objective.train()
         batches = iter(shard.iter_torch_batches(
-            batch_size=tc.batch_size, drop_last=True, device=device, collate_fn=mask_names,
+            batch_size=tc.batch_size, drop_last=True, device=worker.device, collate_fn=mask_names,
             local_shuffle_buffer_size=tc.shuffle_buffer_rows or None, local_shuffle_seed=tc.seed + epoch))
         epoch_loss = 0.0
-        for _ in range(steps_per_epoch):
-            for micro in range(tc.grad_accum_steps):
-                tick = time.perf_counter()
-                batch = next(batches)
-                timings["data_s"] += time.perf_counter() - tick
-                tick = time.perf_counter()
-                last_micro = micro == tc.grad_accum_steps - 1
-                # Gradients are all-reduced once per optimizer step, on its last micro-batch.
-                sync = contextlib.nullcontext() if last_micro or world == 1 else objective.no_sync()
-                with sync:
-                    with autocast(tc.precision, device):
-                        losses = objective(batch["image"], batch["text_ids"], batch.get("explanation_ids"),
-                                           batch.get("teacher_image"), batch.get("teacher_text"), batch.get("group"))
-                    scaler.scale(losses["loss"] / tc.grad_accum_steps).backward()
-                timings["compute_s"] += time.perf_counter() - tick
-            tick = time.perf_counter()
-            if tc.grad_clip_norm:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(objective.parameters(), tc.grad_clip_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            timings["compute_s"] += time.perf_counter() - tick
+        for _ in range(worker.steps_per_epoch):
+            losses = optimizer_step(worker, batches, timings)
             step += 1
             epoch_loss += losses["loss"].item()
-            if tracker and step % tc.log_every_steps == 0:
-                metrics = {f"train/{k}": v.item() for k, v in losses.items()}
-                metrics["train/lr"] = scheduler.get_last_lr()[0]
-                metrics["train/logit_scale"] = model.logit_scale.item()
-                log(metrics, step)
+            if log and step % tc.log_every_steps == 0:
+                log.metrics({**{f"train/{k}": v.item() for k, v in losses.items()},
+                             "train/lr": worker.scheduler.get_last_lr()[0],
+                             "train/logit_scale": worker.model.logit_scale.item()}, step)
         for _ in batches:  # the partial accumulation left over: read so the shard's epoch ends
             pass
-        metrics = {"epoch": epoch, "step": step, "train_loss": epoch_loss / max(1, steps_per_epoch)}
-        if tracker:
-            log({"train/epoch_loss": metrics["train_loss"]}, step)
-            tracker.set_tags(run_id, {"progress": json.dumps({"epoch": epoch + 1, "loss": metrics["train_loss"]})})
+        metrics = {"epoch": epoch, "step": step, "train_loss": epoch_loss / max(1, worker.steps_per_epoch)}
+        if log:
+            log.epoch(epoch, step, metrics["train_loss"])
         last = epoch == tc.epochs - 1
         if last:
             metrics.update(timings, loop_s=time.perf_counter() - loop_start,
-                           **_worker_facts(model, step - start_epoch * steps_per_epoch, device))
-        if last or (epoch + 1) % tc.checkpoint_every_epochs == 0:
-            tick = time.perf_counter()
-            with tempfile.TemporaryDirectory() as d:
-                checkpoint = None
-                if rank == 0:  # the DDP replicas are identical: one copy is enough
-                    save_checkpoint(model, d, {"train_loss": metrics["train_loss"]})
-                    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                                "epoch": epoch}, Path(d) / TRAIN_STATE)
-                    checkpoint = ray.train.Checkpoint.from_directory(d)
-                ray.train.report(metrics, checkpoint=checkpoint)
-            timings["checkpoint_s"] += time.perf_counter() - tick
-        else:
-            ray.train.report(metrics)
+                           **_worker_facts(worker.model, step - start_epoch * worker.steps_per_epoch, worker.device))
+        timings["checkpoint_s"] += report(worker, epoch, metrics, last or (epoch + 1) % tc.checkpoint_every_epochs == 0)

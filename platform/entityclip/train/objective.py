@@ -177,10 +177,10 @@ class Objective(nn.Module):
         if m.has_match_head and images.shape[0] > 1:  # GI-ITM, or xattn_fusion's matcher
             out["loss_itm"] = self._itm_loss(img, txt, scale * cls_img @ cls_txt.T, groups)
             loss = loss + self.cfg.itm_weight * out["loss_itm"]
-        if m.cfg.variant == "cprd" and images.shape[0] > 1 and self.cfg.distill_weight:
+        if "distill" in m.spec.losses and images.shape[0] > 1 and self.cfg.distill_weight:
             out["loss_distill"] = self._distill_loss(img, txt, scale * image_emb @ text_emb.T, groups)
             loss = loss + self.cfg.distill_weight * out["loss_distill"]
-        if m.cfg.variant == "filip":
+        if "token" in m.spec.losses:
             out["loss_token"] = token_contrastive_loss(img.tokens, txt.tokens, txt.padding, scale, groups)
             loss = loss + self.cfg.token_weight * out["loss_token"]
         if teacher_image is not None and self.cfg.reinforce_weight:

@@ -8,10 +8,13 @@ scaler, whose loss scaling keeps small fp16 gradients from flushing to zero.
 from __future__ import annotations
 
 import contextlib
+import typing
 
 import torch
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+from entityclip.config import TrainConfig
+
+PRECISIONS = typing.get_args(typing.get_type_hints(TrainConfig)["precision"])
 
 
 def autocast(precision: str, device: torch.device):

@@ -36,7 +36,7 @@ def teacher_uri(shards_uri: str, teacher: str) -> str:
 
 def write_teacher_embeddings(index_uri: str, checkpoint_uri: str, out_uri: str) -> int:
     """Join the teacher's gallery index tables by sample_id into `out_uri`; returns the rows."""
-    from entityclip.train.checkpoint import load_model
+    from entityclip.models.checkpoint import load_model
 
     index = publish.current(index_uri)
     if not storage.exists(storage.join(index, "images.parquet")):

@@ -19,11 +19,25 @@ from entityclip import storage
 from entityclip.config import PipelineConfig, flatten, to_dict
 from entityclip.errors import ConfigError, TrackingError, TrainingInterrupted, find_user_error
 from entityclip.models import build_model
-from entityclip.paths import model_key
+from entityclip.paths import RunPaths, model_key
 from entityclip.runtime import init_ray
-from entityclip.train.checkpoint import META, WEIGHTS, load_pretrained, publish_checkpoint, save_checkpoint
-from entityclip.train.precision import PRECISIONS
-from entityclip.train.tracking import Tracker
+from entityclip.models.checkpoint import META, WEIGHTS, load_pretrained, publish_checkpoint, save_checkpoint
+from entityclip.tracking import Tracker
+
+
+@dataclass(frozen=True)
+class TrainingPaths:
+    """What a training run reads and where it writes."""
+    shards: str  # the training shards (data/shards.py)
+    explanations: str
+    root: str  # the run root: Ray Train keeps its run (and resume checkpoints) under it
+    training: str  # each model's run state (<model key>.json) and fault-injection markers
+    checkpoints: str  # the final checkpoint is published under it, as <model key>
+    teacher: str | None = None  # the reinforcement teacher's stored embeddings, if any
+
+    @classmethod
+    def of(cls, paths: RunPaths, teacher: str | None = None) -> "TrainingPaths":
+        return cls(paths.shards, paths.explanations, paths.root, paths.training, paths.checkpoints, teacher)
 
 
 @dataclass
@@ -54,23 +68,14 @@ def _follow(future, tracker: Tracker, run_id: str, epochs: int, label: str, prog
                 bar.set_postfix(loss=f"{state['loss']:.3f}")
 
 
-PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-CACHES = ("none", "encoded", "decoded")
-POSITIVES = ("entities", "pair")
 
 
 def check_train_config(cfg: PipelineConfig, rows: int) -> None:
     tc = cfg.train
-    if tc.precision not in PRECISIONS:
-        raise ConfigError(f"train.precision={tc.precision!r}; choose one of {list(PRECISIONS)}")
+    # The choices themselves are checked when the config loads (config.py); here, what they
+    # need of each other and of the data.
     if tc.precision == "fp16" and not tc.use_gpu:
         raise ConfigError("train.precision=fp16 needs train.use_gpu=true; on CPU use bf16")
-    if tc.placement_strategy not in PLACEMENTS:
-        raise ConfigError(f"train.placement_strategy={tc.placement_strategy!r}; choose one of {list(PLACEMENTS)}")
-    if tc.cache not in CACHES:
-        raise ConfigError(f"train.cache={tc.cache!r}; choose one of {list(CACHES)}")
-    if tc.positives not in POSITIVES:
-        raise ConfigError(f"train.positives={tc.positives!r}; choose one of {list(POSITIVES)}")
     if min(tc.num_workers, tc.batch_size, tc.grad_accum_steps, tc.epochs) < 1:
         raise ConfigError("train.num_workers, batch_size, grad_accum_steps and epochs must be at least 1")
     needed = tc.num_workers * tc.batch_size * tc.grad_accum_steps
@@ -88,7 +93,7 @@ def ray_storage(root: str, local_dir: Path) -> tuple[str, object]:
     return str(local_dir.resolve()), None
 
 
-def _fit(cfg: PipelineConfig, tracker: Tracker, run_id: str, paths: dict, ray_dir: Path, run_name: str,
+def _fit(cfg: PipelineConfig, tracker: Tracker, run_id: str, paths: TrainingPaths, ray_dir: Path, run_name: str,
          with_explanations: bool, progress: bool, out: Path) -> dict:
     """Run DDP training and copy the final model checkpoint into the folder `out`; returns the
     final metrics (loss, timings, worker facts)."""
@@ -101,18 +106,17 @@ def _fit(cfg: PipelineConfig, tracker: Tracker, run_id: str, paths: dict, ray_di
     from entityclip.train.reinforce import teacher_scale
 
     tc = cfg.train
-    rows = split_rows(paths["shards"], "train")
+    rows = split_rows(paths.shards, "train")
     check_train_config(cfg, rows)
-    dataset = training_dataset(paths["shards"], paths["explanations"], cfg.model, tc, with_explanations,
-                               paths.get("teacher"))
-    storage_path, storage_fs = ray_storage(paths["root"], ray_dir)
+    dataset = training_dataset(paths.shards, paths.explanations, cfg.model, tc, with_explanations, paths.teacher)
+    storage_path, storage_fs = ray_storage(paths.root, ray_dir)
     kill_at = os.environ.get(KILL_WORKER_ENV)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"pipeline": to_dict(cfg), "run_id": run_id, "tracking_uri": tracker.uri, "rows": rows,
                            "kill_at_epoch": int(kill_at) if kill_at else None,
-                           "teacher_scale": teacher_scale(paths["teacher"]) if paths.get("teacher") else None,
-                           "kill_marker": storage.join(paths["training"], f"{run_name}.worker-killed")},
+                           "teacher_scale": teacher_scale(paths.teacher) if paths.teacher else None,
+                           "kill_marker": storage.join(paths.training, f"{run_name}.worker-killed")},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker=dict(tc.resources_per_worker),
                                      placement_strategy=tc.placement_strategy),
@@ -163,12 +167,12 @@ def _begin(cfg: PipelineConfig, tracker: Tracker, state_uri: str, resume: bool) 
     return state["run_name"], state["run_id"]
 
 
-def run_training(cfg: PipelineConfig, paths: dict, tracker: Tracker, ray_dir: Path, progress: bool = True,
+def run_training(cfg: PipelineConfig, paths: TrainingPaths, tracker: Tracker, ray_dir: Path, progress: bool = True,
                  resume: bool = False) -> TrainResult:
     """Train `cfg.model.variant` (or just package it, for the untrained zero-shot baseline);
     `resume` continues the variant's interrupted run: same Ray Train run, same MLflow run."""
     start = time.time()
-    state_uri = storage.join(paths["training"], f"{model_key(cfg)}.json")
+    state_uri = storage.join(paths.training, f"{model_key(cfg)}.json")
     run_name, run_id = _begin(cfg, tracker, state_uri, resume)
     try:
         model = build_model(cfg.model)
@@ -185,7 +189,7 @@ def run_training(cfg: PipelineConfig, paths: dict, tracker: Tracker, ray_dir: Pa
                     load_pretrained(model, cfg.model.pretrained)
                 final, train_loss = {}, None
                 save_checkpoint(model, local)
-            checkpoint_uri = storage.join(paths["checkpoints"], model_key(cfg))
+            checkpoint_uri = storage.join(paths.checkpoints, model_key(cfg))
             publish_checkpoint(local, checkpoint_uri)
             tracker.log_artifacts(run_id, local, "checkpoint")
     except BaseException:
