@@ -158,3 +158,13 @@ def test_an_unversioned_checkpoint_folder_still_loads(tmp_path):
     folder = model_folder(tmp_path, 0)
     assert publish.current(str(folder)) == str(folder)
     assert load_model(str(folder)).image_size == 32
+
+
+def test_an_unversioned_checkpoint_is_read_as_it_is_until_the_first_publish_replaces_it(tmp_path):
+    uri = tmp_path / "ckpt"
+    model_folder(tmp_path, 0).rename(uri)  # the layout before atomic publication: files in the folder
+    assert same_weights(str(uri), str(uri))
+    new = model_folder(tmp_path, 1)
+    publish_checkpoint(new, str(uri))
+    assert same_weights(str(uri), str(new))
+    assert storage.list_children(str(uri)) == {publish.POINTER, Path(publish.current(str(uri))).name}

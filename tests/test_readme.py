@@ -32,7 +32,7 @@ def test_every_entityclip_command_in_the_readme_exists():
     assert used and used <= COMMANDS, used - COMMANDS
 
 
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCS = [REPO / "README.md", REPO / "benchmarks" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 
 @pytest.mark.parametrize("page", DOCS, ids=lambda p: p.name)

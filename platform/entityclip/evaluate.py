@@ -135,18 +135,18 @@ def rank_pairs(image_emb: np.ndarray, text_emb: np.ndarray, relevant: np.ndarray
     return QueryResults(list(sample_ids), rank_queries(i2t, relevant), rank_queries(t2i, relevant.T))
 
 
-def evaluate_index(index: EmbeddingIndex, cfg: EvalConfig, reranker=None) -> dict[str, QueryResults]:
+def evaluate_index(index: EmbeddingIndex, eval_cfg: EvalConfig, reranker=None) -> dict[str, QueryResults]:
     """{split: its per-sample results}; images and texts of the split form each other's
     gallery. With a `Reranker` (rerank.py), of two-stage retrieval."""
     results = {}
     images, texts = index.meta["images"], index.meta["texts"]
     text_row = {m["sample_id"]: i for i, m in enumerate(texts)}
-    for split in cfg.splits:
+    for split in eval_cfg.splits:
         rows = [i for i, m in enumerate(images) if m["split"] == split]
         if not rows:
             continue
         text_rows = [text_row[images[i]["sample_id"]] for i in rows]
-        relevant = relevance_matrix([tuple(images[i]["entities"]) for i in rows], cfg.relevance)
+        relevant = relevance_matrix([tuple(images[i]["entities"]) for i in rows], eval_cfg.relevance)
         sample_ids = [images[i]["sample_id"] for i in rows]
         rows, text_rows = np.array(rows), np.array(text_rows)
         rerank = {}

@@ -61,7 +61,7 @@ class IndexStats:
 
 
 def build_index(checkpoint_uri: str, samples_uri: str, explanations_uri: str, out_uri: str,
-                cfg: IndexConfig) -> IndexStats:
+                index_cfg: IndexConfig) -> IndexStats:
     rows = [{"sample_id": p.sample_id, "image_uri": p.image_uri, "text": p.text, "explanation": p.explanation,
              "entities": list(p.entities), "split": p.split, "boxes": [list(b) for b in p.boxes]}
             for p in load_pairs(samples_uri, explanations_uri)]
@@ -69,17 +69,17 @@ def build_index(checkpoint_uri: str, samples_uri: str, explanations_uri: str, ou
     for kind in KINDS:
         ds = ray.data.from_items(rows).map_batches(
             Embedder, fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "kind": kind},
-            batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+            batch_size=index_cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=index_cfg.num_actors),
             batch_format="numpy")
         items = ds.take_all()
         if items and "tokens" in items[0]:
             tokens = np.stack([item.pop("tokens") for item in items])
         tables[kind] = pa.Table.from_pylist(items)
-    write_index(out_uri, tables, cfg, tokens)
+    write_index(out_uri, tables, index_cfg, tokens)
     return IndexStats(out_uri, len(rows), len(tables["images"]["embedding"][0].as_py()) if rows else 0)
 
 
-def write_index(uri: str, tables: dict[str, pa.Table], cfg: IndexConfig, tokens: np.ndarray | None = None) -> None:
+def write_index(uri: str, tables: dict[str, pa.Table], index_cfg: IndexConfig, tokens: np.ndarray | None = None) -> None:
     """Publish a gallery index (publish.py): per kind, its rows with a fixed-size `embedding`
     column and a FAISS index over them; the re-ranker's image tokens where given. Readers see the
     previous index until every file of this one is written."""
@@ -89,7 +89,7 @@ def write_index(uri: str, tables: dict[str, pa.Table], cfg: IndexConfig, tokens:
             table = table.drop_columns(["embedding"]).append_column(
                 "embedding", pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), embeddings.shape[1]))
             storage.write_parquet(storage.join(version, f"{kind}.parquet"), table)
-            vector_index.save(vector_index.build_faiss(embeddings, cfg), storage.join(version, f"{kind}.faiss"))
+            vector_index.save(vector_index.build_faiss(embeddings, index_cfg), storage.join(version, f"{kind}.faiss"))
         if tokens is not None:
             storage.write_bytes(storage.join(version, TOKENS), _npy_bytes(tokens))
 

@@ -54,8 +54,8 @@ class Limits:
     image_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 
     @classmethod
-    def from_config(cls, cfg: ServeConfig) -> "Limits":
-        return cls(cfg.max_k, cfg.max_text_chars, cfg.max_image_bytes, cfg.max_image_pixels, tuple(cfg.image_formats))
+    def from_config(cls, serve_cfg: ServeConfig) -> "Limits":
+        return cls(serve_cfg.max_k, serve_cfg.max_text_chars, serve_cfg.max_image_bytes, serve_cfg.max_image_pixels, tuple(serve_cfg.image_formats))
 
 
 class Retriever:

@@ -18,20 +18,20 @@ QUERY_RESULTS_ARTIFACT = "evaluation/queries.parquet"
 EXPLANATIONS_TAG = "explanations_sha256"
 
 
-def resolve_uri(cfg: TrackingConfig, local_dir: str | Path) -> str:
+def resolve_uri(tracking_cfg: TrackingConfig, local_dir: str | Path) -> str:
     """The configured URI, or a local sqlite store in `local_dir` (the embedded default)."""
-    if cfg.uri:
-        return cfg.uri
+    if tracking_cfg.uri:
+        return tracking_cfg.uri
     path = Path(local_dir).resolve()
     path.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path / 'mlflow.db'}"
 
 
-def artifact_root(cfg: TrackingConfig, local_dir: str | Path) -> str | None:
+def artifact_root(tracking_cfg: TrackingConfig, local_dir: str | Path) -> str | None:
     """Where new experiments keep artifacts: beside the local default store, since MLflow would
     otherwise put them in `./mlruns` of whatever folder the command ran in. A tracking server
     decides for itself (None)."""
-    return None if cfg.uri else (Path(local_dir).resolve() / "mlartifacts").as_uri()
+    return None if tracking_cfg.uri else (Path(local_dir).resolve() / "mlartifacts").as_uri()
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:

@@ -18,24 +18,24 @@ from entityclip.errors import ConfigError, StorageError
 KINDS = ("flat", "ivf", "hnsw")
 
 
-def build_faiss(embeddings: np.ndarray, cfg: IndexConfig) -> faiss.Index:
-    """A trained, filled index of `cfg.kind` over float32 [N, D] embeddings."""
+def build_faiss(embeddings: np.ndarray, index_cfg: IndexConfig) -> faiss.Index:
+    """A trained, filled index of `index_cfg.kind` over float32 [N, D] embeddings."""
     x = np.ascontiguousarray(embeddings, dtype=np.float32)
     n, dim = x.shape
-    if cfg.kind == "flat":
+    if index_cfg.kind == "flat":
         index = faiss.IndexFlatIP(dim)
-    elif cfg.kind == "ivf":
+    elif index_cfg.kind == "ivf":
         # FAISS wants ~39 training points per cell; a small gallery gets fewer cells, not an error.
-        nlist = max(1, min(cfg.ivf_nlist, n // 39))
+        nlist = max(1, min(index_cfg.ivf_nlist, n // 39))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
         index.train(x)
-        index.nprobe = min(cfg.ivf_nprobe, nlist)
-    elif cfg.kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = cfg.hnsw_ef_construction
-        index.hnsw.efSearch = cfg.hnsw_ef_search
+        index.nprobe = min(index_cfg.ivf_nprobe, nlist)
+    elif index_cfg.kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, index_cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = index_cfg.hnsw_ef_construction
+        index.hnsw.efSearch = index_cfg.hnsw_ef_search
     else:
-        raise ConfigError(f"unknown index.kind {cfg.kind!r}; choose one of {list(KINDS)}")
+        raise ConfigError(f"unknown index.kind {index_cfg.kind!r}; choose one of {list(KINDS)}")
     index.add(x)
     return index
 

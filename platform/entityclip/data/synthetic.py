@@ -151,21 +151,21 @@ def caption(entities: list[Entity], rng: random.Random) -> str:
     return f"{names} {rng.choice(EVENTS)} in {rng.choice(CITIES)}."
 
 
-def generate(cfg: DataConfig, root: str, progress: bool = True) -> dict[str, str]:
+def generate(data_cfg: DataConfig, root: str, progress: bool = True) -> dict[str, str]:
     """Write entities.parquet, samples.parquet and the images under `root`; return their URIs."""
-    rng = random.Random(cfg.seed)
-    world = make_world(cfg.num_entities, cfg.seed)
+    rng = random.Random(data_cfg.seed)
+    world = make_world(data_cfg.num_entities, data_cfg.seed)
     order = list(world)
     rng.shuffle(order)
-    n_unseen = max(1, round(cfg.num_entities * cfg.unseen_entity_fraction))
+    n_unseen = max(1, round(data_cfg.num_entities * data_cfg.unseen_entity_fraction))
     unseen = {e.entity_id for e in order[:n_unseen]}
     seen = [e for e in world if e.entity_id not in unseen]
 
     rows = []
-    bar = tqdm(total=cfg.num_entities * cfg.samples_per_entity, desc="synthetic images", disable=not progress)
+    bar = tqdm(total=data_cfg.num_entities * data_cfg.samples_per_entity, desc="synthetic images", disable=not progress)
     for entity in world:
-        n_test_seen = max(1, round(cfg.samples_per_entity * cfg.seen_test_fraction))
-        for j in range(cfg.samples_per_entity):
+        n_test_seen = max(1, round(data_cfg.samples_per_entity * data_cfg.seen_test_fraction))
+        for j in range(data_cfg.samples_per_entity):
             # A quarter of the scenes also show a second, smaller, *seen* entity.
             others = [e for e in seen if e.entity_id != entity.entity_id]
             in_scene = [entity] + ([rng.choice(others)] if others and rng.random() < 0.25 else [])
@@ -175,7 +175,7 @@ def generate(cfg: DataConfig, root: str, progress: bool = True) -> dict[str, str
                 split = "test_seen" if j < n_test_seen else "train"
             sample_id = f"{entity.entity_id}-{j:03d}"
             image_uri = storage.join(root, "images", f"{sample_id}.png")
-            image, boxes = draw_scene(in_scene, cfg.image_size, rng)
+            image, boxes = draw_scene(in_scene, data_cfg.image_size, rng)
             storage.write_bytes(image_uri, encode_png(image))
             rows.append({
                 "sample_id": sample_id, "image_uri": image_uri, "text": caption(in_scene, rng),

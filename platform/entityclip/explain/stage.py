@@ -61,18 +61,18 @@ def _encoder(model: str):
     return functools.lru_cache(maxsize=1)(lambda text: tuple(tokenizer(text)["input_ids"]))
 
 
-def vllm_processor(cfg: ExplainConfig):
+def vllm_processor(explain_cfg: ExplainConfig):
     """Ray Data's vLLM processor over rows {key, text, entities} → {key, explanation}: prompts
     fitted to the window (in the platform's environment), generation in vLLM engine actors
     (their own interpreter, placed on a CPU or GPU bundle), then the clean-up rules."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    model = cfg.model
-    budget, params, max_chars = cfg.max_model_len - cfg.max_tokens, sampling_params(cfg), cfg.max_explanation_chars
-    if cfg.num_gpus_per_actor:
-        placement = {"bundle_per_worker": {"GPU": cfg.num_gpus_per_actor, "CPU": 1}}
+    model = explain_cfg.model
+    budget, params, max_chars = explain_cfg.max_model_len - explain_cfg.max_tokens, sampling_params(explain_cfg), explain_cfg.max_explanation_chars
+    if explain_cfg.num_gpus_per_actor:
+        placement = {"bundle_per_worker": {"GPU": explain_cfg.num_gpus_per_actor, "CPU": 1}}
     else:  # the default bundle asks for a GPU and would never be scheduled here
-        placement = {"bundles": [{"CPU": 1}] * cfg.tensor_parallel_size}
+        placement = {"bundles": [{"CPU": 1}] * explain_cfg.tensor_parallel_size}
 
     def prepare(row: dict) -> dict:
         encode = _encoder(model)
@@ -86,8 +86,8 @@ def vllm_processor(cfg: ExplainConfig):
         return {"key": row["key"], "explanation": clean_explanation(row["generated_text"], list(row["names"]), max_chars)}
 
     config = vLLMEngineProcessorConfig(
-        model_source=model, engine_kwargs=vllm_engine_kwargs(cfg), batch_size=cfg.batch_size,
-        concurrency=cfg.num_actors, runtime_env=vllm_runtime_env(cfg), placement_group_config=placement,
+        model_source=model, engine_kwargs=vllm_engine_kwargs(explain_cfg), batch_size=explain_cfg.batch_size,
+        concurrency=explain_cfg.num_actors, runtime_env=vllm_runtime_env(explain_cfg), placement_group_config=placement,
         # Plain completion prompts, tokenized in `prepare`; vLLM detokenizes inside the engine.
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False, log_engine_metrics=False)
     # build_processor calls ray.init again: it says so, and resets Ray's loggers to INFO.
@@ -97,17 +97,17 @@ def vllm_processor(cfg: ExplainConfig):
     return processor
 
 
-def explained(cfg: ExplainConfig, rows: list[dict], entities_uri: str) -> ray.data.Dataset:
+def explained(explain_cfg: ExplainConfig, rows: list[dict], entities_uri: str) -> ray.data.Dataset:
     """Rows {key, text, entities} → a dataset of {key, explanation}, streamed by the engine."""
-    if cfg.engine != "knowledge":
-        local_model(cfg)  # before any actor starts: a bad model is a config error, said once
+    if explain_cfg.engine != "knowledge":
+        local_model(explain_cfg)  # before any actor starts: a bad model is a config error, said once
     ds = ray.data.from_items(rows)
-    if cfg.engine == "vllm":
-        return vllm_processor(cfg)(ds)
+    if explain_cfg.engine == "vllm":
+        return vllm_processor(explain_cfg)(ds)
     return ds.map_batches(
-        ExplainActor, fn_constructor_kwargs={"cfg": asdict(cfg), "entities_uri": entities_uri},
-        batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-        num_gpus=cfg.num_gpus_per_actor or None)
+        ExplainActor, fn_constructor_kwargs={"cfg": asdict(explain_cfg), "entities_uri": entities_uri},
+        batch_size=explain_cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=explain_cfg.num_actors),
+        num_gpus=explain_cfg.num_gpus_per_actor or None)
 
 
 @dataclass
@@ -132,13 +132,13 @@ def _load_cache(out_uri: str, parts_uri: str, engine: str, model: str) -> dict[s
     return cache
 
 
-def run_explain(cfg: ExplainConfig, samples_uri: str, entities_uri: str, out_uri: str,
+def run_explain(explain_cfg: ExplainConfig, samples_uri: str, entities_uri: str, out_uri: str,
                 progress: bool = True) -> ExplainStats:
     samples = storage.read_parquet(samples_uri).to_pylist()
-    model = engine_model_name(cfg, entities_uri)
+    model = engine_model_name(explain_cfg, entities_uri)
     parts_uri = out_uri.removesuffix(".parquet") + ".parts"
     keys = [explanation_key(s["text"], s["entities"]) for s in samples]
-    cache = _load_cache(out_uri, parts_uri, cfg.engine, model)
+    cache = _load_cache(out_uri, parts_uri, explain_cfg.engine, model)
 
     todo: dict[str, dict] = {}
     for key, s in zip(keys, samples):
@@ -147,11 +147,11 @@ def run_explain(cfg: ExplainConfig, samples_uri: str, entities_uri: str, out_uri
     generated, start, chunks = 0, time.time(), 0
     crash_after = int(os.environ.get(CRASH_AFTER_CHUNKS_ENV, 0))
     if todo:
-        ds = explained(cfg, list(todo.values()), entities_uri)
-        with tqdm(total=len(todo), desc=f"explain ({cfg.engine})", disable=not progress) as bar:
-            for chunk in ds.iter_batches(batch_size=cfg.chunk_size, batch_format="numpy"):
+        ds = explained(explain_cfg, list(todo.values()), entities_uri)
+        with tqdm(total=len(todo), desc=f"explain ({explain_cfg.engine})", disable=not progress) as bar:
+            for chunk in ds.iter_batches(batch_size=explain_cfg.chunk_size, batch_format="numpy"):
                 # Parts are keyed by input; sample ids are attached in the final table.
-                rows = [{"key": k, "sample_id": "", "explanation": str(e), "engine": cfg.engine,
+                rows = [{"key": k, "sample_id": "", "explanation": str(e), "engine": explain_cfg.engine,
                          "model": model, "prompt_version": PROMPT_VERSION}
                         for k, e in zip(chunk["key"], chunk["explanation"])]
                 storage.write_parquet(storage.join(parts_uri, f"part-{uuid.uuid4().hex[:12]}.parquet"),
@@ -166,7 +166,7 @@ def run_explain(cfg: ExplainConfig, samples_uri: str, entities_uri: str, out_uri
     missing = [k for k in keys if k not in cache]
     if missing:  # never pass a partial table off as complete
         raise RuntimeError(f"{len(missing)} samples have no explanation after the explain stage")
-    final = [{"key": k, "sample_id": s["sample_id"], "explanation": cache[k], "engine": cfg.engine,
+    final = [{"key": k, "sample_id": s["sample_id"], "explanation": cache[k], "engine": explain_cfg.engine,
               "model": model, "prompt_version": PROMPT_VERSION} for k, s in zip(keys, samples)]
     storage.write_parquet(out_uri, pa.Table.from_pylist(final, schema=EXPLANATIONS_SCHEMA))
     for uri in storage.list_uris(parts_uri):

@@ -20,38 +20,38 @@ from entityclip.config import ModelConfig
 from entityclip.errors import ConfigError
 
 
-def clip_config(cfg: ModelConfig) -> dict:
+def clip_config(model_cfg: ModelConfig) -> dict:
     """The open_clip model config: `tiny` from our fields, or a name from open_clip's registry."""
-    if cfg.backbone == "tiny":
+    if model_cfg.backbone == "tiny":
         return {
-            "embed_dim": cfg.embed_dim,
-            "vision_cfg": {"image_size": cfg.image_size, "layers": cfg.layers, "width": cfg.width,
-                           "head_width": cfg.width // cfg.heads, "patch_size": cfg.patch_size},
-            "text_cfg": {"context_length": cfg.context_length, "vocab_size": 49408, "width": cfg.width,
-                         "heads": cfg.heads, "layers": cfg.layers},
+            "embed_dim": model_cfg.embed_dim,
+            "vision_cfg": {"image_size": model_cfg.image_size, "layers": model_cfg.layers, "width": model_cfg.width,
+                           "head_width": model_cfg.width // model_cfg.heads, "patch_size": model_cfg.patch_size},
+            "text_cfg": {"context_length": model_cfg.context_length, "vocab_size": 49408, "width": model_cfg.width,
+                         "heads": model_cfg.heads, "layers": model_cfg.layers},
         }
-    model_cfg = open_clip.get_model_config(cfg.backbone)
+    model_cfg = open_clip.get_model_config(model_cfg.backbone)
     if model_cfg is None:
-        raise ConfigError(f"unknown backbone {cfg.backbone!r}; use 'tiny' or one of open_clip.list_models()")
+        raise ConfigError(f"unknown backbone {model_cfg.backbone!r}; use 'tiny' or one of open_clip.list_models()")
     text_cfg, vision_cfg = model_cfg.get("text_cfg", {}), model_cfg.get("vision_cfg", {})
     if "hf_model_name" in text_cfg or "hf_tokenizer_name" in text_cfg:
         # Those towers and tokenizers load from the Hugging Face hub, which we never reach.
-        raise ConfigError(f"backbone {cfg.backbone!r} needs a Hugging Face text model; pick one with an "
+        raise ConfigError(f"backbone {model_cfg.backbone!r} needs a Hugging Face text model; pick one with an "
                           "open_clip text tower (a CLIP ViT, MobileCLIP, ...)")
     if "timm_model_name" in vision_cfg:  # timm builds the architecture; weights come from model.pretrained
         model_cfg = {**model_cfg, "vision_cfg": {**vision_cfg, "timm_model_pretrained": False}}
     return model_cfg
 
 
-def input_sizes(cfg: ModelConfig) -> tuple[int, int]:
+def input_sizes(model_cfg: ModelConfig) -> tuple[int, int]:
     """(image size, text context length) of the backbone, from its config alone."""
-    model_cfg = clip_config(cfg)
+    model_cfg = clip_config(model_cfg)
     size = model_cfg["vision_cfg"].get("image_size", 224)
     return (size[0] if isinstance(size, (tuple, list)) else size), model_cfg["text_cfg"].get("context_length", 77)
 
 
-def build_clip(cfg: ModelConfig) -> open_clip.CLIP | open_clip.CustomTextCLIP:
-    model_cfg = clip_config(cfg)
+def build_clip(model_cfg: ModelConfig) -> open_clip.CLIP | open_clip.CustomTextCLIP:
+    model_cfg = clip_config(model_cfg)
     model_class = open_clip.CustomTextCLIP if model_cfg.get("custom_text") else open_clip.CLIP
     return model_class(
         embed_dim=model_cfg["embed_dim"],

@@ -102,16 +102,16 @@ class TextFeatures:
 
 
 class EntityCLIP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, model_cfg: ModelConfig):
         super().__init__()
-        self.cfg, self.spec = cfg, VARIANT_SPECS[cfg.variant]
-        self.clip = backbone.build_clip(cfg)
+        self.cfg, self.spec = model_cfg, VARIANT_SPECS[model_cfg.variant]
+        self.clip = backbone.build_clip(model_cfg)
         self.tokenizer = backbone.build_tokenizer(self.clip)
         self.image_size = backbone.image_size(self.clip)
         self.uses_experts, self.uses_explanations = self.spec.experts, self.spec.explanations
         dim = backbone.embed_dim(self.clip)
         if self.uses_experts:
-            nv, ns, nt = cfg.n_vision_experts, cfg.n_shared_experts, cfg.n_text_experts
+            nv, ns, nt = model_cfg.n_vision_experts, model_cfg.n_shared_experts, model_cfg.n_text_experts
             self.mmae = MMAE(dim, nv, ns, nt)
             self.image_gate = Gate(dim, 1 + nv)
             self.text_gate = Gate(dim, 2 + nt + ns)
@@ -119,10 +119,10 @@ class EntityCLIP(nn.Module):
             self.itm_head = nn.Linear(dim, 2)  # class 1 = match
         if self.spec.fused_tokens:
             depth = backbone.layer_count(self.clip)
-            if not 1 <= cfg.fusion_layers <= depth:
-                raise ConfigError(f"model.fusion_layers is {cfg.fusion_layers}; this backbone gives {depth} "
+            if not 1 <= model_cfg.fusion_layers <= depth:
+                raise ConfigError(f"model.fusion_layers is {model_cfg.fusion_layers}; this backbone gives {depth} "
                                   "layers' token features per tower")
-            self.image_fusion, self.text_fusion = LayerFusion(cfg.fusion_layers), LayerFusion(cfg.fusion_layers)
+            self.image_fusion, self.text_fusion = LayerFusion(model_cfg.fusion_layers), LayerFusion(model_cfg.fusion_layers)
         if self.spec.reranker == "xattn_fusion":
             self.matcher = CrossAttentionMatcher(dim)
 
@@ -250,5 +250,5 @@ class EntityCLIP(nn.Module):
         return logits.softmax(dim=-1)[:, 1]
 
 
-def build_model(cfg: ModelConfig) -> EntityCLIP:
-    return EntityCLIP(cfg)
+def build_model(model_cfg: ModelConfig) -> EntityCLIP:
+    return EntityCLIP(model_cfg)

@@ -65,10 +65,10 @@ PAGE_HEADERS = {
 IMAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; sandbox", "X-Content-Type-Options": "nosniff"}
 
 
-def api_key(cfg: ServeConfig) -> str:
+def api_key(serve_cfg: ServeConfig) -> str:
     """The API key replicas require, from the environment variable `serve.api_key_env` (never
     from the config, which MLflow logs); "" for none."""
-    return os.environ.get(cfg.api_key_env, "").strip() if cfg.api_key_env else ""
+    return os.environ.get(serve_cfg.api_key_env, "").strip() if serve_cfg.api_key_env else ""
 
 
 class Query(BaseModel):

@@ -145,10 +145,10 @@ def hardest_negatives(similarity: torch.Tensor, k: int, groups: torch.Tensor | N
 
 
 class Objective(nn.Module):
-    def __init__(self, model: EntityCLIP, cfg: TrainConfig, teacher_scale: float | None = None):
+    def __init__(self, model: EntityCLIP, train_cfg: TrainConfig, teacher_scale: float | None = None):
         super().__init__()
         self.model = model
-        self.cfg = cfg
+        self.cfg = train_cfg
         self.teacher_scale = teacher_scale  # reinforced training: the teacher's logit scale
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor, expl_ids: torch.Tensor | None,
