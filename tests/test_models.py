@@ -117,7 +117,7 @@ def test_checkpoint_roundtrip_gives_identical_embeddings(tmp_path):
     m = model()
     save_checkpoint(m, tmp_path / "ckpt", {"train_loss": 1.0})
     loaded = load_model(str(tmp_path / "ckpt"))
-    assert loaded.cfg == m.cfg
+    assert loaded.model_cfg == m.model_cfg
     images = torch.randn(2, 3, 32, 32)
     assert torch.allclose(m.embed_images(images), loaded.embed_images(images))
     assert torch.allclose(m.embed_texts(TEXTS, EXPLS), loaded.embed_texts(TEXTS, EXPLS))

@@ -3,6 +3,7 @@ text query → thumbnails in score order with the explanation; image upload → 
 one line on the page."""
 
 import shutil
+import time
 
 import pytest
 
@@ -34,8 +35,11 @@ def sample(unseen_sample):
 
 
 def test_a_text_query_shows_thumbnails_in_score_order_with_the_explanation(page, url, sample, trained_run, tmp_path):
+    from playwright.sync_api import expect
+
+    # Locator waits and polls from here: the page's CSP forbids eval, which wait_for_function needs.
     page.goto(f"{url}/")
-    page.wait_for_function("document.getElementById('model').textContent.includes('entityclip')")
+    expect(page.locator("#model")).to_contain_text("entityclip")
     page.fill("#text", sample["text"])
     page.click("#text-go")
     page.wait_for_selector(".hit img")
@@ -44,7 +48,11 @@ def test_a_text_query_shows_thumbnails_in_score_order_with_the_explanation(page,
     entities = storage.read_parquet(storage.join(str(trained_run["root"]), "data", "entities.parquet")).to_pylist()
     record = next(e for e in entities if e["name"] == sample["entities"][0])
     assert f"{record['primary']} {record['shape']}" in page.text_content("#explanation")
-    page.wait_for_function("[...document.querySelectorAll('.hit img')].every(i => i.complete && i.naturalWidth > 0)")
+    loaded = "images => images.every(i => i.complete && i.naturalWidth > 0)"
+    deadline = time.time() + 30
+    while not page.locator(".hit img").evaluate_all(loaded) and time.time() < deadline:
+        time.sleep(0.1)
+    assert page.locator(".hit img").evaluate_all(loaded)  # every thumbnail came from /images/{id}
     assert "results in" in page.text_content("#meta")
     page.screenshot(path=str(tmp_path / "text-query.png"), full_page=True)
     assert (tmp_path / "text-query.png").stat().st_size > 1000

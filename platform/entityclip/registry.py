@@ -99,7 +99,7 @@ class MatcherModel(mlflow.pyfunc.PythonModel):
         has_text, has_image = rows["text"].notna().to_numpy(), rows["image_base64"].notna().to_numpy()
         if (has_text == has_image).any():
             raise InputError("each row needs exactly one of text or image_base64")
-        out = np.zeros((len(rows), r.model.cfg.embed_dim), dtype=np.float32)
+        out = np.zeros((len(rows), r.model.model_cfg.embed_dim), dtype=np.float32)
         if has_text.any():
             texts = [r.check_text(t) for t in rows["text"][has_text]]
             explanations = [r.check_explanation(e) for e in rows["explanation"][has_text]]

@@ -32,7 +32,7 @@ def choose(model: EntityCLIP, requested: str) -> str | None:
         return None
     if requested != model.reranker:
         has = f"its re-ranker is {model.reranker}" if model.reranker else "it has none"
-        raise ConfigError(f"serve.rerank is {requested}, which variant {model.cfg.variant} cannot run: {has}")
+        raise ConfigError(f"serve.rerank is {requested}, which variant {model.model_cfg.variant} cannot run: {has}")
     return requested
 
 

@@ -105,7 +105,7 @@ class HFEngine:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.model, self._cfg = local_model(explain_cfg), explain_cfg
+        self.model, self._explain_cfg = local_model(explain_cfg), explain_cfg
         self._tokenizer = AutoTokenizer.from_pretrained(explain_cfg.model, padding_side="left")
         if self._tokenizer.pad_token is None:
             self._tokenizer.pad_token = self._tokenizer.eos_token
@@ -118,13 +118,13 @@ class HFEngine:
     def explain(self, requests: list[ExplainRequest]) -> list[str]:
         import torch
 
-        batch = self._tokenizer([llm_prompt(r, self._count, self._cfg) for r in requests],
+        batch = self._tokenizer([llm_prompt(r, self._count, self._explain_cfg) for r in requests],
                                 return_tensors="pt", padding=True)
         with torch.inference_mode():
-            out = self._lm.generate(**batch, max_new_tokens=self._cfg.max_tokens, do_sample=False,
+            out = self._lm.generate(**batch, max_new_tokens=self._explain_cfg.max_tokens, do_sample=False,
                                     pad_token_id=self._tokenizer.pad_token_id)
         texts = self._tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        return [clean_explanation(t, list(r.entities), self._cfg.max_explanation_chars) for t, r in zip(texts, requests)]
+        return [clean_explanation(t, list(r.entities), self._explain_cfg.max_explanation_chars) for t, r in zip(texts, requests)]
 
 
 class VLLMEngine:
@@ -141,7 +141,7 @@ class VLLMEngine:
             raise EntityClipError(
                 "the vllm engine runs in .venv-llm (./scripts/setup makes it) or, on a GPU machine, an environment "
                 "with pip install 'entityclip-platform[gpu]'; this interpreter has no vllm") from None
-        self.model, self._cfg = local_model(explain_cfg), explain_cfg
+        self.model, self._explain_cfg = local_model(explain_cfg), explain_cfg
         self._llm = vllm.LLM(model=explain_cfg.model, **vllm_engine_kwargs(explain_cfg))
         self._tokenizer = self._llm.get_tokenizer()
         self._params = vllm.SamplingParams(**sampling_params(explain_cfg))
@@ -150,9 +150,9 @@ class VLLMEngine:
         return len(self._tokenizer.encode(text))
 
     def explain(self, requests: list[ExplainRequest]) -> list[str]:
-        prompts = [llm_prompt(r, self._count, self._cfg) for r in requests]
+        prompts = [llm_prompt(r, self._count, self._explain_cfg) for r in requests]
         outputs = self._llm.generate(prompts, self._params, use_tqdm=False)
-        return [clean_explanation(o.outputs[0].text, list(r.entities), self._cfg.max_explanation_chars)
+        return [clean_explanation(o.outputs[0].text, list(r.entities), self._explain_cfg.max_explanation_chars)
                 for o, r in zip(outputs, requests)]
 
 

@@ -30,7 +30,7 @@ def save_checkpoint(model: EntityCLIP, directory: str | Path, metrics: dict | No
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(directory / WEIGHTS))
-    meta = {"model": to_dict(model.cfg), "tokenizer": TOKENIZER, "metrics": metrics or {}}
+    meta = {"model": to_dict(model.model_cfg), "tokenizer": TOKENIZER, "metrics": metrics or {}}
     (directory / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return directory
 
@@ -102,7 +102,7 @@ def load_pretrained(model: EntityCLIP, uri: str) -> None:
         except (RuntimeError, KeyError, ValueError, AssertionError, EOFError, OSError, pickle.UnpicklingError) as exc:
             # open_clip asserts on misfit shapes; load_state_dict lists every misfit over many
             # lines, the first of which says what is wrong.
-            raise StorageError(f"{uri}: not a checkpoint for backbone {model.cfg.backbone!r} "
+            raise StorageError(f"{uri}: not a checkpoint for backbone {model.model_cfg.backbone!r} "
                                f"({str(exc).strip().splitlines()[0][:300]})") from None
 
 

@@ -104,7 +104,7 @@ class TextFeatures:
 class EntityCLIP(nn.Module):
     def __init__(self, model_cfg: ModelConfig):
         super().__init__()
-        self.cfg, self.spec = model_cfg, VARIANT_SPECS[model_cfg.variant]
+        self.model_cfg, self.spec = model_cfg, VARIANT_SPECS[model_cfg.variant]
         self.clip = backbone.build_clip(model_cfg)
         self.tokenizer = backbone.build_tokenizer(self.clip)
         self.image_size = backbone.image_size(self.clip)
@@ -148,14 +148,14 @@ class EntityCLIP(nn.Module):
 
     def encode_images(self, images: torch.Tensor) -> ImageFeatures:
         if self.spec.fused_tokens:
-            layers = backbone.image_layers(self.clip, images, self.cfg.fusion_layers)
+            layers = backbone.image_layers(self.clip, images, self.model_cfg.fusion_layers)
             return ImageFeatures(layers[-1][0], self.image_fusion([tokens for _, tokens in layers]))
         cls, tokens = backbone.image_tokens(self.clip, images)
         return ImageFeatures(cls, tokens)
 
     def encode_texts(self, ids: torch.Tensor, expl_ids: torch.Tensor | None = None) -> TextFeatures:
         if self.spec.fused_tokens:
-            layers = backbone.text_layers(self.clip, ids, self.cfg.fusion_layers)
+            layers = backbone.text_layers(self.clip, ids, self.model_cfg.fusion_layers)
             eot, tokens = layers[-1][0], self.text_fusion([t for _, t in layers])
             padding = backbone.text_padding(ids)
         else:
@@ -179,7 +179,7 @@ class EntityCLIP(nn.Module):
             patches = img.tokens[:, 1:]
             grid = round(patches.shape[1] ** 0.5)
             masks = torch.stack([patch_mask(b, grid) for b in boxes]).to(patches.device)
-            embedding = perturb_toward_objects(embedding, patches, masks, self.cfg.perturb_alpha, self.cfg.perturb_rank)
+            embedding = perturb_toward_objects(embedding, patches, masks, self.model_cfg.perturb_alpha, self.model_cfg.perturb_rank)
         return backbone.normalize(embedding)
 
     def text_embedding(self, txt: TextFeatures) -> torch.Tensor:
@@ -201,7 +201,7 @@ class EntityCLIP(nn.Module):
         if self.spec.reranker == "xattn_fusion":
             return self.matcher(img.tokens, txt.tokens, txt.padding, txt.eot_index)
         if not self.uses_experts:
-            raise ValueError(f"variant {self.cfg.variant} has no matching head")
+            raise ValueError(f"variant {self.model_cfg.variant} has no matching head")
         return self.itm_logits(img, txt)
 
     def pair_scores(self, img: ImageFeatures, txt: TextFeatures, text_query: bool) -> torch.Tensor:
@@ -217,7 +217,7 @@ class EntityCLIP(nn.Module):
     def itm_logits(self, img: ImageFeatures, txt: TextFeatures) -> torch.Tensor:
         """GI-ITM: [B, 2] match logits for aligned (image, text+explanation) pairs."""
         if not self.uses_experts:
-            raise ValueError(f"variant {self.cfg.variant} has no GI-ITM head")
+            raise ValueError(f"variant {self.model_cfg.variant} has no GI-ITM head")
         experts = torch.cat([
             self.mmae.vision_experts(img.tokens),
             self.mmae.shared_experts(img.tokens, None, txt.expl_tokens, txt.expl_padding),

@@ -148,7 +148,7 @@ class Objective(nn.Module):
     def __init__(self, model: EntityCLIP, train_cfg: TrainConfig, teacher_scale: float | None = None):
         super().__init__()
         self.model = model
-        self.cfg = train_cfg
+        self.train_cfg = train_cfg
         self.teacher_scale = teacher_scale  # reinforced training: the teacher's logit scale
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor, expl_ids: torch.Tensor | None,
@@ -161,32 +161,32 @@ class Objective(nn.Module):
         scale = m.logit_scale
         cls_img, cls_txt = F.normalize(img.cls, dim=-1), F.normalize(txt.eot, dim=-1)
         out = {"loss_plain": contrastive_loss(cls_img, cls_txt, scale, groups)}
-        loss = self.cfg.plain_weight * out["loss_plain"]
+        loss = self.train_cfg.plain_weight * out["loss_plain"]
         if m.uses_experts:
             image_emb, text_emb = m.image_embedding(img), m.text_embedding(txt)
             out["loss_gated"] = contrastive_loss(image_emb, text_emb, scale, groups)
-            loss = loss + self.cfg.gated_weight * out["loss_gated"]
-            if m.uses_explanations and self.cfg.explanation_weight:
+            loss = loss + self.train_cfg.gated_weight * out["loss_gated"]
+            if m.uses_explanations and self.train_cfg.explanation_weight:
                 out["loss_explanation"] = contrastive_loss(image_emb, F.normalize(txt.expl_eot, dim=-1), scale,
                                                            groups)
-                loss = loss + self.cfg.explanation_weight * out["loss_explanation"]
-            if m.uses_explanations and self.cfg.explanation_token_weight:
+                loss = loss + self.train_cfg.explanation_weight * out["loss_explanation"]
+            if m.uses_explanations and self.train_cfg.explanation_token_weight:
                 out["loss_explanation_tokens"] = token_contrastive_loss(img.tokens, txt.expl_tokens, txt.expl_padding,
                                                                         scale, groups)
-                loss = loss + self.cfg.explanation_token_weight * out["loss_explanation_tokens"]
+                loss = loss + self.train_cfg.explanation_token_weight * out["loss_explanation_tokens"]
         if m.has_match_head and images.shape[0] > 1:  # GI-ITM, or xattn_fusion's matcher
             out["loss_itm"] = self._itm_loss(img, txt, scale * cls_img @ cls_txt.T, groups)
-            loss = loss + self.cfg.itm_weight * out["loss_itm"]
-        if "distill" in m.spec.losses and images.shape[0] > 1 and self.cfg.distill_weight:
+            loss = loss + self.train_cfg.itm_weight * out["loss_itm"]
+        if "distill" in m.spec.losses and images.shape[0] > 1 and self.train_cfg.distill_weight:
             out["loss_distill"] = self._distill_loss(img, txt, scale * image_emb @ text_emb.T, groups)
-            loss = loss + self.cfg.distill_weight * out["loss_distill"]
+            loss = loss + self.train_cfg.distill_weight * out["loss_distill"]
         if "token" in m.spec.losses:
             out["loss_token"] = token_contrastive_loss(img.tokens, txt.tokens, txt.padding, scale, groups)
-            loss = loss + self.cfg.token_weight * out["loss_token"]
-        if teacher_image is not None and self.cfg.reinforce_weight:
+            loss = loss + self.train_cfg.token_weight * out["loss_token"]
+        if teacher_image is not None and self.train_cfg.reinforce_weight:
             student = (image_emb, text_emb) if m.uses_experts else (cls_img, cls_txt)  # the retrieval embeddings
             out["loss_reinforce"] = self._reinforce_loss(*student, teacher_image, teacher_text, scale)
-            loss = loss + self.cfg.reinforce_weight * out["loss_reinforce"]
+            loss = loss + self.train_cfg.reinforce_weight * out["loss_reinforce"]
         out["loss"] = loss
         return out
 
@@ -210,7 +210,7 @@ class Objective(nn.Module):
 
     def _distill_loss(self, img, txt, similarity: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
         """CPRD both ways: texts' negative images and images' negative texts."""
-        k, ranked = self.cfg.distill_candidates, self.cfg.distill_ranked
+        k, ranked = self.train_cfg.distill_candidates, self.train_cfg.distill_ranked
         losses = []
         for sim, queries_are_texts in ((similarity.T, True), (similarity, False)):
             candidates = hardest_negatives(sim.detach(), k, groups)  # [N, k]
