@@ -93,7 +93,7 @@ def ray_storage(root: str, local_dir: Path) -> tuple[str, object]:
     return str(local_dir.resolve()), None
 
 
-def _fit(cfg: PipelineConfig, tracker: Tracker, run_id: str, paths: TrainingPaths, ray_dir: Path, run_name: str,
+def _fit(cfg: PipelineConfig, tracker: Tracker, run_id: str, training_paths: TrainingPaths, ray_dir: Path, run_name: str,
          with_explanations: bool, progress: bool, out: Path) -> dict:
     """Run DDP training and copy the final model checkpoint into the folder `out`; returns the
     final metrics (loss, timings, worker facts)."""
@@ -106,17 +106,18 @@ def _fit(cfg: PipelineConfig, tracker: Tracker, run_id: str, paths: TrainingPath
     from entityclip.train.reinforce import teacher_scale
 
     tc = cfg.train
-    rows = split_rows(paths.shards, "train")
+    rows = split_rows(training_paths.shards, "train")
     check_train_config(cfg, rows)
-    dataset = training_dataset(paths.shards, paths.explanations, cfg.model, tc, with_explanations, paths.teacher)
-    storage_path, storage_fs = ray_storage(paths.root, ray_dir)
+    dataset = training_dataset(training_paths.shards, training_paths.explanations, cfg.model, tc, with_explanations,
+                               training_paths.teacher)
+    storage_path, storage_fs = ray_storage(training_paths.root, ray_dir)
     kill_at = os.environ.get(KILL_WORKER_ENV)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"pipeline": to_dict(cfg), "run_id": run_id, "tracking_uri": tracker.uri, "rows": rows,
                            "kill_at_epoch": int(kill_at) if kill_at else None,
-                           "teacher_scale": teacher_scale(paths.teacher) if paths.teacher else None,
-                           "kill_marker": storage.join(paths.training, f"{run_name}.worker-killed")},
+                           "teacher_scale": teacher_scale(training_paths.teacher) if training_paths.teacher else None,
+                           "kill_marker": storage.join(training_paths.training, f"{run_name}.worker-killed")},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker=dict(tc.resources_per_worker),
                                      placement_strategy=tc.placement_strategy),
@@ -167,12 +168,12 @@ def _begin(cfg: PipelineConfig, tracker: Tracker, state_uri: str, resume: bool) 
     return state["run_name"], state["run_id"]
 
 
-def run_training(cfg: PipelineConfig, paths: TrainingPaths, tracker: Tracker, ray_dir: Path, progress: bool = True,
+def run_training(cfg: PipelineConfig, training_paths: TrainingPaths, tracker: Tracker, ray_dir: Path, progress: bool = True,
                  resume: bool = False) -> TrainResult:
     """Train `cfg.model.variant` (or just package it, for the untrained zero-shot baseline);
     `resume` continues the variant's interrupted run: same Ray Train run, same MLflow run."""
     start = time.time()
-    state_uri = storage.join(paths.training, f"{model_key(cfg)}.json")
+    state_uri = storage.join(training_paths.training, f"{model_key(cfg)}.json")
     run_name, run_id = _begin(cfg, tracker, state_uri, resume)
     try:
         model = build_model(cfg.model)
@@ -180,7 +181,7 @@ def run_training(cfg: PipelineConfig, paths: TrainingPaths, tracker: Tracker, ra
             local = Path(d)
             if model.trainable:
                 init_ray()  # after _begin: a resume that cannot go ahead says so without starting Ray
-                final = _fit(cfg, tracker, run_id, paths, ray_dir, run_name, model.uses_explanations, progress, local)
+                final = _fit(cfg, tracker, run_id, training_paths, ray_dir, run_name, model.uses_explanations, progress, local)
                 train_loss = final.get("train_loss")
                 tracker.log_metrics(run_id, {"train/worker_peak_rss_mb": final["worker_peak_rss_mb"]})
                 tracker.set_tags(run_id, {"worker_nodes": ",".join(final["worker_nodes"])})
@@ -189,7 +190,7 @@ def run_training(cfg: PipelineConfig, paths: TrainingPaths, tracker: Tracker, ra
                     load_pretrained(model, cfg.model.pretrained)
                 final, train_loss = {}, None
                 save_checkpoint(model, local)
-            checkpoint_uri = storage.join(paths.checkpoints, model_key(cfg))
+            checkpoint_uri = storage.join(training_paths.checkpoints, model_key(cfg))
             publish_checkpoint(local, checkpoint_uri)
             tracker.log_artifacts(run_id, local, "checkpoint")
     except BaseException:
