@@ -148,3 +148,16 @@ def test_a_version_without_a_gallery_index_is_not_servable(trained_run, mlflow_s
     cfg.serve.model = ref.uri
     with pytest.raises(ConfigError, match="no gallery index"):
         check_servable(cfg, "entityclip")
+
+
+def test_loading_a_version_leaves_no_temporary_folder(trained_run, mlflow_server, tmp_path, monkeypatch):
+    import tempfile
+
+    from entityclip.registry import load_retriever
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    retriever = load_retriever(Tracker(mlflow_server), trained_run["model"], trained_run["cfg"].serve, explain=False)
+    assert len(retriever.index) == 48
+    assert list(scratch.iterdir()) == []

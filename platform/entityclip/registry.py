@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -155,10 +154,9 @@ def register_run(tracker: Tracker, run_id: str, cfg: PipelineConfig, checkpoint:
 def load_retriever(tracker: Tracker, ref: ModelRef, serve: ServeConfig, explain: bool = True) -> Retriever:
     """Download a pinned version and load it through its pyfunc flavour, as any MLflow user
     would; its answers name the registered model and version."""
-    local = tracker.download_version(ref.name, ref.version, tempfile.mkdtemp(prefix="entityclip-registry-"))
-    try:  # everything is read into memory on load
+    # The whole download folder goes on return: everything is read into memory on load.
+    with tempfile.TemporaryDirectory(prefix="entityclip-registry-") as d:
+        local = tracker.download_version(ref.name, ref.version, d)
         model = mlflow.pyfunc.load_model(local, model_config={
             "explain": explain, "serve": to_dict(serve), "info": {"name": ref.name, "version": ref.version}})
         return model.unwrap_python_model().retriever
-    finally:
-        shutil.rmtree(local, ignore_errors=True)
