@@ -1,8 +1,11 @@
 """Module boundaries: serving and the retrieval library never pull in the pipeline."""
 
 import ast
+import importlib.util
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -29,3 +32,15 @@ def test_importing_the_package_stays_light():
                                     "entityclip.train.trainer", "entityclip.tracking"])
 def test_models_training_and_tracking_do_not_import_serving(module):
     assert entityclip_modules_loaded_by(module, ("entityclip.serving",)) == []
+
+
+def modules_setup_checks() -> list[str]:
+    """The entityclip modules that scripts/setup imports to check an install (a clean clone runs those lines)."""
+    setup = (Path(__file__).parents[1] / "scripts" / "setup").read_text()
+    names = [name.strip() for line in re.findall(r'python -c "import ([^"]+)"', setup) for name in line.split(",")]
+    return [name for name in names if name.startswith("entityclip")]
+
+
+@pytest.mark.parametrize("module", modules_setup_checks())
+def test_modules_scripts_setup_imports_exist(module):
+    assert importlib.util.find_spec(module) is not None, f"scripts/setup imports {module}, which does not exist"
