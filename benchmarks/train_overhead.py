@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -92,8 +93,10 @@ def torch_loop(rank: int, world: int, cfg, paths: RunPaths, result_file: str | N
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
     timings = {"data_s": 0.0, "compute_s": 0.0, "checkpoint_s": 0.0}
     loop_start = time.perf_counter()
+    epoch_seconds = []
     with tempfile.TemporaryDirectory() as d:
         for epoch in range(tc.epochs):
+            epoch_start = time.perf_counter()
             if sampler is not None:
                 sampler.set_epoch(epoch)
             batches = iter(loader)
@@ -113,9 +116,10 @@ def torch_loop(rank: int, world: int, cfg, paths: RunPaths, result_file: str | N
                 tick = time.perf_counter()
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, Path(d) / "state.pt")
                 timings["checkpoint_s"] += time.perf_counter() - tick
+            epoch_seconds.append(time.perf_counter() - epoch_start)
     end = time.perf_counter()
     result = {"wall_s": end - start, "loop_s": end - loop_start, "samples": steps * batch * world,
-              "final_loss": loss.item(), **timings, "allreduce_s": 0.0}
+              "final_loss": loss.item(), **timings, "allreduce_s": 0.0, "epoch_s": epoch_seconds}
     if world > 1:
         dist.destroy_process_group()
         if rank == 0:
@@ -152,7 +156,13 @@ def ray_train(cfg, paths: RunPaths) -> dict:
     steps_per_worker = m["step"]
     return {"wall_s": result.seconds, "loop_s": m["loop_s"], "final_loss": m["train_loss"],
             "samples": steps_per_worker * cfg.train.batch_size * cfg.train.num_workers,
-            **{k: m[k] for k in ("data_s", "compute_s", "checkpoint_s", "allreduce_s", "worker_peak_rss_mb")}}
+            **{k: m[k] for k in ("data_s", "compute_s", "checkpoint_s", "allreduce_s", "worker_peak_rss_mb", "epoch_s")}}
+
+
+def steady_epoch(epoch_seconds: list[float]) -> float:
+    """The median epoch after the first (which warms caches and, in Ray Train, the data pipeline)."""
+    later = epoch_seconds[1:] or epoch_seconds
+    return statistics.median(later)
 
 
 def main() -> None:
@@ -176,15 +186,20 @@ def main() -> None:
     base = next(iter(results.values()))["wall_s"]
     print(f"{cfg.model.variant}, {args.epochs} epochs, global batch {cfg.train.batch_size * cfg.train.num_workers}, "
           f"{cfg.train.precision}, {torch.get_num_threads()} CPU threads available")
-    header = ("", "wall s", "ratio", "samples/s", "start-up+end s", "data wait s", "compute s", "allreduce s*",
-              "checkpoint s", "final loss")
+    header = ("", "wall s", "ratio", "samples/s", "start-up+end s", "steady epoch s", "epoch vs DDP", "data wait s",
+              "compute s", "allreduce s*", "checkpoint s", "final loss")
+    ddp = next((r for name, r in results.items() if name.startswith("native")), None)
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for name, r in results.items():
+        r["steady_epoch_s"] = steady_epoch(r["epoch_s"])
+        vs_ddp = f"{r['steady_epoch_s'] / steady_epoch(ddp['epoch_s']):.3f}x" if ddp else "-"
         cells = [name, f"{r['wall_s']:.1f}", f"{r['wall_s'] / base:.2f}x", f"{r['samples'] / r['wall_s']:.0f}",
-                 f"{r['wall_s'] - r['loop_s']:.1f}", f"{r['data_s']:.1f}", f"{r['compute_s']:.1f}",
-                 f"{r['allreduce_s']:.1f}", f"{r['checkpoint_s']:.1f}", f"{r['final_loss']:.3f}"]
+                 f"{r['wall_s'] - r['loop_s']:.1f}", f"{r['steady_epoch_s']:.2f}", vs_ddp, f"{r['data_s']:.1f}",
+                 f"{r['compute_s']:.1f}", f"{r['allreduce_s']:.1f}", f"{r['checkpoint_s']:.1f}", f"{r['final_loss']:.3f}"]
         print("| " + " | ".join(cells) + " |")
+    print("steady epoch: the median epoch after the first (checkpoint epochs included, as both write them); "
+          "start-up+end: wall time outside the epochs.")
     print("* allreduce: a gradient-sized all-reduce timed after training, times the steps; it runs inside "
           "backward (compute s), overlapped.")
     ray_result = results[f"Ray Train ({cfg.train.num_workers} workers)"]

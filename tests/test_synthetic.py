@@ -6,7 +6,7 @@ import pytest
 from entityclip import storage
 from entityclip.config import DataConfig
 from entityclip.data.images import decode_image
-from entityclip.data.synthetic import COLOURS, PATTERNS, SETTINGS, SHAPES, generate, make_world
+from entityclip.data.synthetic import COLOURS, MORE_SHAPES, PATTERNS, SETTINGS, SHAPES, generate, make_world, visible_look
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +70,28 @@ def test_entities_have_distinct_looks_and_generation_is_deterministic():
     assert len({(e.primary, e.shape, e.pattern) for e in a}) == 20
     assert len({e.name for e in a}) == 20
     assert make_world(20, seed=4) != a
+
+
+def test_a_world_beyond_the_first_192_looks_tells_entities_apart_by_everything_the_emblem_shows():
+    world = make_world(1760, seed=0)
+    assert len({visible_look(e.primary, e.shape, e.pattern, e.secondary) for e in world}) == 1760
+    assert len({e.name for e in world}) == 1760
+    assert {e.shape for e in world} == set(SHAPES + MORE_SHAPES)
+    with pytest.raises(ValueError, match="at most 1760 entities"):
+        make_world(1761, seed=0)
+
+
+def test_growing_the_world_keeps_every_smaller_world_as_it_was():
+    # The default world's entities (and so README's figures) stay those of the first 192 looks.
+    assert make_world(1024, seed=0)[:96] == make_world(96, seed=0)
+    assert make_world(300, seed=5)[:192] == make_world(192, seed=5)
+
+
+def test_the_new_shapes_draw_distinct_masks():
+    from entityclip.data.synthetic import Entity, _emblem
+
+    masks = {shape: np.asarray(_emblem(Entity("e", "n", "band", "red", "white", shape, "solid", "a grass field"), 48))[..., 3] > 0
+             for shape in SHAPES + MORE_SHAPES}
+    assert all(0.2 < m.mean() < 0.99 for m in masks.values())
+    shapes = list(masks)
+    assert all((masks[a] != masks[b]).mean() > 0.05 for i, a in enumerate(shapes) for b in shapes[i + 1:])

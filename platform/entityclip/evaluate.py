@@ -140,14 +140,15 @@ def evaluate_index(index: EmbeddingIndex, eval_cfg: EvalConfig, reranker=None) -
     gallery. With a `Reranker` (rerank.py), of two-stage retrieval."""
     results = {}
     images, texts = index.meta["images"], index.meta["texts"]
-    text_row = {m["sample_id"]: i for i, m in enumerate(texts)}
+    image_ids, image_splits, image_entities = images.column("sample_id"), images.column("split"), images.column("entities")
+    text_row = {sample_id: i for i, sample_id in enumerate(texts.column("sample_id"))}
     for split in eval_cfg.splits:
-        rows = [i for i, m in enumerate(images) if m["split"] == split]
+        rows = [i for i, s in enumerate(image_splits) if s == split]
         if not rows:
             continue
-        text_rows = [text_row[images[i]["sample_id"]] for i in rows]
-        relevant = relevance_matrix([tuple(images[i]["entities"]) for i in rows], eval_cfg.relevance)
-        sample_ids = [images[i]["sample_id"] for i in rows]
+        text_rows = [text_row[image_ids[i]] for i in rows]
+        relevant = relevance_matrix([tuple(image_entities[i]) for i in rows], eval_cfg.relevance)
+        sample_ids = [image_ids[i] for i in rows]
         rows, text_rows = np.array(rows), np.array(text_rows)
         rerank = {}
         if reranker is not None:

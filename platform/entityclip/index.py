@@ -30,6 +30,7 @@ from entityclip.models.checkpoint import load_model
 
 KINDS = ("images", "texts")
 TOKENS = "images.tokens.npy"
+HIT_COLUMNS = ("sample_id", "image_uri", "text", "split")
 
 
 class Embedder:
@@ -115,15 +116,41 @@ class Hit:
                 "rerank_score": self.rerank_score}
 
 
+class RowMeta:
+    """An index's row metadata (sample_id, image_uri, text, ...), kept columnar in Arrow: a
+    million-row gallery costs its Arrow buffers, not a million Python dicts (about 1.5 KB each)."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table.combine_chunks()
+        self._columns: dict[str, list] = {}
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __getitem__(self, row: int) -> dict:
+        return self.row(row, self.table.column_names)
+
+    def row(self, row: int, names: tuple[str, ...] | list[str]) -> dict:
+        """The named columns of one row."""
+        return {name: self.table.column(name)[int(row)].as_py() for name in names}
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def column(self, name: str) -> list:
+        """One column as a Python list, made on first use (evaluation reads whole columns)."""
+        if name not in self._columns:
+            self._columns[name] = self.table.column(name).to_pylist()
+        return self._columns[name]
+
+
 class EmbeddingIndex:
-    """Row metadata, the embeddings (for evaluation) and one FAISS index per kind."""
+    """Row metadata, the embeddings (for evaluation) and one FAISS index per kind. The embeddings
+    are a view of the Arrow column, not a copy: a gallery's vectors are held once beside FAISS."""
 
     def __init__(self, tables: dict[str, pa.Table], searchers: dict, image_tokens: np.ndarray | None = None):
-        self.meta = {k: t.drop_columns(["embedding"]).to_pylist() for k, t in tables.items()}
-        self.embeddings = {
-            k: np.asarray(t.column("embedding").combine_chunks().flatten(), dtype=np.float32).reshape(t.num_rows, -1)
-            for k, t in tables.items()
-        }
+        self.meta = {k: RowMeta(t.drop_columns(["embedding"])) for k, t in tables.items()}
+        self.embeddings = {k: _embedding_view(t) for k, t in tables.items()}
         self.searchers = searchers
         self.image_tokens = image_tokens  # [N, T, D] float16 when the model has a re-ranker
 
@@ -158,10 +185,28 @@ class EmbeddingIndex:
             order = rerank_order(rescored)
             scores, ids, rescored = (np.take_along_axis(a, order, axis=1) for a in (scores, ids, rescored))
         meta = self.meta[kind]
-        return [[Hit(meta[i]["sample_id"], float(s), meta[i]["image_uri"], meta[i]["text"], meta[i]["split"],
-                     None if np.isnan(r) else float(r))
-                 for s, i, r in zip(row_scores, row_ids, row_rescored) if i >= 0][:k]
+
+        def hit(i: int, score: float, rescore: float) -> Hit:
+            m = meta.row(i, HIT_COLUMNS)
+            return Hit(m["sample_id"], float(score), m["image_uri"], m["text"], m["split"],
+                       None if np.isnan(rescore) else float(rescore))
+
+        return [[hit(i, s, r) for s, i, r in zip(row_scores, row_ids, row_rescored) if i >= 0][:k]
                 for row_scores, row_ids, row_rescored in zip(scores, ids, rescored)]
+
+    def image_uri(self, sample_id: str) -> str | None:
+        """Where a gallery image is stored, by its sample id (the lookup is built on first use)."""
+        if not hasattr(self, "_image_rows"):
+            self._image_rows = {sid: i for i, sid in enumerate(self.meta["images"].column("sample_id"))}
+        row = self._image_rows.get(sample_id)
+        return None if row is None else self.meta["images"].table.column("image_uri")[row].as_py()
+
+
+def _embedding_view(table: pa.Table) -> np.ndarray:
+    """[N, D] float32 over the table's fixed-size `embedding` column, without copying it."""
+    column = table.column("embedding").combine_chunks()
+    flat = column.flatten().to_numpy(zero_copy_only=False)
+    return np.asarray(flat, dtype=np.float32).reshape(table.num_rows, -1)
 
 
 def rerank_order(scores: np.ndarray) -> np.ndarray:

@@ -64,7 +64,8 @@ class Reranker:
     def text_features(self, rows: np.ndarray) -> TextFeatures:
         """Features of the index's texts (rows of texts.parquet), each with its explanation."""
         meta = self.index.meta["texts"]
-        return self.model.text_features([meta[i]["text"] for i in rows], [meta[i]["explanation"] for i in rows])
+        texts, explanations = meta.column("text"), meta.column("explanation")
+        return self.model.text_features([texts[i] for i in rows], [explanations[i] for i in rows])
 
     @torch.no_grad()
     def score_images(self, queries: TextFeatures, query_rows: np.ndarray, image_rows: np.ndarray) -> np.ndarray:

@@ -68,7 +68,6 @@ class Retriever:
         self.model, self._index, self.explainer, self.limits = model, index, explainer, limits
         self.reranker = reranker
         self.info = {**info, **reranker.info} if reranker else info
-        self._gallery = {m["sample_id"]: m["image_uri"] for m in index.meta["images"]} if index else {}
 
     @property
     def index(self) -> EmbeddingIndex:
@@ -214,7 +213,7 @@ class Retriever:
     def gallery_image(self, sample_id: str) -> tuple[bytes, str]:
         """(bytes, media type) of a gallery image, looked up by its id: only files the index
         names are ever read, whatever the id says."""
-        uri = self._gallery.get(sample_id) if isinstance(sample_id, str) else None
+        uri = self._index.image_uri(sample_id) if self._index is not None and isinstance(sample_id, str) else None
         if uri is None:
             raise NotFound(f"no gallery image {sample_id!r}")
         try:

@@ -8,6 +8,7 @@ they look like: the explanation stage's job.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import asdict, dataclass
 
@@ -26,6 +27,9 @@ COLOURS = {
     "purple": (140, 50, 180), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20),
 }
 SHAPES = ["circle", "square", "triangle", "diamond", "cross", "bar"]
+# Worlds larger than the first shapes' 192 looks also use these, and tell entities apart by the
+# pattern's colour too (appended, so every smaller world stays as it was).
+MORE_SHAPES = ["star", "hexagon", "arrow", "chevron"]
 PATTERNS = ["solid", "stripes", "dots", "checks"]
 SETTINGS = {  # background colour of the scene
     "a grass field": (70, 120, 60), "a grey city street": (120, 120, 125), "a sandy beach": (215, 195, 150),
@@ -54,15 +58,20 @@ class Entity:
     setting: str
 
 
+def visible_look(primary: str, shape: str, pattern: str, secondary: str) -> tuple:
+    """What an image shows of an entity: a solid emblem hides its secondary colour."""
+    return primary, shape, pattern, None if pattern == "solid" else secondary
+
+
 def make_world(num_entities: int, seed: int) -> list[Entity]:
-    """Entities with unique names and unique (primary, shape, pattern) looks."""
+    """Entities with unique names and unique looks. The first 192 differ in (primary, shape,
+    pattern); beyond those, in everything the emblem shows (`visible_look`), up to 1,760."""
     rng = random.Random(seed)
     looks = [(c, s, p) for c in COLOURS for s in SHAPES for p in PATTERNS]
-    if num_entities > len(looks):
-        raise ValueError(f"at most {len(looks)} entities have distinct looks")
     rng.shuffle(looks)
     names: set[str] = set()
-    world = []
+    world: list[Entity] = []
+    more_looks: list[tuple] = []
     for i in range(num_entities):
         while True:
             stem = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
@@ -70,11 +79,35 @@ def make_world(num_entities: int, seed: int) -> list[Entity]:
             if name not in names:
                 names.add(name)
                 break
-        primary, shape, pattern = looks[i]
-        secondary = rng.choice([c for c in COLOURS if c != primary])
+        if i < len(looks):
+            primary, shape, pattern = looks[i]
+            secondary = rng.choice([c for c in COLOURS if c != primary])
+        else:
+            if i == len(looks):
+                more_looks = _unused_looks(world, rng)
+            if i - len(looks) >= len(more_looks):
+                raise ValueError(f"at most {len(looks) + len(more_looks)} entities have distinct looks")
+            primary, shape, pattern, secondary = more_looks[i - len(looks)]
         world.append(Entity(f"e{i:04d}", name, rng.choice(KINDS), primary, secondary, shape, pattern,
                             rng.choice(list(SETTINGS))))
     return world
+
+
+def _unused_looks(world: list[Entity], rng: random.Random) -> list[tuple[str, str, str, str]]:
+    """Every (primary, shape, pattern, secondary) whose visible look no entity of `world` has,
+    one per visible look, shuffled."""
+    taken = {visible_look(e.primary, e.shape, e.pattern, e.secondary) for e in world}
+    free: dict[tuple, tuple] = {}
+    for c in COLOURS:
+        for s in SHAPES + MORE_SHAPES:
+            for p in PATTERNS:
+                for sec in (x for x in COLOURS if x != c):
+                    key = visible_look(c, s, p, sec)
+                    if key not in taken:
+                        free.setdefault(key, (c, s, p, sec))
+    out = list(free.values())
+    rng.shuffle(out)
+    return out
 
 
 def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
@@ -87,6 +120,16 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[flo
         return [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w), (cx + r, cy + w),
                 (cx + w, cy + w), (cx + w, cy + r), (cx - w, cy + r), (cx - w, cy + w), (cx - r, cy + w),
                 (cx - r, cy - w), (cx - w, cy - w)]
+    if shape == "star":
+        return [(cx + (r if k % 2 == 0 else r / 2.2) * math.sin(math.pi * k / 5),
+                 cy - (r if k % 2 == 0 else r / 2.2) * math.cos(math.pi * k / 5)) for k in range(10)]
+    if shape == "hexagon":
+        return [(cx + r * math.cos(math.pi * k / 3), cy + r * math.sin(math.pi * k / 3)) for k in range(6)]
+    if shape == "arrow":  # pointing right
+        w = r / 2.5
+        return [(cx - r, cy - w), (cx, cy - w), (cx, cy - r), (cx + r, cy), (cx, cy + r), (cx, cy + w), (cx - r, cy + w)]
+    if shape == "chevron":  # pointing up
+        return [(cx, cy - r), (cx + r, cy + r / 3), (cx + r, cy + r), (cx, cy), (cx - r, cy + r), (cx - r, cy + r / 3)]
     if shape == "bar":
         return [(cx - r, cy - r / 2.5), (cx + r, cy - r / 2.5), (cx + r, cy + r / 2.5), (cx - r, cy + r / 2.5)]
     return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]  # square
@@ -145,6 +188,13 @@ def draw_scene(entities: list[Entity], size: int, rng: random.Random) -> tuple[I
     return img, boxes
 
 
+def _other(seen: list[Entity], own: int | None, rng: random.Random) -> Entity:
+    """A seen entity other than the one at position `own`, drawn as `rng.choice` of the list
+    without it would draw (same random numbers, so worlds stay as they were), in O(1)."""
+    k = rng.choice(range(len(seen) - (own is not None)))
+    return seen[k + 1 if own is not None and k >= own else k]
+
+
 def caption(entities: list[Entity], rng: random.Random) -> str:
     """A news-style sentence naming the entities and an event, never their looks."""
     names = " and ".join(e.name for e in entities)
@@ -161,14 +211,15 @@ def generate(data_cfg: DataConfig, root: str, progress: bool = True) -> dict[str
     unseen = {e.entity_id for e in order[:n_unseen]}
     seen = [e for e in world if e.entity_id not in unseen]
 
+    seen_position = {e.entity_id: k for k, e in enumerate(seen)}
     rows = []
     bar = tqdm(total=data_cfg.num_entities * data_cfg.samples_per_entity, desc="synthetic images", disable=not progress)
     for entity in world:
         n_test_seen = max(1, round(data_cfg.samples_per_entity * data_cfg.seen_test_fraction))
         for j in range(data_cfg.samples_per_entity):
             # A quarter of the scenes also show a second, smaller, *seen* entity.
-            others = [e for e in seen if e.entity_id != entity.entity_id]
-            in_scene = [entity] + ([rng.choice(others)] if others and rng.random() < 0.25 else [])
+            in_scene = [entity] + ([_other(seen, seen_position.get(entity.entity_id), rng)]
+                                   if len(seen) > (entity.entity_id in seen_position) and rng.random() < 0.25 else [])
             if entity.entity_id in unseen:
                 split = "test_unseen"
             else:

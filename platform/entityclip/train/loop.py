@@ -229,7 +229,9 @@ def train_loop_per_worker(config: dict) -> None:
     timings = {"data_s": 0.0, "compute_s": 0.0, "checkpoint_s": 0.0}
     step = start_epoch * worker.steps_per_epoch
     loop_start = time.perf_counter()
+    epoch_seconds = []  # each epoch's wall time, its report included (the last one's is not known yet)
     for epoch in range(start_epoch, tc.epochs):
+        epoch_start = time.perf_counter()
         for hook in hooks:
             hook(epoch, worker)
         worker.objective.train()
@@ -252,6 +254,7 @@ def train_loop_per_worker(config: dict) -> None:
             log.epoch(epoch, step, metrics["train_loss"])
         last = epoch == tc.epochs - 1
         if last:
-            metrics.update(timings, loop_s=time.perf_counter() - loop_start,
+            metrics.update(timings, loop_s=time.perf_counter() - loop_start, epoch_s=epoch_seconds,
                            **_worker_facts(worker.model, step - start_epoch * worker.steps_per_epoch, worker.device))
         timings["checkpoint_s"] += report(worker, epoch, metrics, last or (epoch + 1) % tc.checkpoint_every_epochs == 0)
+        epoch_seconds.append(time.perf_counter() - epoch_start)
