@@ -4,18 +4,22 @@ Each Ray process names its kind in its title ("ray::RayTrainWorker", "ray::Serve
 "ray::MapWorker(MapBatches(vLLMEngineStageUDF))"); a process counts with the processes it
 started (vLLM's engine core is a child of its Ray Data actor; the world LM trains in a child of
 the driver). The figure per kind is the largest resident set one process of that kind (with its
-children) reached; Ray's own daemons (raylet, GCS, dashboard, ...) are summed as one kind.
+children) reached; Ray's own daemons are summed per kind (core: raylet, GCS, monitors; the
+dashboard with its modules; the dashboard agent; Serve's HAProxy).
+Resident memory here leaves out shared-memory pages (RssShmem): a worker that reads objects
+from Ray's object store maps them, and they are counted once, in the object store's figure.
 Ray's object store is sampled from the raylet (bytes in use, primary copies and spilled).
 
     with ProcessMemory() as memory:
         ...
-        peaks = memory.take()   # {kind: MB} since the last take(), and the object store's
+        interval = memory.take()   # peak MB per kind and CPU seconds per kind since the last take()
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 KINDS = (  # (kind, title prefix), first match wins
@@ -32,8 +36,18 @@ KINDS = (  # (kind, title prefix), first match wins
     ("Serve controller+proxy", "ray::ProxyActor"),
     ("idle Ray workers", "ray::IDLE"),
 )
-SYSTEM = ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "runtime_env/agent", "haproxy")
+# Ray's own daemons, summed per kind: (kind, a part of the command line), first match wins.
+SYSTEM = (
+    ("Ray dashboard", "ray-dashboard-"), ("Ray dashboard", "dashboard/dashboard.py"),
+    ("Ray dashboard agent", "dashboard/agent.py"),
+    ("Ray core daemons", "raylet"), ("Ray core daemons", "gcs_server"), ("Ray core daemons", "log_monitor"),
+    ("Ray core daemons", "autoscaler/_private/monitor.py"), ("Ray core daemons", "runtime_env/agent"),
+    ("Serve HAProxy", "haproxy"),
+)
+SUMMED = {kind for kind, _ in SYSTEM}
+WORLD_LM = "world-LM trainer"  # the driver's child process that trains the synthetic world's LM
 OBJECT_STORE = "object store"
+TICKS = os.sysconf("SC_CLK_TCK")
 SPILLED = "object store spilled (total)"
 
 
@@ -44,44 +58,66 @@ def _kind(cmdline: bytes) -> str | None:
             return kind
     if title.startswith("ray::"):
         return "other Ray workers"
-    if any(part in cmdline.decode(errors="replace") for part in SYSTEM):
-        return "Ray system (sum)"
-    return None
+    text = cmdline.decode(errors="replace")
+    if "entityclip.explain.world_lm" in text:
+        return WORLD_LM
+    return next((kind for kind, part in SYSTEM if part in text), None)
 
 
-def _processes() -> tuple[dict[int, int], dict[int, int], dict[int, bytes]]:
-    """(parent, RSS kB, command line) of every process readable now."""
-    parent, rss, cmd = {}, {}, {}
+@dataclass
+class Proc:
+    parent: int
+    rss_kb: int  # resident, without shared memory
+    cpu_s: float  # user + system CPU seconds so far
+    cmdline: bytes
+
+
+def _processes() -> dict[int, Proc]:
+    """Every process readable now."""
+    out = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            pid = int(proc.name)
             fields = dict(line.split(":", 1) for line in (proc / "status").read_text().splitlines() if ":" in line)
-            parent[pid], rss[pid] = int(fields["PPid"]), int(fields.get("VmRSS", "0 kB").split()[0])
-            cmd[pid] = (proc / "cmdline").read_bytes()
-        except (OSError, KeyError, ValueError):  # it ended between listing and reading
+            kb = lambda name: int(fields.get(name, "0 kB").split()[0])  # noqa: E731
+            # utime and stime: fields 14 and 15 of stat, counted after the ")" that ends the name.
+            ticks = (proc / "stat").read_text().rsplit(")", 1)[1].split()[11:13]
+            # Pages shared from Ray's object store count in the object store's figure, once.
+            out[int(proc.name)] = Proc(int(fields["PPid"]), kb("VmRSS") - kb("RssShmem"),
+                                       sum(int(t) for t in ticks) / TICKS, (proc / "cmdline").read_bytes())
+        except (OSError, KeyError, ValueError, IndexError):  # it ended between listing and reading
             continue
-    return parent, rss, cmd
+    return out
 
 
-def sample(driver: int) -> dict[str, float]:
-    """MB now per kind: the driver (with its non-Ray children), and each kind's largest process."""
-    parent, rss, cmd = _processes()
-    kinds = {pid: _kind(c) for pid, c in cmd.items()}
+def _owners(procs: dict[int, Proc], driver: int) -> dict[int, tuple[int, str]]:
+    """Each process's (classified ancestor, its kind): itself when it has a kind of its own."""
+    kinds = {pid: _kind(p.cmdline) for pid, p in procs.items()}
     kinds[driver] = "driver"
-    totals: dict[int, int] = {}  # a classified process's RSS with its unclassified descendants
-    for pid, kb in rss.items():
+    out = {}
+    for pid in procs:
         node = pid
         while node > 1 and kinds.get(node) is None:
-            node = parent.get(node, 0)
+            node = procs[node].parent if node in procs else 0
         if node > 1:
-            totals[node] = totals.get(node, 0) + kb
-    out: dict[str, float] = {}
-    for pid, kb in totals.items():
-        kind = kinds[pid]
-        out[kind] = out.get(kind, 0) + kb / 1024 if kind == "Ray system (sum)" else max(out.get(kind, 0), kb / 1024)
+            out[pid] = (node, kinds[node])
     return out
+
+
+def sample(driver: int) -> tuple[dict[str, float], dict[int, tuple[str, float]]]:
+    """(MB now per kind: the driver with its non-Ray children, each kind's largest process with
+    its children, Ray's daemons summed; {pid: (kind, CPU seconds so far)})."""
+    procs = _processes()
+    owners = _owners(procs, driver)
+    totals: dict[int, int] = {}
+    for pid, (owner, _) in owners.items():
+        totals[owner] = totals.get(owner, 0) + procs[pid].rss_kb
+    memory: dict[str, float] = {}
+    for owner, kb in totals.items():
+        kind = owners[owner][1]
+        memory[kind] = memory.get(kind, 0) + kb / 1024 if kind in SUMMED else max(memory.get(kind, 0), kb / 1024)
+    return memory, {pid: (kind, procs[pid].cpu_s) for pid, (_, kind) in owners.items()}
 
 
 def object_store_mb() -> dict[str, float]:
@@ -101,34 +137,50 @@ def object_store_mb() -> dict[str, float]:
         return {}
 
 
+@dataclass
+class Interval:
+    memory_mb: dict[str, float]  # peak per kind, and the object store's
+    cpu_s: dict[str, float]  # CPU seconds each kind used (all its processes together)
+
+
 class ProcessMemory:
-    """Samples every `every_s` seconds in a thread; `take()` returns the peaks since the last one."""
+    """Samples every `every_s` seconds in a thread; `take()` returns the interval since the last one."""
 
     def __init__(self, every_s: float = 0.25, store_every: int = 4):
         self.every_s, self.store_every = every_s, store_every
         self._peaks: dict[str, float] = {}
+        self._cpu: dict[int, tuple[str, float]] = {}  # last seen per pid
+        self._cpu_start: dict[int, float] = {}  # per pid, at the start of the interval
         self._lock, self._stop = threading.Lock(), threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _record(self, values: dict[str, float]) -> None:
+    def _record(self, memory: dict[str, float], cpu: dict[int, tuple[str, float]] | None = None) -> None:
         with self._lock:
-            for kind, mb in values.items():
+            for kind, mb in memory.items():
                 self._peaks[kind] = max(self._peaks.get(kind, 0.0), mb)
+            for pid, (kind, seconds) in (cpu or {}).items():
+                self._cpu_start.setdefault(pid, 0.0 if pid not in self._cpu else self._cpu[pid][1])
+                self._cpu[pid] = (kind, seconds)
 
     def _run(self) -> None:
         n = 0
         while not self._stop.wait(self.every_s):
-            self._record(sample(os.getpid()))
+            self._record(*sample(os.getpid()))
             n += 1
             if n % self.store_every == 0:
                 self._record(object_store_mb())
 
-    def take(self) -> dict[str, float]:
-        self._record(sample(os.getpid()))
+    def take(self) -> Interval:
+        self._record(*sample(os.getpid()))
         self._record(object_store_mb())
         with self._lock:
+            cpu: dict[str, float] = {}
+            for pid, (kind, seconds) in self._cpu.items():
+                cpu[kind] = cpu.get(kind, 0.0) + seconds - self._cpu_start.get(pid, seconds)
             peaks, self._peaks = self._peaks, {}
-        return {kind: round(mb, 1) for kind, mb in sorted(peaks.items())}
+            self._cpu_start = {pid: seconds for pid, (_, seconds) in self._cpu.items()}
+        return Interval({kind: round(mb, 1) for kind, mb in sorted(peaks.items())},
+                        {kind: round(s, 1) for kind, s in sorted(cpu.items())})
 
     def __enter__(self) -> "ProcessMemory":
         self._thread.start()

@@ -4,9 +4,12 @@ at several multiples of the default world (96 entities, 576 samples), one Ray in
 Per stage and size: wall seconds, rows and rows/s (what a row is, per stage, is printed under
 the table), the peak RSS of each kind of process (benchmarks/process_memory.py: driver, Ray
 Data workers, vLLM engine with its children, Train workers, Serve replicas, Ray's daemons) and
-the object store's peak. Then, per stage, the exponent b of a least-squares fit
+the object store's peak, and the CPU seconds all processes used (Ray's daemons' share apart).
+Then, per stage, the exponent b of a least-squares fit
 seconds ~ size^b (and of its largest process's MB ~ size^b): 1 is linear, 0 is a fixed cost.
-A log-log PNG shows time and memory against size, one line per stage.
+Fixed costs (process start, model load) flatten the fit at small sizes, so the exponent
+between the two largest sizes is given too. A log-log PNG shows time and memory against size,
+one line per stage.
 
 The model, epochs and world-LM steps stay fixed across sizes (only the data grows); defaults
 keep a 1x/4x/16x run to about 15 minutes on 2 cores.
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from process_memory import OBJECT_STORE, SPILLED, ProcessMemory  # noqa: E402
+from process_memory import OBJECT_STORE, SPILLED, SUMMED, ProcessMemory  # noqa: E402
 
 from entityclip import storage  # noqa: E402
 from entityclip.config import load_config  # noqa: E402
@@ -41,7 +44,7 @@ ROWS = {"data": "samples generated and sharded", "lm": "entities it learns (step
         "evaluate": "test queries, each against the whole gallery", "register": "samples in the logged index",
         "serve": "text queries answered over HTTP (after deploy)"}
 # The process kind whose memory a stage is about (the one that should stay flat where it streams).
-MAIN_KIND = {"data": "Ray Data workers", "lm": "driver", "explain": "vLLM engine", "train": "Train workers",
+MAIN_KIND = {"data": "Ray Data workers", "lm": "world-LM trainer", "explain": "vLLM engine", "train": "Train workers",
              "index": "Ray Data workers", "evaluate": "driver", "register": "driver", "serve": "Serve replicas"}
 
 
@@ -52,6 +55,7 @@ class StageRun:
     seconds: float
     rows: int
     memory_mb: dict[str, float] = field(default_factory=dict)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds per process kind
 
     @property
     def rows_per_s(self) -> float:
@@ -116,7 +120,8 @@ def run_size(size: int, args, memory: ProcessMemory) -> list[StageRun]:
             start = time.perf_counter()
             done[stage] = run()
             seconds = time.perf_counter() - start
-            runs.append(StageRun(stage, size, round(seconds, 2), rows(), memory.take()))
+            interval = memory.take()
+            runs.append(StageRun(stage, size, round(seconds, 2), rows(), interval.memory_mb, interval.cpu_s))
             print(f"  {size}x {stage}: {seconds:.1f} s", file=sys.stderr, flush=True)
     return runs
 
@@ -132,14 +137,16 @@ def exponent(sizes: list[float], values: list[float]) -> float | None:
 
 
 def growth(runs: list[StageRun]) -> dict[str, dict]:
-    """Per stage: the time exponent and the main process kind's memory exponent."""
+    """Per stage: the exponents of time and of the main process kind's memory, fitted over all
+    sizes and between the two largest (where fixed costs weigh least)."""
     out = {}
     for stage in dict.fromkeys(r.stage for r in runs):
         mine = [r for r in runs if r.stage == stage]
         kind = MAIN_KIND[stage]
-        out[stage] = {"time_exponent": exponent([r.size for r in mine], [r.seconds for r in mine]),
-                      "memory_kind": kind,
-                      "memory_exponent": exponent([r.size for r in mine], [r.memory_mb.get(kind, 0) for r in mine])}
+        sizes, seconds, mb = [r.size for r in mine], [r.seconds for r in mine], [r.memory_mb.get(kind, 0) for r in mine]
+        out[stage] = {"time_exponent": exponent(sizes, seconds), "time_exponent_largest": exponent(sizes[-2:], seconds[-2:]),
+                      "memory_kind": kind, "memory_exponent": exponent(sizes, mb),
+                      "memory_exponent_largest": exponent(sizes[-2:], mb[-2:])}
     return out
 
 
@@ -171,19 +178,21 @@ def plot(runs: list[StageRun], png: str) -> None:
 
 def print_tables(runs: list[StageRun], rates: dict[str, dict]) -> None:
     kinds = sorted({k for r in runs for k in r.memory_mb if k not in (OBJECT_STORE, SPILLED)})
-    header = ["stage", "size", "wall s", "rows", "rows/s", *[f"{k} MB" for k in kinds], "object store MB"]
+    header = ["stage", "size", "wall s", "rows", "rows/s", *[f"{k} MB" for k in kinds], "object store MB",
+              "CPU s (Ray daemons)"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in runs:
         mem = [f"{r.memory_mb[k]:.0f}" if k in r.memory_mb else "-" for k in kinds]
         print(f"| {r.stage} | {r.size}x | {r.seconds:.1f} | {r.rows:,} | {r.rows_per_s:,.1f} | " + " | ".join(mem)
-              + f" | {r.memory_mb.get(OBJECT_STORE, 0):.0f} |")
+              + f" | {r.memory_mb.get(OBJECT_STORE, 0):.0f} | {sum(r.cpu_s.values()):.0f} ({sum(v for k, v in r.cpu_s.items() if k in SUMMED):.0f}) |")
     print()
-    print("| stage | a row is | time exponent | memory exponent (process) |")
+    print("| stage | a row is | time exponent: all sizes / two largest | memory exponent: all / two largest (process) |")
     print("|---|---|---:|---|")
     fmt = lambda b: "-" if b is None else f"{b:.2f}"  # noqa: E731
     for stage, g in rates.items():
-        print(f"| {stage} | {ROWS[stage]} | {fmt(g['time_exponent'])} | {fmt(g['memory_exponent'])} ({g['memory_kind']}) |")
+        print(f"| {stage} | {ROWS[stage]} | {fmt(g['time_exponent'])} / {fmt(g['time_exponent_largest'])} | "
+              f"{fmt(g['memory_exponent'])} / {fmt(g['memory_exponent_largest'])} ({g['memory_kind']}) |")
 
 
 def measure(args) -> list[StageRun]:

@@ -33,6 +33,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+sys.path.insert(0, str(Path(__file__).parent))
+from process_memory import ProcessMemory  # noqa: E402
+
 from entityclip import storage
 from entityclip.config import load_config
 from entityclip.data.shards import read_manifest
@@ -156,7 +159,8 @@ def ray_train(cfg, paths: RunPaths) -> dict:
     steps_per_worker = m["step"]
     return {"wall_s": result.seconds, "loop_s": m["loop_s"], "final_loss": m["train_loss"],
             "samples": steps_per_worker * cfg.train.batch_size * cfg.train.num_workers,
-            **{k: m[k] for k in ("data_s", "compute_s", "checkpoint_s", "allreduce_s", "worker_peak_rss_mb", "epoch_s")}}
+            **{k: m[k] for k in ("data_s", "compute_s", "checkpoint_s", "allreduce_s", "worker_peak_rss_mb", "epoch_s",
+                                 "dataset_s", "fit_s")}}
 
 
 def steady_epoch(epoch_seconds: list[float]) -> float:
@@ -172,6 +176,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--no-ddp", action="store_true", help="leave out the native torch DDP row")
+    parser.add_argument("--runs", default="plain,ddp,ray", help="which of plain, ddp, ray to run (the first is the ratio's base)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
     args = parser.parse_args()
     cfg = load_config(args.config, [f"storage.root={args.root}", f"train.epochs={args.epochs}", *args.set])
@@ -179,10 +184,20 @@ def main() -> None:
     if not storage.exists(storage.join(paths.shards, "manifest.json")) or not storage.exists(paths.explanations):
         sys.exit(f"{args.root} has no shards or explanations: run `entityclip data` and `entityclip explain` first")
 
-    results = {"plain torch loop (1 process)": torch_loop(0, 1, cfg, paths)}
-    if not args.no_ddp and cfg.train.num_workers > 1:
-        results[f"native torch DDP ({cfg.train.num_workers} processes)"] = native_ddp(cfg, paths)
-    results[f"Ray Train ({cfg.train.num_workers} workers)"] = ray_train(cfg, paths)
+    wanted = args.runs.split(",")
+    runs = {}
+    if "plain" in wanted:
+        runs["plain torch loop (1 process)"] = lambda: torch_loop(0, 1, cfg, paths)
+    if "ddp" in wanted and not args.no_ddp and cfg.train.num_workers > 1:
+        runs[f"native torch DDP ({cfg.train.num_workers} processes)"] = lambda: native_ddp(cfg, paths)
+    if "ray" in wanted:
+        runs[f"Ray Train ({cfg.train.num_workers} workers)"] = lambda: ray_train(cfg, paths)
+    results, processes = {}, {}
+    with ProcessMemory() as memory:
+        for name, run in runs.items():
+            memory.take()
+            results[name] = run()
+            processes[name] = memory.take()
     base = next(iter(results.values()))["wall_s"]
     print(f"{cfg.model.variant}, {args.epochs} epochs, global batch {cfg.train.batch_size * cfg.train.num_workers}, "
           f"{cfg.train.precision}, {torch.get_num_threads()} CPU threads available")
@@ -203,10 +218,21 @@ def main() -> None:
     print("* allreduce: a gradient-sized all-reduce timed after training, times the steps; it runs inside "
           "backward (compute s), overlapped.")
     ray_result = results[f"Ray Train ({cfg.train.num_workers} workers)"]
+    if "fit_s" in ray_result:
+        r = ray_result
+        print(f"Ray Train's {r['wall_s'] - r['loop_s']:.1f} fixed seconds: {r['dataset_s']:.1f} building the training "
+              f"dataset (train.cache={cfg.train.cache}), {r['fit_s'] - r['loop_s']:.1f} in fit outside the workers' loop "
+              f"(controller, worker processes and imports, the last report), "
+              f"{r['wall_s'] - r['fit_s'] - r['dataset_s']:.1f} around them (MLflow run, checkpoint publish)")
     if "worker_peak_rss_mb" in ray_result:
         print(f"peak RSS per Ray Train worker: {ray_result['worker_peak_rss_mb']:.0f} MB")
+    print("\nWhere the CPU went during each run (CPU seconds by process kind; peak MB without shared memory):")
+    for name, interval in processes.items():
+        print(f"  {name}: " + ", ".join(f"{kind} {seconds:.1f} s / {interval.memory_mb.get(kind, 0):.0f} MB"
+                                          for kind, seconds in sorted(interval.cpu_s.items(), key=lambda x: -x[1]) if seconds >= 0.1))
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps({name: {**r, "cpu_s": processes[name].cpu_s, "memory_mb": processes[name].memory_mb}
+                          for name, r in results.items()}, indent=2))
 
 
 if __name__ == "__main__":

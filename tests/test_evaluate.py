@@ -3,7 +3,7 @@ import pytest
 
 from entityclip.errors import ConfigError
 from entityclip.evaluate import (QueryResults, rank_pairs, rank_queries, recall_at_k, relevance_matrix, sample_scores,
-                                 summarize)
+                                 summarize, top_columns)
 
 
 def test_recall_at_k_counts_queries_with_a_relevant_item_in_the_top_k():
@@ -74,3 +74,24 @@ def test_per_query_results_survive_a_table_round_trip():
     back = QueryResults.from_table(table)
     assert back.sample_ids == list("abcde")
     assert back.i2t.rank.tolist() == results.i2t.rank.tolist() and back.t2i.ap.tolist() == results.t2i.ap.tolist()
+
+
+def ranks_by_full_sort(similarity: np.ndarray, relevant: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The specification: sort each row (descending, ties by column) and read the ranks off."""
+    order = np.argsort(-similarity, axis=1, kind="stable")
+    hits = np.take_along_axis(relevant, order, axis=1)
+    rank = np.where(hits.any(axis=1), hits.argmax(axis=1) + 1, similarity.shape[1] + 1)
+    return rank, order[:, :10]
+
+
+@pytest.mark.parametrize("scores", ["continuous", "few values", "identity"])
+def test_ranks_and_top_10_equal_a_full_stable_sort_even_with_ties(scores):
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        q, n = rng.integers(1, 25), rng.integers(1, 40)
+        similarity = {"continuous": rng.standard_normal((q, n)), "few values": rng.integers(0, 3, (q, n)).astype(float),
+                      "identity": np.eye(q, n)}[scores]
+        relevant = rng.random((q, n)) < rng.choice([0.0, 0.05, 0.3])
+        rank, top = ranks_by_full_sort(similarity, relevant)
+        assert rank_queries(similarity, relevant).rank.tolist() == rank.tolist()
+        assert top_columns(similarity, min(10, n)).tolist() == top.tolist()

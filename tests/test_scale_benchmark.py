@@ -5,6 +5,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import TINY
@@ -37,7 +38,7 @@ def test_each_stage_is_timed_and_its_processes_measured_at_each_size(scale, ray_
     assert [r.rows for r in runs] == [24, 24, 48, 48]  # 4 and 8 entities, 6 samples each
     for r in runs:
         assert r.seconds > 0 and r.memory_mb["driver"] > 100  # the driver holds torch and Ray
-        assert scale.OBJECT_STORE in r.memory_mb
+        assert scale.OBJECT_STORE in r.memory_mb and r.cpu_s["driver"] > 0
     rates = scale.growth(runs)
     assert set(rates) == {"data", "explain"} and all(isinstance(g["time_exponent"], float) for g in rates.values())
     scale.print_tables(runs, rates)
@@ -45,3 +46,18 @@ def test_each_stage_is_timed_and_its_processes_measured_at_each_size(scale, ray_
     assert "| data | 2x |" in table and "| explain | samples explained |" in table
     scale.plot(runs, str(tmp_path / "scale.png"))
     assert (tmp_path / "scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_grown_gallery_keeps_the_spread_it_was_asked_for(scale):
+    from big_gallery import clustered_vectors
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((50, 64)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    vectors, parents = clustered_vectors(centres, 5000, cosine=0.7)
+    assert vectors.shape == (5000, 64) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    assert parents.tolist() == [i % 50 for i in range(5000)]
+    same = [float(vectors[i] @ vectors[i + 50]) for i in range(1000)]  # two neighbours of one centre
+    assert abs(np.mean(same) - 0.7) < 0.03
+    other = [float(vectors[i] @ vectors[i + 1]) for i in range(1000)]  # neighbours of different centres
+    assert abs(np.mean(other)) < 0.1

@@ -1,5 +1,6 @@
-"""FAISS vector index: exact by default, approximate kinds close to it, saved through storage."""
+"""FAISS vector index: exact for small galleries, approximate kinds close to it, saved through storage."""
 
+import faiss
 import numpy as np
 import pytest
 
@@ -57,3 +58,10 @@ def test_a_file_that_is_not_an_index_is_a_storage_error(tmp_path):
     (tmp_path / "bad.faiss").write_bytes(b"not an index")
     with pytest.raises(StorageError, match="not a FAISS index"):
         vector_index.load(str(tmp_path / "bad.faiss"))
+
+
+def test_auto_searches_small_galleries_exactly_and_large_ones_through_inverted_lists():
+    auto = IndexConfig(kind="auto", auto_exact_max=100)
+    assert isinstance(vector_index.build_faiss(unit_vectors(100), auto), faiss.IndexFlatIP)
+    assert isinstance(vector_index.build_faiss(unit_vectors(4000), auto), faiss.IndexIVFFlat)
+    assert vector_index.kind_for(10**9, IndexConfig(kind="ivf")) == "ivf"  # a chosen kind stays chosen

@@ -33,15 +33,35 @@ class RankedQueries:
 
 
 def rank_queries(similarity: np.ndarray, relevant: np.ndarray) -> RankedQueries:
-    """Rows are queries, columns the gallery; `relevant` [Q, N] boolean."""
-    order = np.argsort(-similarity, axis=1, kind="stable")
-    hits = np.take_along_axis(relevant, order, axis=1)
+    """Rows are queries, columns the gallery; `relevant` [Q, N] boolean. Items rank by
+    descending similarity, ties by column. Linear in the gallery: only each row's first
+    relevant item and its top MAP_AT are placed, never the whole row sorted."""
+    q, n = similarity.shape
+    columns = np.arange(n)
     n_relevant = relevant.sum(axis=1)
-    rank = np.where(hits.any(axis=1), hits.argmax(axis=1) + 1, similarity.shape[1] + 1)
-    top = hits[:, :MAP_AT].astype(np.float64)
+    # The first relevant item: the best-scoring relevant column, the lowest one among ties.
+    best = np.where(relevant, similarity, -np.inf).max(axis=1, initial=-np.inf)
+    first = np.argmax(relevant & (similarity == best[:, None]), axis=1)
+    ahead = (similarity > best[:, None]).sum(axis=1) + ((similarity == best[:, None]) & (columns < first[:, None])).sum(axis=1)
+    rank = np.where(n_relevant > 0, ahead + 1, n + 1)
+    top = np.take_along_axis(relevant, top_columns(similarity, min(MAP_AT, n)), axis=1).astype(np.float64)
     precision = np.cumsum(top, axis=1) / np.arange(1, top.shape[1] + 1)
     ap = (precision * top).sum(axis=1) / np.maximum(1, np.minimum(n_relevant, MAP_AT))
     return RankedQueries(rank.astype(np.int64), n_relevant.astype(np.int64), ap)
+
+
+def top_columns(similarity: np.ndarray, k: int) -> np.ndarray:
+    """[Q, k] each row's k best columns in rank order (descending similarity, ties by column),
+    as a stable sort of the whole row would give them, in O(N) per row."""
+    if k == 0:
+        return np.zeros((similarity.shape[0], 0), dtype=np.int64)
+    kth = -np.partition(-similarity, k - 1, axis=1)[:, k - 1]  # each row's k-th best score
+    above, tied = similarity > kth[:, None], similarity == kth[:, None]
+    # Every column above the k-th score, then tied ones by column until the row has k.
+    chosen = above | (tied & (np.cumsum(tied, axis=1) <= (k - above.sum(axis=1))[:, None]))
+    cols = np.nonzero(chosen)[1].reshape(-1, k)  # ascending column order within each row
+    order = np.argsort(-np.take_along_axis(similarity, cols, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(cols, order, axis=1)
 
 
 def recall_at_k(similarity: np.ndarray, relevant: np.ndarray, ks: list[int]) -> dict[int, float]:
@@ -104,8 +124,9 @@ def relevance_matrix(entities: list[tuple[str, ...]], mode: str) -> np.ndarray:
     if mode == "pair":
         return np.eye(n, dtype=bool)
     if mode == "entities":
-        keys = [frozenset(e) for e in entities]
-        return np.array([[a == b for b in keys] for a in keys], dtype=bool) | np.eye(n, dtype=bool)
+        ids: dict[frozenset, int] = {}
+        keys = np.array([ids.setdefault(frozenset(e), len(ids)) for e in entities])
+        return (keys[:, None] == keys[None, :]) | np.eye(n, dtype=bool)
     raise ConfigError(f"unknown evaluate.relevance {mode!r}; choose pair or entities")
 
 
@@ -114,7 +135,7 @@ def rerank_similarity(similarity: np.ndarray, k: int, rescore) -> np.ndarray:
     columns)` → scores and lifted above every other column in that order: argsorting the result
     ranks items as two-stage retrieval does."""
     k = min(k, similarity.shape[1])
-    top = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+    top = top_columns(similarity, k)
     rows = np.repeat(np.arange(similarity.shape[0]), k)
     scores = np.asarray(rescore(rows, top.reshape(-1)), dtype=np.float64).reshape(top.shape)
     reordered = np.take_along_axis(top, rerank_order(scores), axis=1)

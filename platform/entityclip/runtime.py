@@ -37,6 +37,8 @@ TRAIN_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
 }
 
+DASHBOARD_ENV = "ENTITYCLIP_RAY_DASHBOARD"
+
 QUIET_LOGGERS = ("ray", "ray.serve", "ray.data", "ray.train", "ray.tune", "mlflow")
 
 # Set once by the CLI's --verbose; every stage's init_ray and quiet_logs follow it.
@@ -111,9 +113,15 @@ def init_ray() -> None:
     from ray.data import DataContext
 
     if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        # A local Ray started for one run leaves out the dashboard: its head and nine module
+        # processes held 1.1 GB and took CPU from training on 2 cores (docs/scale.md), and a
+        # run needs none of it. DASHBOARD_ENV=1 keeps it (to watch a run, or for Ray's state API).
+        dashboard = None if address else os.environ.get(DASHBOARD_ENV) == "1"
         # A new local Ray enables token authentication and warns that it did: our choice too.
         with quiet("ray._private.authentication.authentication_token_setup"):
-            ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.INFO if _verbose else logging.WARNING,
+            ray.init(address=address, include_dashboard=dashboard,
+                     logging_level=logging.INFO if _verbose else logging.WARNING,
                      configure_logging=True, log_to_driver=_verbose)
     quiet_logs()
     # Ray Data logs each failure, traceback included, and then raises it; the raised error is

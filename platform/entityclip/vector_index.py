@@ -1,9 +1,10 @@
 """FAISS inner-product search over unit-norm embeddings, saved and loaded through storage.
 
-`index.kind` picks the structure: `flat` (exact, the default: galleries here are small), `ivf`
-(inverted lists, `ivf_nlist` cells, `ivf_nprobe` searched) or `hnsw` (graph, `hnsw_m` links,
-`hnsw_ef_search` candidates). Approximate kinds trade recall for latency on large galleries;
-`benchmarks/index_search.py` measures both against the exact index.
+`index.kind` picks the structure: `flat` (exact), `ivf` (inverted lists, `ivf_nlist` cells,
+`ivf_nprobe` searched), `hnsw` (graph, `hnsw_m` links, `hnsw_ef_search` candidates) or `auto`
+(the default): flat up to `index.auto_exact_max` items, ivf above, where an exact scan of one
+query costs milliseconds. `benchmarks/index_search.py` measured the choice on a clustered
+million-vector gallery (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -15,22 +16,30 @@ from entityclip import storage
 from entityclip.config import IndexConfig
 from entityclip.errors import ConfigError, StorageError
 
-KINDS = ("flat", "ivf", "hnsw")
+KINDS = ("auto", "flat", "ivf", "hnsw")
+
+
+def kind_for(n: int, index_cfg: IndexConfig) -> str:
+    """The structure an index of `n` items gets: `index.kind`, with auto resolved by size."""
+    if index_cfg.kind != "auto":
+        return index_cfg.kind
+    return "flat" if n <= index_cfg.auto_exact_max else "ivf"
 
 
 def build_faiss(embeddings: np.ndarray, index_cfg: IndexConfig) -> faiss.Index:
     """A trained, filled index of `index_cfg.kind` over float32 [N, D] embeddings."""
     x = np.ascontiguousarray(embeddings, dtype=np.float32)
     n, dim = x.shape
-    if index_cfg.kind == "flat":
+    kind = kind_for(n, index_cfg)
+    if kind == "flat":
         index = faiss.IndexFlatIP(dim)
-    elif index_cfg.kind == "ivf":
+    elif kind == "ivf":
         # FAISS wants ~39 training points per cell; a small gallery gets fewer cells, not an error.
         nlist = max(1, min(index_cfg.ivf_nlist, n // 39))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
         index.train(x)
         index.nprobe = min(index_cfg.ivf_nprobe, nlist)
-    elif index_cfg.kind == "hnsw":
+    elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, index_cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = index_cfg.hnsw_ef_construction
         index.hnsw.efSearch = index_cfg.hnsw_ef_search
