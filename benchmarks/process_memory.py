@@ -36,13 +36,14 @@ KINDS = (  # (kind, title prefix), first match wins
     ("Serve controller+proxy", "ray::ProxyActor"),
     ("idle Ray workers", "ray::IDLE"),
 )
-# Ray's own daemons, summed per kind: (kind, a part of the command line), first match wins.
+# Ray's own daemons, summed per kind: (kind, how its program's path or title ends/starts).
+# Only the program (argv[0], or the script a Python runs) is matched: the raylet's arguments
+# name the agent scripts it starts.
 SYSTEM = (
-    ("Ray dashboard", "ray-dashboard-"), ("Ray dashboard", "dashboard/dashboard.py"),
-    ("Ray dashboard agent", "dashboard/agent.py"),
-    ("Ray core daemons", "raylet"), ("Ray core daemons", "gcs_server"), ("Ray core daemons", "log_monitor"),
-    ("Ray core daemons", "autoscaler/_private/monitor.py"), ("Ray core daemons", "runtime_env/agent"),
-    ("Serve HAProxy", "haproxy"),
+    ("Ray dashboard", "dashboard/dashboard.py"), ("Ray dashboard agent", "dashboard/agent.py"),
+    ("Ray core daemons", "/raylet"), ("Ray core daemons", "/gcs_server"), ("Ray core daemons", "log_monitor.py"),
+    ("Ray core daemons", "autoscaler/_private/monitor.py"), ("Ray core daemons", "runtime_env/agent/main.py"),
+    ("Serve HAProxy", "/haproxy"),
 )
 SUMMED = {kind for kind, _ in SYSTEM}
 WORLD_LM = "world-LM trainer"  # the driver's child process that trains the synthetic world's LM
@@ -52,16 +53,19 @@ SPILLED = "object store spilled (total)"
 
 
 def _kind(cmdline: bytes) -> str | None:
-    title = cmdline.split(b"\0", 1)[0].decode(errors="replace")
+    argv = cmdline.decode(errors="replace").split("\0")
+    title = argv[0]
     for kind, prefix in KINDS:
         if title.startswith(prefix):
             return kind
-    if title.startswith("ray::"):
+    if title.startswith("ray::") or any(a.endswith("workers/default_worker.py") for a in argv[:3]):
         return "other Ray workers"
-    text = cmdline.decode(errors="replace")
-    if "entityclip.explain.world_lm" in text:
+    if title.startswith("ray-dashboard-"):  # the dashboard's module processes
+        return "Ray dashboard"
+    if any("entityclip.explain.world_lm" == a for a in argv[:4]):
         return WORLD_LM
-    return next((kind for kind, part in SYSTEM if part in text), None)
+    program = next((a for a in argv[1:3] if a.endswith(".py")), title)  # a Python daemon's script
+    return next((kind for kind, end in SYSTEM if title.endswith(end) or program.endswith(end)), None)
 
 
 @dataclass

@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="requests per level and server")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="config override for the Serve app, e.g. serve.autoscaling.max_replicas=2")
+    parser.add_argument("--no-bare", action="store_true", help="load Serve alone (no bare-server peer)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
 
@@ -137,9 +138,11 @@ def main() -> None:
     serve_url = start_serving(cfg)
     from ray import serve  # after start_serving: Serve reads its settings from the environment on import
 
-    bare_port = free_port()
-    bare = start_bare(paths.root, bare_port, cfg.model.variant, cfg.serve.rerank)
-    urls = {"serve": serve_url, "bare": f"http://127.0.0.1:{bare_port}"}
+    urls, bare = {"serve": serve_url}, None
+    if not args.no_bare:
+        bare_port = free_port()
+        bare = start_bare(paths.root, bare_port, cfg.model.variant, cfg.serve.rerank)
+        urls["bare"] = f"http://127.0.0.1:{bare_port}"
     watch = ReplicaWatch("entityclip")
     rows = []
     try:
@@ -147,18 +150,18 @@ def main() -> None:
             asyncio.run(closed_loop(url, texts, 100, 8))
         for level, concurrency in enumerate(int(c) for c in args.concurrency.split(",")):
             row = {"concurrency": concurrency, "requests": args.requests}
-            for name in (["serve", "bare"] if level % 2 == 0 else ["bare", "serve"]):
+            for name in sorted(urls, reverse=level % 2 == 0):  # serve first on even levels
                 with watch:
                     result = asyncio.run(closed_loop(urls[name], texts, args.requests, concurrency))
                 row[name] = result
                 if name == "serve":
                     row["max_replicas_seen"] = watch.max_seen
-            row["serve_vs_bare"] = row["serve"]["req_s"] / row["bare"]["req_s"]
+            row["serve_vs_bare"] = row["serve"]["req_s"] / row["bare"]["req_s"] if bare else float("nan")
             rows.append(row)
-            print(f"concurrency {concurrency}: serve {row['serve']['req_s']:.1f} req/s, "
-                  f"bare {row['bare']['req_s']:.1f} req/s", flush=True)
+            print(f"concurrency {concurrency}: " + ", ".join(f"{n} {row[n]['req_s']:.1f} req/s" for n in urls), flush=True)
     finally:
-        bare.terminate()
+        if bare:
+            bare.terminate()
         serve.shutdown()
 
     print(f"\nPOST /search/text, {args.requests} requests per level, closed loop; "
@@ -167,8 +170,9 @@ def main() -> None:
             f"{'bare req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>7} | {'serve/bare':>10} {'replicas':>8}")
     print(head)
     print("-" * len(head))
+    nothing = {"req_s": float("nan"), "p50_ms": float("nan"), "p99_ms": float("nan"), "non_2xx": "-"}
     for r in rows:
-        s, b = r["serve"], r["bare"]
+        s, b = r["serve"], r.get("bare", nothing)
         print(f"{r['concurrency']:>5} | {s['req_s']:>11.1f} {s['p50_ms']:>8.1f} {s['p99_ms']:>8.1f} {s['non_2xx']:>7} | "
               f"{b['req_s']:>10.1f} {b['p50_ms']:>8.1f} {b['p99_ms']:>8.1f} {b['non_2xx']:>7} | "
               f"{r['serve_vs_bare']:>9.2f}x {r['max_replicas_seen']:>8}")

@@ -177,6 +177,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--no-ddp", action="store_true", help="leave out the native torch DDP row")
     parser.add_argument("--runs", default="plain,ddp,ray", help="which of plain, ddp, ray to run (the first is the ratio's base)")
+    parser.add_argument("--ray-caches", default="", help="Ray Train once per train.cache listed (default: the config's)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
     args = parser.parse_args()
     cfg = load_config(args.config, [f"storage.root={args.root}", f"train.epochs={args.epochs}", *args.set])
@@ -191,7 +192,9 @@ def main() -> None:
     if "ddp" in wanted and not args.no_ddp and cfg.train.num_workers > 1:
         runs[f"native torch DDP ({cfg.train.num_workers} processes)"] = lambda: native_ddp(cfg, paths)
     if "ray" in wanted:
-        runs[f"Ray Train ({cfg.train.num_workers} workers)"] = lambda: ray_train(cfg, paths)
+        for cache in args.ray_caches.split(",") if args.ray_caches else [cfg.train.cache]:
+            ray_cfg = replace(cfg, train=replace(cfg.train, cache=cache))
+            runs[f"Ray Train ({cfg.train.num_workers} workers, cache={cache})"] = lambda c=ray_cfg: ray_train(c, paths)
     results, processes = {}, {}
     with ProcessMemory() as memory:
         for name, run in runs.items():
@@ -217,15 +220,9 @@ def main() -> None:
           "start-up+end: wall time outside the epochs.")
     print("* allreduce: a gradient-sized all-reduce timed after training, times the steps; it runs inside "
           "backward (compute s), overlapped.")
-    ray_result = results[f"Ray Train ({cfg.train.num_workers} workers)"]
-    if "fit_s" in ray_result:
-        r = ray_result
-        print(f"Ray Train's {r['wall_s'] - r['loop_s']:.1f} fixed seconds: {r['dataset_s']:.1f} building the training "
-              f"dataset (train.cache={cfg.train.cache}), {r['fit_s'] - r['loop_s']:.1f} in fit outside the workers' loop "
-              f"(controller, worker processes and imports, the last report), "
-              f"{r['wall_s'] - r['fit_s'] - r['dataset_s']:.1f} around them (MLflow run, checkpoint publish)")
-    if "worker_peak_rss_mb" in ray_result:
-        print(f"peak RSS per Ray Train worker: {ray_result['worker_peak_rss_mb']:.0f} MB")
+    for name, ray_result in results.items():
+        if name.startswith("Ray Train"):
+            report_fixed(name, ray_result)
     print("\nWhere the CPU went during each run (CPU seconds by process kind; peak MB without shared memory):")
     for name, interval in processes.items():
         print(f"  {name}: " + ", ".join(f"{kind} {seconds:.1f} s / {interval.memory_mb.get(kind, 0):.0f} MB"
@@ -233,6 +230,14 @@ def main() -> None:
     if args.json:
         print(json.dumps({name: {**r, "cpu_s": processes[name].cpu_s, "memory_mb": processes[name].memory_mb}
                           for name, r in results.items()}, indent=2))
+
+
+def report_fixed(name: str, r: dict) -> None:
+    """Where a Ray Train run's seconds outside its epochs went, and its workers' peak RSS."""
+    print(f"{name}: {r['wall_s'] - r['loop_s']:.1f} fixed seconds: {r['dataset_s']:.1f} building the training dataset, "
+          f"{r['fit_s'] - r['loop_s']:.1f} in fit outside the workers' loop (controller, worker processes and their "
+          f"imports, the last report), {r['wall_s'] - r['fit_s'] - r['dataset_s']:.1f} around them (MLflow run, "
+          f"checkpoint publish); peak RSS per worker {r['worker_peak_rss_mb']:.0f} MB")
 
 
 if __name__ == "__main__":
