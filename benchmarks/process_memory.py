@@ -109,9 +109,10 @@ def _owners(procs: dict[int, Proc], driver: int) -> dict[int, tuple[int, str]]:
     return out
 
 
-def sample(driver: int) -> tuple[dict[str, float], dict[int, tuple[str, float]]]:
+def sample(driver: int) -> tuple[dict[str, float], dict[int, tuple[str, float, bool]]]:
     """(MB now per kind: the driver with its non-Ray children, each kind's largest process with
-    its children, Ray's daemons summed; {pid: (kind, CPU seconds so far)})."""
+    its children, Ray's daemons summed; {pid: (kind, CPU seconds so far, whether the kind is the
+    process's own rather than its parent's)})."""
     procs = _processes()
     owners = _owners(procs, driver)
     totals: dict[int, int] = {}
@@ -121,7 +122,7 @@ def sample(driver: int) -> tuple[dict[str, float], dict[int, tuple[str, float]]]
     for owner, kb in totals.items():
         kind = owners[owner][1]
         memory[kind] = memory.get(kind, 0) + kb / 1024 if kind in SUMMED else max(memory.get(kind, 0), kb / 1024)
-    return memory, {pid: (kind, procs[pid].cpu_s) for pid, (_, kind) in owners.items()}
+    return memory, {pid: (kind, procs[pid].cpu_s, owner == pid) for pid, (owner, kind) in owners.items()}
 
 
 def object_store_mb() -> dict[str, float]:
@@ -158,12 +159,16 @@ class ProcessMemory:
         self._lock, self._stop = threading.Lock(), threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _record(self, memory: dict[str, float], cpu: dict[int, tuple[str, float]] | None = None) -> None:
+    def _record(self, memory: dict[str, float], cpu: dict[int, tuple[str, float, bool]] | None = None) -> None:
         with self._lock:
             for kind, mb in memory.items():
                 self._peaks[kind] = max(self._peaks.get(kind, 0.0), mb)
-            for pid, (kind, seconds) in (cpu or {}).items():
+            for pid, (kind, seconds, own) in (cpu or {}).items():
                 self._cpu_start.setdefault(pid, 0.0 if pid not in self._cpu else self._cpu[pid][1])
+                # An exiting process loses its title (empty command line) and would fall to its
+                # parent's kind, taking all its CPU with it: it keeps the kind it last had itself.
+                if not own and pid in self._cpu:
+                    kind = self._cpu[pid][0]
                 self._cpu[pid] = (kind, seconds)
 
     def _run(self) -> None:

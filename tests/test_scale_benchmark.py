@@ -61,3 +61,14 @@ def test_a_grown_gallery_keeps_the_spread_it_was_asked_for(scale):
     assert abs(np.mean(same) - 0.7) < 0.03
     other = [float(vectors[i] @ vectors[i + 1]) for i in range(1000)]  # neighbours of different centres
     assert abs(np.mean(other)) < 0.1
+
+
+def test_a_process_keeps_its_cpu_under_its_own_kind_when_it_loses_its_title_on_exit(scale):
+    from process_memory import ProcessMemory
+
+    memory = ProcessMemory()
+    memory.take()
+    fake = 2**22 + 1  # a pid no real process has
+    memory._record({}, {fake: ("Train workers", 5.0, True)})
+    memory._record({}, {fake: ("Ray core daemons", 9.0, False)})  # exiting: now filed under the raylet
+    assert memory.take().cpu_s["Train workers"] == 9.0
