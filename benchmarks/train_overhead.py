@@ -160,7 +160,7 @@ def ray_train(cfg, paths: RunPaths) -> dict:
     return {"wall_s": result.seconds, "loop_s": m["loop_s"], "final_loss": m["train_loss"],
             "samples": steps_per_worker * cfg.train.batch_size * cfg.train.num_workers,
             **{k: m[k] for k in ("data_s", "compute_s", "checkpoint_s", "allreduce_s", "worker_peak_rss_mb", "epoch_s",
-                                 "dataset_s", "fit_s")}}
+                                 "dataset_s", "fit_s", "fit_started", "train_fn_entered", "loop_started")}}
 
 
 def steady_epoch(epoch_seconds: list[float]) -> float:
@@ -234,10 +234,13 @@ def main() -> None:
 
 def report_fixed(name: str, r: dict) -> None:
     """Where a Ray Train run's seconds outside its epochs went, and its workers' peak RSS."""
-    print(f"{name}: {r['wall_s'] - r['loop_s']:.1f} fixed seconds: {r['dataset_s']:.1f} building the training dataset, "
-          f"{r['fit_s'] - r['loop_s']:.1f} in fit outside the workers' loop (controller, worker processes and their "
-          f"imports, the last report), {r['wall_s'] - r['fit_s'] - r['dataset_s']:.1f} around them (MLflow run, "
-          f"checkpoint publish); peak RSS per worker {r['worker_peak_rss_mb']:.0f} MB")
+    to_fn, fn_to_loop = r["train_fn_entered"] - r["fit_started"], r["loop_started"] - r["train_fn_entered"]
+    print(f"{name}: {r['wall_s'] - r['loop_s']:.1f} fixed seconds: {r['dataset_s']:.1f} building the training dataset; "
+          f"in fit, {to_fn:.1f} until rank 0's train function ran (controller, placement group, worker processes, "
+          f"their imports), {fn_to_loop:.1f} from there to its loop (model, DDP, resume, MLflow), "
+          f"{r['fit_s'] - r['loop_s'] - to_fn - fn_to_loop:.1f} after it (last report, shutdown); "
+          f"{r['wall_s'] - r['fit_s'] - r['dataset_s']:.1f} around fit (MLflow run, checkpoint publish); "
+          f"peak RSS per worker {r['worker_peak_rss_mb']:.0f} MB")
 
 
 if __name__ == "__main__":

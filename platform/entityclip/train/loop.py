@@ -218,6 +218,7 @@ def fault_hooks(config: dict) -> list:
 
 
 def train_loop_per_worker(config: dict) -> None:
+    entered = time.time()  # wall clock: the driver sets these against its own (train_overhead.py)
     worker = set_up(config)
     tc = worker.cfg.train
     start_epoch = resume(worker)
@@ -255,6 +256,7 @@ def train_loop_per_worker(config: dict) -> None:
         last = epoch == tc.epochs - 1
         if last:
             metrics.update(timings, loop_s=time.perf_counter() - loop_start, epoch_s=epoch_seconds,
+                           train_fn_entered=entered, loop_started=time.time() - (time.perf_counter() - loop_start),
                            **_worker_facts(worker.model, step - start_epoch * worker.steps_per_epoch, worker.device))
         timings["checkpoint_s"] += report(worker, epoch, metrics, last or (epoch + 1) % tc.checkpoint_every_epochs == 0)
         epoch_seconds.append(time.perf_counter() - epoch_start)

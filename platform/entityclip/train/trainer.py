@@ -130,7 +130,7 @@ def _fit(cfg: PipelineConfig, tracker: Tracker, run_id: str, training_paths: Tra
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
                              failure_config=FailureConfig(max_failures=tc.max_failures)),
     )
-    tick = time.perf_counter()
+    tick, fit_started = time.perf_counter(), time.time()
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(trainer.fit)
         _follow(future, tracker, run_id, tc.epochs, cfg.model.variant, progress)
@@ -149,7 +149,7 @@ def _fit(cfg: PipelineConfig, tracker: Tracker, run_id: str, training_paths: Tra
             shutil.copy(Path(d) / name, out / name)
     # Where a run's fixed seconds go: building (and caching) the data, and Ray Train's fit
     # around the workers' loop (controller, worker processes, their imports, the final report).
-    return {**result.metrics, "dataset_s": dataset_s, "fit_s": fit_s}
+    return {**result.metrics, "dataset_s": dataset_s, "fit_s": fit_s, "fit_started": fit_started}
 
 
 def _begin(cfg: PipelineConfig, tracker: Tracker, state_uri: str, resume: bool) -> tuple[str, str]:
