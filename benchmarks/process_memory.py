@@ -181,7 +181,13 @@ class ProcessMemory:
 
     def take(self) -> Interval:
         self._record(*sample(os.getpid()))
-        self._record(object_store_mb())
+        # An interval shorter than the sampling period has no store sample yet, and one query can
+        # time out on a loaded machine: ask again before going without.
+        store = {}
+        for _ in range(3):
+            if store := object_store_mb():
+                break
+        self._record(store)
         with self._lock:
             cpu: dict[str, float] = {}
             for pid, (kind, seconds) in self._cpu.items():
@@ -189,7 +195,7 @@ class ProcessMemory:
             peaks, self._peaks = self._peaks, {}
             self._cpu_start = {pid: seconds for pid, (_, seconds) in self._cpu.items()}
         return Interval({kind: round(mb, 1) for kind, mb in sorted(peaks.items())},
-                        {kind: round(s, 1) for kind, s in sorted(cpu.items())})
+                        {kind: round(s, 2) for kind, s in sorted(cpu.items())})
 
     def __enter__(self) -> "ProcessMemory":
         self._thread.start()

@@ -38,7 +38,8 @@ def test_each_stage_is_timed_and_its_processes_measured_at_each_size(scale, ray_
     assert [r.rows for r in runs] == [24, 24, 48, 48]  # 4 and 8 entities, 6 samples each
     for r in runs:
         assert r.seconds > 0 and r.memory_mb["driver"] > 100  # the driver holds torch and Ray
-        assert scale.OBJECT_STORE in r.memory_mb and r.cpu_s["driver"] > 0
+        # A stage can take less CPU time than one clock tick in the driver: the work is in workers.
+        assert scale.OBJECT_STORE in r.memory_mb and "driver" in r.cpu_s and sum(r.cpu_s.values()) > 0
     rates = scale.growth(runs)
     assert set(rates) == {"data", "explain"} and all(isinstance(g["time_exponent"], float) for g in rates.values())
     scale.print_tables(runs, rates)
