@@ -117,7 +117,8 @@ def test_the_documented_dump_loads_back_identically_and_shows_each_fields_docs(t
     text = dump_config(cfg, docs=True)
     assert yaml.safe_load(text) == yaml.safe_load(dump_config(cfg))
     assert "# Ray Train checkpoints: resume point after a failure\n  checkpoint_every_epochs: 5" in text
-    assert "rerank: none  # one of: auto, none, itm, late_interaction, xattn_fusion" in text
+    assert "rerank: none  # one of: auto, none, itm, late_interaction, xattn_fusion, mack, hosa" in text
+    assert "rerankers: []  # any of: mack, hosa" in text  # a list of choices names them too
 
 
 def test_the_configuration_reference_page_is_current():

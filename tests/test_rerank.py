@@ -30,7 +30,8 @@ def test_reranked_similarity_puts_the_top_k_first_in_the_rerankers_order():
     rescore = {(0, 0): 0.5, (0, 1): 0.1, (0, 2): 0.9, (1, 3): 0.0, (1, 2): 0.2, (1, 1): 0.1}
     calls = []
 
-    def score(rows, cols):
+    def score(rows, cols, first_stage):
+        assert first_stage.tolist() == similarity[rows, cols].tolist()  # each pair's first-stage score
         calls.extend(zip(rows.tolist(), cols.tolist()))
         return np.array([rescore[p] for p in zip(rows.tolist(), cols.tolist())])
 
@@ -60,7 +61,8 @@ def test_index_search_reranks_only_the_first_rerank_k_candidates():
     index = _index(gallery)
     seen = []
 
-    def rerank(rows, items):  # prefers higher ids
+    def rerank(rows, items, first_stage):  # prefers higher ids
+        assert np.allclose(first_stage, query[0, items])  # the first stage's similarities come along
         seen.extend(items.tolist())
         return items.astype(float)
 

@@ -207,6 +207,9 @@ class EvalConfig:
     # where same-entity scenes differ only in layout); pair: the paper's 1:1 ground truth.
     relevance: Literal["entities", "pair"] = "entities"
     splits: list[str] = field(default_factory=lambda: ["test_seen", "test_unseen"])  # test splits evaluated
+    # Training-free re-rankers (rerank.py) evaluated besides the model's own, each logged as
+    # "<reranker>/<split>" like it (their index needs image tokens: index.image_tokens).
+    rerankers: list[Literal["mack", "hosa"]] = field(default_factory=list)
 
 
 @dataclass
@@ -226,6 +229,10 @@ class IndexConfig:
     hnsw_m: int = 32  # hnsw: links per node
     hnsw_ef_construction: int = 80  # hnsw: candidate list while building
     hnsw_ef_search: int = 64  # hnsw: candidate list while searching
+    # Keep every gallery image's token features (images.tokens.npy) even for a model without a
+    # re-ranker of its own, for the training-free ones (serve.rerank: mack | hosa). A model with
+    # a re-ranker always keeps them.
+    image_tokens: bool = False
 
 
 @dataclass
@@ -273,11 +280,16 @@ class ServeConfig:
     # deployment | in_process force one (serving/app.py).
     explainer: Literal["auto", "deployment", "in_process"] = "auto"
     explain_cache_size: int = 10_000  # explanations kept in each replica's LRU cache
-    # Second stage (rerank.py): the top `rerank_k` candidates of the index re-scored by the
-    # model's re-ranker. auto = the variant's own (filip: late_interaction, xattn_fusion:
-    # xattn_fusion; none for the others); itm = EntityCLIP's GI-ITM head; none = index only.
-    rerank: Literal["auto", "none", "itm", "late_interaction", "xattn_fusion"] = "auto"
+    # Second stage (rerank.py): the top `rerank_k` candidates of the index re-scored by a
+    # re-ranker. auto = the variant's own (filip: late_interaction, xattn_fusion:
+    # xattn_fusion; none for the others); itm = EntityCLIP's GI-ITM head; none = index only;
+    # mack | hosa = training-free, for any model whose index keeps image tokens.
+    rerank: Literal["auto", "none", "itm", "late_interaction", "xattn_fusion", "mack", "hosa"] = "auto"
     rerank_k: int = 20  # candidates the re-ranker re-scores
+    # mack | hosa: score = first-stage similarity + rerank_weight x the re-ranker's score
+    rerank_weight: float = 1.0
+    # mack: steps of region-level cycle-consistency fine-tuning of the word prototypes (0: none)
+    mack_refine_steps: int = 0
     max_k: int = 1000  # the most results a query may ask for
     max_text_chars: int = 1000  # longest query text (and given explanation), in characters
     max_image_bytes: int = 8_000_000  # largest query image, in bytes (the body limit follows from it)
@@ -411,9 +423,12 @@ def _documented(obj: Any, depth: int) -> list[str]:
         else:
             lines.append(f"{indent}{f.name}: {yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()}"
                          .removesuffix("\n...").removesuffix(" ..."))
-            allowed = choices(typing.get_type_hints(type(obj))[f.name])
+            typ = typing.get_type_hints(type(obj))[f.name]
+            allowed = choices(typ)
             if allowed:
                 lines[-1] += f"  # one of: {', '.join(map(str, allowed))}"
+            elif typing.get_origin(typ) is list and choices(typing.get_args(typ)[0]):
+                lines[-1] += f"  # any of: {', '.join(map(str, choices(typing.get_args(typ)[0])))}"
     return lines
 
 

@@ -132,12 +132,13 @@ def relevance_matrix(entities: list[tuple[str, ...]], mode: str) -> np.ndarray:
 
 def rerank_similarity(similarity: np.ndarray, k: int, rescore) -> np.ndarray:
     """`similarity` [Q, N] with each row's top-k columns re-scored by `rescore(query_rows,
-    columns)` → scores and lifted above every other column in that order: argsorting the result
+    columns, their similarities)` → scores and lifted above every other column in that order: argsorting the result
     ranks items as two-stage retrieval does."""
     k = min(k, similarity.shape[1])
     top = top_columns(similarity, k)
     rows = np.repeat(np.arange(similarity.shape[0]), k)
-    scores = np.asarray(rescore(rows, top.reshape(-1)), dtype=np.float64).reshape(top.shape)
+    columns = top.reshape(-1)
+    scores = np.asarray(rescore(rows, columns, similarity[rows, columns]), dtype=np.float64).reshape(top.shape)
     reordered = np.take_along_axis(top, rerank_order(scores), axis=1)
     out = similarity.astype(np.float64, copy=True)
     out[rows.reshape(top.shape), reordered] = out.max() + 1 + np.arange(k, 0, -1)
@@ -147,8 +148,8 @@ def rerank_similarity(similarity: np.ndarray, k: int, rescore) -> np.ndarray:
 def rank_pairs(image_emb: np.ndarray, text_emb: np.ndarray, relevant: np.ndarray, sample_ids: list[str],
                rerank_k: int = 0, rescore_texts=None, rescore_images=None) -> QueryResults:
     """Both directions for row-aligned pairs, each side the other's gallery. With `rerank_k`,
-    each query's top candidates are re-scored: rescore_texts(image_rows, text_rows) and
-    rescore_images(text_rows, image_rows), rows local to these arrays."""
+    each query's top candidates are re-scored: rescore_texts(image_rows, text_rows, similarities)
+    and rescore_images(text_rows, image_rows, similarities), rows local to these arrays."""
     sim = image_emb @ text_emb.T
     i2t, t2i = sim, sim.T
     if rerank_k:
@@ -175,8 +176,8 @@ def evaluate_index(index: EmbeddingIndex, eval_cfg: EvalConfig, reranker=None) -
         if reranker is not None:
             image_queries, text_queries = reranker.image_features(rows), reranker.text_features(text_rows)
             rerank = {"rerank_k": reranker.k,
-                      "rescore_texts": lambda q, c: reranker.score_texts(image_queries, q, text_rows[c]),
-                      "rescore_images": lambda q, c: reranker.score_images(text_queries, q, rows[c])}
+                      "rescore_texts": lambda q, c, s: reranker.score_texts(image_queries, q, text_rows[c], s),
+                      "rescore_images": lambda q, c, s: reranker.score_images(text_queries, q, rows[c], s)}
         results[split] = rank_pairs(index.embeddings["images"][rows], index.embeddings["texts"][text_rows],
                                     relevant, sample_ids, **rerank)
     return results

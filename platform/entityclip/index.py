@@ -5,7 +5,7 @@ Layout under the index URI, per kind (images, texts): `<kind>.parquet` with samp
 image_uri, text, entities, split and a fixed-size `embedding` column, and `<kind>.faiss`, the
 serialized FAISS index over the same rows (structure from `index.kind`, vector_index.py). An
 index is published atomically as one version folder (publish.py): these files sit in it.
-For a model with a re-ranker (rerank.py), `images.tokens.npy` also holds every image's token
+For a model with a re-ranker (rerank.py), or with `index.image_tokens`, `images.tokens.npy` also holds every image's token
 features [N, T, D] in float16, row-aligned with images.parquet: the re-ranker reads the gallery's
 candidates from it instead of decoding and encoding their images again. It costs N × T × D × 2
 bytes (65 tokens × 64 dims = 8 KB an image at the default size; 50 × 512 = 51 KB for ViT-B-32).
@@ -36,10 +36,11 @@ HIT_COLUMNS = ("sample_id", "image_uri", "text", "split")
 class Embedder:
     """Ray Data callable class: loads the checkpoint once per actor, embeds batches."""
 
-    def __init__(self, checkpoint_uri: str, kind: str):
+    def __init__(self, checkpoint_uri: str, kind: str, keep_tokens: bool = False):
         torch.set_num_threads(1)
         self.model = load_model(checkpoint_uri)
         self.kind = kind
+        self.keep_tokens = keep_tokens or self.model.reranker is not None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.kind == "images":
@@ -47,7 +48,7 @@ class Embedder:
             with torch.no_grad():
                 features = self.model.encode_images(images)
                 emb = self.model.image_embedding(features, list(batch["boxes"]))
-            if self.model.reranker:
+            if self.keep_tokens:
                 batch = {**batch, "tokens": features.tokens.numpy().astype(np.float16)}
         else:
             emb = self.model.embed_texts(list(batch["text"]), list(batch["explanation"]))
@@ -69,7 +70,8 @@ def build_index(checkpoint_uri: str, samples_uri: str, explanations_uri: str, ou
     tables, tokens = {}, None
     for kind in KINDS:
         ds = ray.data.from_items(rows).map_batches(
-            Embedder, fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "kind": kind},
+            Embedder, fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "kind": kind,
+                                             "keep_tokens": index_cfg.image_tokens},
             batch_size=index_cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=index_cfg.num_actors),
             batch_format="numpy")
         items = ds.take_all()
@@ -152,7 +154,7 @@ class EmbeddingIndex:
         self.meta = {k: RowMeta(t.drop_columns(["embedding"])) for k, t in tables.items()}
         self.embeddings = {k: _embedding_view(t) for k, t in tables.items()}
         self.searchers = searchers
-        self.image_tokens = image_tokens  # [N, T, D] float16 when the model has a re-ranker
+        self.image_tokens = image_tokens  # [N, T, D] float16 when kept (a re-ranker reads them)
         self._image_rows: dict[str, int] | None = None  # sample id -> row, built on first use
 
     @classmethod
@@ -172,8 +174,8 @@ class EmbeddingIndex:
 
     def search(self, queries: np.ndarray, kind: str, k: int = 10, rerank=None, rerank_k: int = 0) -> list[list[Hit]]:
         """Top-k items of `kind` ("images" or "texts") for each row of unit-norm [Q, D] queries.
-        With `rerank(query_rows, item_rows) → scores` (rerank.py), each query's first `rerank_k`
-        candidates are re-scored and put first, best first."""
+        With `rerank(query_rows, item_rows, first_stage_scores) → scores` (rerank.py), each
+        query's first `rerank_k` candidates are re-scored and put first, best first."""
         if kind not in KINDS:
             raise InputError(f"unknown index kind {kind!r}")
         scores, ids = vector_index.search(self.searchers[kind], queries, max(k, rerank_k) if rerank else k)
@@ -182,7 +184,7 @@ class EmbeddingIndex:
             # FAISS pads with id -1 when an approximate index finds fewer items than asked.
             rows, cols = np.nonzero(ids[:, :rerank_k] >= 0)
             if len(rows):
-                rescored[rows, cols] = rerank(rows, ids[rows, cols])
+                rescored[rows, cols] = rerank(rows, ids[rows, cols], scores[rows, cols])
             order = rerank_order(rescored)
             scores, ids, rescored = (np.take_along_axis(a, order, axis=1) for a in (scores, ids, rescored))
         meta = self.meta[kind]

@@ -148,8 +148,9 @@ def stage_evaluate(cfg: PipelineConfig, run_id: str | None = None) -> dict:
     """Recall@K and mAP@10 with 95% intervals per test split → eval/<model>.json, every test
     query's result → eval/<model>.queries.parquet, and, when given, both to the training MLflow
     run (metrics, and the artifact `evaluation/queries.parquet` that paired comparisons read).
-    A model with a re-ranker is evaluated twice: the index alone (`<split>`) and two-stage
-    retrieval with `serve.rerank_k` candidates (`<reranker>/<split>`, e.g. itm/test_unseen)."""
+    A model with a re-ranker, and each training-free re-ranker in `evaluate.rerankers`, adds
+    two-stage retrieval with `serve.rerank_k` candidates (`<reranker>/<split>`, e.g.
+    itm/test_unseen) to the index alone (`<split>`)."""
     import pyarrow as pa
 
     from entityclip.evaluate import evaluate_index, summarize
@@ -163,12 +164,13 @@ def stage_evaluate(cfg: PipelineConfig, run_id: str | None = None) -> dict:
     index = EmbeddingIndex.load(index_uri)
     queries = evaluate_index(index, cfg.evaluate)
     model = load_model(paths.checkpoint(key))
-    if model.reranker:
-        reranker = Reranker(model, index, model.reranker, cfg.serve.rerank_k)
-        queries |= {f"{model.reranker}/{split}": q for split, q in evaluate_index(index, cfg.evaluate, reranker).items()}
+    for name in dict.fromkeys([model.reranker, *cfg.evaluate.rerankers]):
+        if name:
+            reranker = Reranker(model, index, name, cfg.serve.rerank_k, cfg.serve.rerank_weight,
+                                cfg.serve.mack_refine_steps)
+            queries |= {f"{name}/{split}": q for split, q in evaluate_index(index, cfg.evaluate, reranker).items()}
     results = {name: summarize(q, cfg.evaluate.ks) for name, q in queries.items()}
-    if model.reranker:
-        results |= {name: {**m, "rerank_k": reranker.k} for name, m in results.items() if "/" in name}
+    results |= {name: {**m, "rerank_k": cfg.serve.rerank_k} for name, m in results.items() if "/" in name}
     table = pa.concat_tables([q.to_table(name) for name, q in queries.items()])
     storage.write_parquet(paths.query_results(key), table)
     storage.write_json(paths.evaluation(key), results)

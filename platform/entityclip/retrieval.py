@@ -103,7 +103,7 @@ class Retriever:
                                      cfg.serve.explain_cache_size) \
             if explain and model.uses_explanations else None
         gallery = EmbeddingIndex.load(index) if index else None
-        reranker = Reranker.for_model(model, gallery, cfg.serve.rerank, cfg.serve.rerank_k)
+        reranker = Reranker.for_model(model, gallery, cfg.serve)
         return cls(model, gallery, explainer, Limits.from_config(cfg.serve), info, reranker)
 
     @property
@@ -161,7 +161,7 @@ class Retriever:
         features, given = self._text_features(texts, given)
         with torch.no_grad():
             embeddings = self.model.text_embedding(features).numpy()
-        rerank = (lambda q, c: self.reranker.score_images(features, q, c)) if self.reranker else None
+        rerank = (lambda q, c, s: self.reranker.score_images(features, q, c, s)) if self.reranker else None
         hits = self.index.search(embeddings, "images", max(ks), rerank, self.reranker.k if rerank else 0)
         return [{"explanation": e, "results": [h.answer() for h in row[:k]], "model": self.info}
                 for e, row, k in zip(given, hits, ks)]
@@ -194,7 +194,7 @@ class Retriever:
         with torch.no_grad():
             features = self.model.encode_images(self.image_tensor(image).unsqueeze(0))
             embedding = self.model.image_embedding(features).numpy()
-        rerank = (lambda q, c: self.reranker.score_texts(features, q, c)) if self.reranker else None
+        rerank = (lambda q, c, s: self.reranker.score_texts(features, q, c, s)) if self.reranker else None
         hits = self.index.search(embedding, "texts", k, rerank, self.reranker.k if rerank else 0)
         return {"results": [h.answer() for h in hits[0]], "model": self.info}
 

@@ -96,6 +96,7 @@ class TextFeatures:
     expl_eot: torch.Tensor  # [B, D] the explanation's own embedding (the text's for the ablation)
     expl_tokens: torch.Tensor  # [B, L, D] explanation tokens (the text's own for the ablation)
     expl_padding: torch.Tensor  # [B, L]
+    ids: torch.Tensor  # [B, L] the text's token ids (training-free re-rankers read its words)
 
     def select(self, index: torch.Tensor) -> "TextFeatures":
         return TextFeatures(*(getattr(self, f.name)[index] for f in fields(self)))
@@ -166,7 +167,7 @@ class EntityCLIP(nn.Module):
             expl_eot, expl_tokens, expl_padding = backbone.text_tokens(self.clip, expl_ids)
         else:
             expl_eot, expl_tokens, expl_padding = eot, tokens, padding
-        return TextFeatures(eot, tokens, padding, ids.argmax(dim=-1), expl_eot, expl_tokens, expl_padding)
+        return TextFeatures(eot, tokens, padding, ids.argmax(dim=-1), expl_eot, expl_tokens, expl_padding, ids)
 
     def image_embedding(self, img: ImageFeatures, boxes: list | None = None) -> torch.Tensor:
         """Unit-norm retrieval embedding: gated over [CLS, vision experts] or plain CLS. The
