@@ -6,7 +6,7 @@ afresh (no cache hits), then the same texts again with explanations cached, whic
 model's own cost. p50 / p99 of single calls, one thread.
 
     .venv/bin/python benchmarks/query_latency.py --root runs/default [--variants entityclip,filip]
-        [--queries 55] [--k 10] [--json rows.json]
+        [--queries 55] [--k 10] [--rerankers mack,hosa] [--json rows.json]
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--variants", help="comma-separated (default: every variant with an index)")
     parser.add_argument("--queries", type=int, default=55)
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--rerankers", default="", help="training-free re-rankers to time too, e.g. mack,hosa")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
 
@@ -54,7 +55,8 @@ def main() -> None:
     rows = []
     for variant in variants:
         reranker = load_model(paths.checkpoint(variant)).reranker
-        for rerank in ["none", reranker] if reranker else ["none"]:
+        extra = [r for r in args.rerankers.split(",") if r]
+        for rerank in ["none", *([reranker] if reranker else []), *extra]:
             retriever = Retriever.load(args.root, variant, rerank=rerank)
             retriever.search_text("warm-up query", args.k)
             fresh, cached = timed(retriever, texts, args.k), timed(retriever, texts, args.k)

@@ -100,22 +100,30 @@ def test_a_words_prototype_is_the_mean_of_every_region_grounded_to_it():
     assert vectors["velmora"] == pytest.approx([1, 0, 0]) and vectors["union"] == pytest.approx([0, 0, 1])
 
 
-def test_a_pair_scores_its_known_words_best_patch_matches_and_unknown_words_count_for_nothing():
-    prototypes = mack.WordPrototypes(["rovers", "velmora"], unit([1, 0, 0], [0, 1, 0]))
-    image = torch.stack([unit([1, 0, 0], [0, 0, 1])])
+def test_a_pair_scores_its_known_words_best_patch_matches_above_their_baselines_and_unknown_words_nothing():
+    prototypes = mack.WordPrototypes(["rovers", "velmora"], unit([1, 0, 0], [0, 1, 0]), torch.tensor([0.2, 0.4]))
+    image = torch.stack([unit([1, 0, 0], [0, 0, 1])])  # shows rovers' prototype, not velmora's
     scores = mack.pair_scores(prototypes, image.expand(3, -1, -1),
                               ["Rovers win.", "Velmora Rovers win.", "Nimdro Riders win."])
-    assert scores.tolist() == pytest.approx([1.0, 0.5, 0.0])  # (1 + 0) / 2 for the second text
+    assert scores.tolist() == pytest.approx([0.8, (0.8 - 0.4) / 2, 0.0])
+
+
+def test_a_words_baseline_is_its_mean_best_patch_match_over_the_labelled_images():
+    vectors = unit([1, 0, 0])
+    images = torch.stack([unit([1, 0, 0], [0, 1, 0]), unit([0, 1, 0], [0, 0, 1])])  # best 1.0, then 0.0
+    assert mack.baselines(vectors, images).tolist() == pytest.approx([0.5])
 
 
 def test_cycle_consistency_moves_each_prototype_toward_the_regions_that_choose_it():
     regions = unit([1, 0.1, 0], [1, -0.1, 0], [0, 0.1, 1], [0, -0.1, 1])
-    start = mack.WordPrototypes(["a", "b"], unit([1, 0, 0.6], [0.6, 0, 1]))
-    refined = mack.refine(start, regions, steps=200, lr=0.05)
+    start = mack.WordPrototypes(["a", "b"], unit([1, 0, 0.6], [0.6, 0, 1]), torch.zeros(2))
+    labelled = regions.unsqueeze(0)  # one labelled image whose patches are the regions
+    refined = mack.refine(start, regions, labelled, steps=200, lr=0.05)
     assert refined.words == start.words and torch.allclose(refined.vectors.norm(dim=1), torch.ones(2))
     centres = unit([1, 0, 0], [0, 0, 1])
     assert ((refined.vectors * centres).sum(1) > (start.vectors * centres).sum(1)).all()
-    assert mack.refine(start, regions[:1]) is start  # nothing to be consistent with
+    assert torch.allclose(refined.baselines, mack.baselines(refined.vectors, labelled))  # measured again
+    assert mack.refine(start, regions[:1], labelled) is start  # nothing to be consistent with
 
 
 # --- as a second stage ----------------------------------------------------------------------------

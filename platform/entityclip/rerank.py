@@ -85,7 +85,7 @@ class Reranker:
         if refine_steps:
             all_patches = torch.from_numpy(self.index.image_tokens[:, 1:].astype(np.float32))
             regions = torch.cat([mack.region_features(p, b) for p, b in zip(all_patches, boxes) if b])
-            prototypes = mack.refine(prototypes, regions, steps=refine_steps)
+            prototypes = mack.refine(prototypes, regions, patches, steps=refine_steps)
         return prototypes
 
     @property

@@ -9,7 +9,12 @@ image-caption pairs, scores a pair through the words of its text.
 2. A prototype per word: the mean feature of its regions (each region the mean of the image
    patch tokens inside its box), which evens out how differently one concept appears.
 3. A pair's score: for each word of the text that has a prototype, how well the image's best
-   patch matches it (cosine), averaged over those words; 0 for a text with no known word.
+   patch matches it (cosine) above how well it matches the labelled images' best patches on
+   average (its baseline), averaged over those words; 0 for a text with no known word. Without
+   the baseline every known word adds a positive score, and in image-to-text search a text
+   naming any known entity would climb over a correct text whose entity is unknown (measured:
+   unseen rsum 275.7 -> 250.0 on the default world); with it a known word the image does not
+   show counts against the pair, and unknown words stay neutral.
 4. Optionally (`refine`), prototypes fine-tuned with region-level cycle consistency on regions
    alone: region -> nearest prototype -> back to the region must return where it started.
 
@@ -41,6 +46,7 @@ def words(text: str) -> list[str]:
 class WordPrototypes:
     words: list[str]
     vectors: torch.Tensor  # [V, D] unit-norm, row i the prototype of words[i]
+    baselines: torch.Tensor  # [V] each prototype's mean best-patch cosine over the labelled images
 
     def __post_init__(self):
         self._row = {w: i for i, w in enumerate(self.words)}
@@ -73,8 +79,24 @@ def build_prototypes(patches: torch.Tensor, entities: list[list[str]], boxes: li
                 counts[word] = counts.get(word, 0) + 1
     vocabulary = sorted(sums)
     if not vocabulary:
-        return WordPrototypes([], patches.new_zeros((0, patches.shape[-1])).float())
-    return WordPrototypes(vocabulary, F.normalize(torch.stack([sums[w] / counts[w] for w in vocabulary]), dim=-1))
+        return WordPrototypes([], patches.new_zeros((0, patches.shape[-1])).float(), torch.zeros(0))
+    vectors = F.normalize(torch.stack([sums[w] / counts[w] for w in vocabulary]), dim=-1)
+    return WordPrototypes(vocabulary, vectors, baselines(vectors, patches))
+
+
+BASELINE_IMAGES = 2000  # labelled images a baseline averages over, at most (evenly spaced)
+
+
+def baselines(vectors: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+    """[V] each prototype's best-patch cosine, averaged over images [N, P, D]."""
+    step = max(1, len(patches) // BASELINE_IMAGES)
+    unit = F.normalize(patches[::step].float(), dim=-1)
+    return torch.stack([best_matches(vectors, image) for image in unit]).mean(dim=0)
+
+
+def best_matches(vectors: torch.Tensor, unit_patches: torch.Tensor) -> torch.Tensor:
+    """[V] each prototype's cosine with its best-matching patch of one image [P, D] (unit rows)."""
+    return (vectors @ unit_patches.T).max(dim=1).values
 
 
 def pair_scores(prototypes: WordPrototypes, patches: torch.Tensor, texts: list[str]) -> torch.Tensor:
@@ -84,17 +106,17 @@ def pair_scores(prototypes: WordPrototypes, patches: torch.Tensor, texts: list[s
     for b, text in enumerate(texts):
         rows = prototypes.rows(text)
         if rows:
-            # each known word's best-matching patch, averaged over the words
-            out[b] = (prototypes.vectors[rows] @ unit[b].T).max(dim=1).values.mean()
+            out[b] = (best_matches(prototypes.vectors[rows], unit[b]) - prototypes.baselines[rows]).mean()
     return out
 
 
-def refine(prototypes: WordPrototypes, regions: torch.Tensor, steps: int = 100, lr: float = 0.01,
-           temperature: float = 0.05) -> WordPrototypes:
+def refine(prototypes: WordPrototypes, regions: torch.Tensor, labelled: torch.Tensor, steps: int = 100,
+           lr: float = 0.01, temperature: float = 0.05) -> WordPrototypes:
     """Prototypes fine-tuned by region-level cycle consistency on unlabelled regions [n, D]: each
     region attends softly over the prototypes, the attended prototype attends back over the
     regions, and the loss asks the cycle to return to the region it started from. No pairs, no
-    labels; the prototypes move toward the regions that choose them."""
+    labels; the prototypes move toward the regions that choose them. Their baselines are
+    measured again on the labelled images' patches [N, P, D]."""
     if not len(prototypes.words) or len(regions) < 2:
         return prototypes
     unit = F.normalize(regions.float(), dim=-1)
@@ -109,4 +131,5 @@ def refine(prototypes: WordPrototypes, regions: torch.Tensor, steps: int = 100, 
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return WordPrototypes(prototypes.words, F.normalize(vectors.detach(), dim=-1))
+    vectors = F.normalize(vectors.detach(), dim=-1)
+    return WordPrototypes(prototypes.words, vectors, baselines(vectors, labelled))
