@@ -23,7 +23,7 @@ BIN = Path(sys.executable).parent
 
 # A run small enough for 2 CPU cores: 8 entities, 32 px images, a 1-layer CLIP.
 TINY = [
-    "data.num_entities=8", "data.samples_per_entity=6", "data.image_size=32",
+    "data.num_entities=8", "data.samples_per_entity=6", "data.image_size=32", "data.compositional_pairs=2",
     "model.image_size=32", "model.patch_size=8", "model.width=32", "model.embed_dim=32",
     "model.layers=1", "model.heads=2", "model.context_length=64",
     "model.n_vision_experts=1", "model.n_shared_experts=1", "model.n_text_experts=1",

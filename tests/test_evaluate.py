@@ -95,3 +95,27 @@ def test_ranks_and_top_10_equal_a_full_stable_sort_even_with_ties(scores):
         rank, top = ranks_by_full_sort(similarity, relevant)
         assert rank_queries(similarity, relevant).rank.tolist() == rank.tolist()
         assert top_columns(similarity, min(10, n)).tolist() == top.tolist()
+
+
+def test_a_compositional_pair_counts_only_its_own_image_as_relevant_though_both_show_the_same_entities():
+    import pyarrow as pa
+
+    from entityclip import vector_index
+    from entityclip.config import EvalConfig, IndexConfig
+    from entityclip.evaluate import evaluate_index, summarize
+    from entityclip.index import EmbeddingIndex
+
+    # Two minimal pairs; every text lies closest to its pair's other image (the composition missed).
+    images = np.eye(4, dtype=np.float32)
+    texts = images[[1, 0, 3, 2]]
+    meta = {"sample_id": ["r0", "r1", "b0", "b1"], "image_uri": [""] * 4, "text": ["t"] * 4,
+            "entities": [["A", "B"], ["B", "A"], ["C", "D"], ["C", "D"]]}
+    tables, searchers = {}, {}
+    for kind, emb in (("images", images), ("texts", texts)):
+        tables[kind] = pa.table({**meta, "split": ["test_compositional"] * 4,
+                                 "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), 4)})
+        searchers[kind] = vector_index.build_faiss(emb, IndexConfig())
+    index = EmbeddingIndex(tables, searchers)
+    cfg = EvalConfig(relevance="entities", splits=["test_compositional"])
+    result = summarize(evaluate_index(index, cfg)["test_compositional"], [1])
+    assert result["t2i_r1"] == 0.0 and result["i2t_r1"] == 0.0  # entity relevance would count all four

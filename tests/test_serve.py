@@ -22,7 +22,7 @@ def sample(unseen_sample):
 
 def test_health_reports_the_index_and_the_model(url):
     body = requests.get(f"{url}/healthz", timeout=30).json()
-    assert body["status"] == "ok" and body["index_size"] == 48
+    assert body["status"] == "ok" and body["index_size"] == 56  # 8 entities x 6, and 2 minimal pairs of 2 kinds
     assert body["model"]["variant"] == "entityclip"
 
 
@@ -32,7 +32,7 @@ def test_http_answers_are_the_in_process_retrievers_answers(url, sample, trained
     retriever = Retriever.load(str(trained_run["root"]), config=trained_run["cfg"])
     body = requests.post(f"{url}/search/text", json={"text": sample["text"], "k": 5}, timeout=60).json()
     assert body == json.loads(json.dumps(retriever.search_text(sample["text"], 5)))
-    body = requests.post(f"{url}/search/image", json={"image_base64": sample["image_base64"], "k": 48}, timeout=60).json()
+    body = requests.post(f"{url}/search/image", json={"image_base64": sample["image_base64"], "k": 56}, timeout=60).json()
     assert sample["sample_id"] in [hit["sample_id"] for hit in body["results"]]
 
 

@@ -107,7 +107,7 @@ def test_stages_run_with_the_storage_root_on_s3(s3_bucket, ray_session, trained_
     cfg = tiny_config(root)
     stage_data(cfg, progress=False)
     stats = stage_explain(cfg, progress=False)  # Ray Data actors read and write S3
-    assert storage.read_parquet(f"{root}/explanations.parquet").num_rows == stats.samples == 48
+    assert storage.read_parquet(f"{root}/explanations.parquet").num_rows == stats.samples == 56
     assert not storage.list_uris(f"{root}/explanations.parts")
 
     # The session's trained checkpoint, published to S3, is loaded from there by the index actors.
@@ -116,7 +116,7 @@ def test_stages_run_with_the_storage_root_on_s3(s3_bucket, ray_session, trained_
     stage_index(cfg)
     metrics = stage_evaluate(cfg)
     # the index alone, and two-stage with entityclip's GI-ITM re-ranker (which reads the stored tokens)
-    assert set(metrics) == {"test_seen", "test_unseen", "itm/test_seen", "itm/test_unseen"}
+    assert set(metrics) == {f"{r}{s}" for r in ("", "itm/") for s in ("test_seen", "test_unseen", "test_compositional")}
     assert storage.read_json(f"{root}/eval/entityclip.json") == metrics
 
     # The in-process retrieval API reads checkpoint, FAISS index and entities from S3 too.

@@ -12,7 +12,8 @@ from entityclip.data.synthetic import COLOURS, MORE_SHAPES, PATTERNS, SETTINGS, 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("synthetic"))
-    uris = generate(DataConfig(num_entities=8, samples_per_entity=5, image_size=32), root, progress=False)
+    uris = generate(DataConfig(num_entities=8, samples_per_entity=5, image_size=32, compositional_pairs=3), root,
+                    progress=False)
     return {"samples": storage.read_parquet(uris["samples"]).to_pylist(),
             "entities": storage.read_parquet(uris["entities"]).to_pylist()}
 
@@ -20,8 +21,8 @@ def dataset(tmp_path_factory):
 def test_samples_follow_the_table_contract(dataset):
     s = dataset["samples"][0]
     assert set(s) == {"sample_id", "image_uri", "text", "entities", "split", "source", "boxes"}
-    assert len(dataset["samples"]) == 40
-    assert len({s["sample_id"] for s in dataset["samples"]}) == 40
+    assert len(dataset["samples"]) == 40 + 2 * 3 * 2  # 8 x 5, and 3 minimal pairs of each of 2 kinds
+    assert len({s["sample_id"] for s in dataset["samples"]}) == 52
 
 
 def test_each_entity_comes_with_the_box_its_emblem_was_drawn_in(dataset):
@@ -48,7 +49,7 @@ def test_unseen_entities_never_appear_in_training(dataset):
     unseen = {s["entities"][0] for s in dataset["samples"] if s["split"] == "test_unseen"}
     train = {e for s in dataset["samples"] if s["split"] == "train" for e in s["entities"]}
     assert unseen and not unseen & train
-    assert {s["split"] for s in dataset["samples"]} == {"train", "test_seen", "test_unseen"}
+    assert {s["split"] for s in dataset["samples"]} == {"train", "test_seen", "test_unseen", "test_compositional"}
 
 
 def test_texts_name_entities_but_never_their_looks(dataset):
@@ -57,6 +58,42 @@ def test_texts_name_entities_but_never_their_looks(dataset):
         assert all(name in s["text"] for name in s["entities"])
         words = set(re.findall(r"[a-z]+", s["text"].lower()))
         assert not words & looks, s["text"]
+
+
+def test_a_compositional_pair_says_the_same_words_of_the_same_seen_entities_in_another_composition(dataset):
+    rows = [s for s in dataset["samples"] if s["split"] == "test_compositional"]
+    train = {e for s in dataset["samples"] if s["split"] == "train" for e in s["entities"]}
+    pairs: dict[str, list[dict]] = {}
+    for s in rows:
+        pairs.setdefault(s["sample_id"].rsplit("-", 1)[0], []).append(s)
+    assert sorted(k.split("-")[1] for k in pairs) == ["binding"] * 3 + ["relation"] * 3
+    for name, (first, second) in pairs.items():
+        assert first["text"] != second["text"]
+        assert sorted(re.findall(r"\w+", first["text"])) == sorted(re.findall(r"\w+", second["text"]))  # one bag of words
+        assert set(first["entities"]) == set(second["entities"]) and set(first["entities"]) <= train
+        assert storage.read_bytes(first["image_uri"]) != storage.read_bytes(second["image_uri"])
+        for s in (first, second):
+            box = dict(zip(s["entities"], s["boxes"]))
+            a, b = s["entities"]
+            if "relation" in name:  # the entity named first is the one on the left
+                named_left = re.match(r"(.+) on the left", s["text"]).group(1)
+                other = b if named_left == a else a
+                assert box[named_left][2] <= box[other][0]
+            else:  # the entity called large is drawn larger
+                large = re.search(r"a large (.+?) emblem", s["text"]).group(1)
+                small = b if large == a else a
+                assert box[large][2] - box[large][0] > box[small][2] - box[small][0]
+
+
+def test_the_compositional_split_leaves_every_other_split_as_it_was(tmp_path):
+    def other_splits(pairs: int) -> list[tuple]:
+        root = str(tmp_path / str(pairs))
+        rows = storage.read_parquet(generate(DataConfig(num_entities=8, samples_per_entity=3, image_size=32,
+                                                        compositional_pairs=pairs), root, progress=False)["samples"])
+        return [(r["sample_id"], r["text"], r["entities"], r["boxes"], storage.read_bytes(r["image_uri"]))
+                for r in rows.to_pylist() if r["split"] != "test_compositional"]
+
+    assert other_splits(0) == other_splits(4)
 
 
 def test_images_decode_at_the_configured_size(dataset):

@@ -52,6 +52,10 @@ class DataConfig:
     # Fraction of each seen entity's samples kept for the "seen" test set.
     seen_test_fraction: float = 0.2
     image_size: int = 64  # synthetic world: side of the generated images, in pixels
+    # Synthetic world: minimal pairs of each kind in the test_compositional split (relation: the
+    # same two seen entities swapped left and right; binding: which of them is drawn large), each
+    # pair's texts the same words in another order. 0: no compositional split.
+    compositional_pairs: int = 24
     seed: int = 0  # synthetic world's generator, and the shards' row order
     # Training shards (data/shards.py): samples with their encoded image bytes, written this many
     # rows at a time (one Parquet file per split in each).
@@ -206,7 +210,8 @@ class EvalConfig:
     # entities: an item is relevant when it shows the same entities (the synthetic benchmark,
     # where same-entity scenes differ only in layout); pair: the paper's 1:1 ground truth.
     relevance: Literal["entities", "pair"] = "entities"
-    splits: list[str] = field(default_factory=lambda: ["test_seen", "test_unseen"])  # test splits evaluated
+    # test splits evaluated (one absent from the data is skipped)
+    splits: list[str] = field(default_factory=lambda: ["test_seen", "test_unseen", "test_compositional"])
     # Training-free re-rankers (rerank.py) evaluated besides the model's own, each logged as
     # "<reranker>/<split>" like it (their index needs image tokens: index.image_tokens).
     rerankers: list[Literal["mack", "hosa"]] = field(default_factory=list)

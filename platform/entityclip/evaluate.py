@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from entityclip.config import EvalConfig
+from entityclip.data.samples import COMPOSITIONAL_SPLIT
 from entityclip.errors import ConfigError
 from entityclip.index import EmbeddingIndex, rerank_order
 from entityclip.stats import bootstrap_ci
@@ -169,7 +170,9 @@ def evaluate_index(index: EmbeddingIndex, eval_cfg: EvalConfig, reranker=None) -
         if not rows:
             continue
         text_rows = [text_row[image_ids[i]] for i in rows]
-        relevant = relevance_matrix([tuple(image_entities[i]) for i in rows], eval_cfg.relevance)
+        # A compositional pair's two images show the same entities: only its own image is relevant.
+        mode = "pair" if split == COMPOSITIONAL_SPLIT else eval_cfg.relevance
+        relevant = relevance_matrix([tuple(image_entities[i]) for i in rows], mode)
         sample_ids = [image_ids[i] for i in rows]
         rows, text_rows = np.array(rows), np.array(text_rows)
         rerank = {}

@@ -1,11 +1,17 @@
 """The samples table contract: sample_id, image_uri, text, entities[], split, source, and
 boxes[]: the image's object regions as [x0, y0, x1, y1] fractions of its width and height
 (the synthetic world draws them; other sources may leave them empty, or take them from a
-detector's output). Object-aware variants (qperturb) read them; the others ignore them."""
+detector's output). Object-aware variants (qperturb) read them; the others ignore them.
+
+Splits: train, test_seen, test_unseen, and test_compositional: minimal pairs whose two texts use
+the same words and differ only in composition (who is where, which emblem is large), each text
+relevant to its own image alone (evaluate.py scores it with pair relevance)."""
 
 from __future__ import annotations
 
 import pyarrow as pa
+
+COMPOSITIONAL_SPLIT = "test_compositional"
 
 SAMPLES_SCHEMA = pa.schema([
     ("sample_id", pa.string()), ("image_uri", pa.string()), ("text", pa.string()),

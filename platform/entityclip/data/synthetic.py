@@ -20,7 +20,7 @@ from tqdm import tqdm
 from entityclip import storage
 from entityclip.config import DataConfig
 from entityclip.data.images import encode_png
-from entityclip.data.samples import samples_table
+from entityclip.data.samples import COMPOSITIONAL_SPLIT, samples_table
 
 COLOURS = {
     "red": (220, 40, 40), "blue": (40, 70, 220), "green": (40, 170, 60), "yellow": (235, 210, 40),
@@ -188,6 +188,58 @@ def draw_scene(entities: list[Entity], size: int, rng: random.Random) -> tuple[I
     return img, boxes
 
 
+def draw_layout(entities: list[Entity], placements: list[tuple[float, float, float]], setting: str, size: int,
+                seed: int) -> tuple[Image.Image, list[list[float]]]:
+    """A scene in `setting` with each entity's emblem at its placement (left, top, side: fractions
+    of the image side), with its boxes. Layouts with one `seed` share their background noise: a
+    minimal pair differs only where its emblems are."""
+    bg = np.array(SETTINGS[setting], dtype=np.float32)
+    pixels = np.clip(bg + np.random.default_rng(seed).normal(0, 12, (size, size, 3)), 0, 255).astype(np.uint8)
+    img = Image.fromarray(pixels, "RGB")
+    boxes = []
+    for entity, (left, top, side) in zip(entities, placements):
+        esize, x, y = max(int(size * side), 6), int(size * left), int(size * top)
+        emblem = _emblem(entity, esize)
+        img.paste(emblem, (x, y), emblem)
+        boxes.append([x / size, y / size, (x + esize) / size, (y + esize) / size])
+    return img, boxes
+
+
+@dataclass
+class CompositionalScene:
+    name: str  # <kind>-<pair>-<0|1>
+    entities: list[Entity]  # in the order of `placements`
+    placements: list[tuple[float, float, float]]  # (left, top, side) per entity
+    text: str
+    setting: str  # shared by the pair
+    seed: int  # background noise, shared by the pair
+
+
+def compositional_scenes(seen: list[Entity], pairs: int, rng: random.Random) -> list[CompositionalScene]:
+    """Minimal pairs of scenes, `pairs` of each kind, of two seen entities A and B:
+    - relation: A on the left and B on the right, or the other way round;
+    - binding: A's emblem large and B's small, or the other way round;
+    each pair's two texts the same words in another order, its two images the same background."""
+    out = []
+    for kind in ("relation", "binding"):
+        for i in range(pairs):
+            a, b = rng.sample(seen, 2)
+            city, seed, top = rng.choice(CITIES), rng.getrandbits(32), rng.uniform(0.1, 0.4)
+            if kind == "relation":
+                left, right = (0.05, top, 0.4), (0.55, top, 0.4)
+                scenes = [([a, b], f"{a.name} on the left and {b.name} on the right in {city}."),
+                          ([b, a], f"{b.name} on the left and {a.name} on the right in {city}.")]
+                out += [CompositionalScene(f"{kind}-{i:03d}-{j}", pair, [left, right], text, a.setting, seed)
+                        for j, (pair, text) in enumerate(scenes)]
+            else:
+                scenes = [(0.5, 0.25, f"a large {a.name} emblem and a small {b.name} emblem in {city}."),
+                          (0.25, 0.5, f"a small {a.name} emblem and a large {b.name} emblem in {city}.")]
+                out += [CompositionalScene(f"{kind}-{i:03d}-{j}", [a, b], [(0.02, top, side_a), (0.48, top, side_b)],
+                                           text, a.setting, seed)
+                        for j, (side_a, side_b, text) in enumerate(scenes)]
+    return out
+
+
 def _other(seen: list[Entity], own: int | None, rng: random.Random) -> Entity:
     """A seen entity other than the one at position `own`, drawn as `rng.choice` of the list
     without it would draw (same random numbers, so worlds stay as they were), in O(1)."""
@@ -234,6 +286,17 @@ def generate(data_cfg: DataConfig, root: str, progress: bool = True) -> dict[str
             })
             bar.update()
     bar.close()
+    # Its own random stream: every other split stays as it was without it.
+    if data_cfg.compositional_pairs and len(seen) >= 2:
+        compositional_rng = random.Random(f"{data_cfg.seed}-compositional")
+        for scene in compositional_scenes(seen, data_cfg.compositional_pairs, compositional_rng):
+            sample_id = f"comp-{scene.name}"
+            image_uri = storage.join(root, "images", f"{sample_id}.png")
+            image, boxes = draw_layout(scene.entities, scene.placements, scene.setting, data_cfg.image_size, scene.seed)
+            storage.write_bytes(image_uri, encode_png(image))
+            rows.append({"sample_id": sample_id, "image_uri": image_uri, "text": scene.text,
+                         "entities": [e.name for e in scene.entities], "split": COMPOSITIONAL_SPLIT,
+                         "source": "synthetic", "boxes": boxes})
     entities_uri = storage.join(root, "entities.parquet")
     samples_uri = storage.join(root, "samples.parquet")
     storage.write_parquet(entities_uri, pa.Table.from_pylist([asdict(e) for e in world]))
