@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from entityclip.config import ModelConfig, TrainConfig
 from entityclip.errors import ConfigError
 from entityclip.models import build_model
+from entityclip.models.adapatch import AdaPatch, patch_centres, word_positions
 from entityclip.models.late_interaction import pair_similarities, token_similarities
 from entityclip.models.xattn_fusion import LayerFusion
 from entityclip.models.perturbation import object_subspace, patch_mask, perturb_toward_objects
@@ -161,6 +162,53 @@ def test_filip_trains_its_tokens_with_the_token_wise_contrastive_loss():
     assert m.reranker == "late_interaction" and not m.uses_explanations
 
 
+# --- adamatch: patches of adaptive size and position, matched to words ------------------------------
+
+def test_the_patch_grid_centres_are_row_major_fractions_of_the_side():
+    assert patch_centres(4).tolist() == [[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]]
+    with pytest.raises(ValueError, match="square grid"):
+        patch_centres(6)
+
+
+def test_an_adaptive_patch_finds_the_region_its_query_attends_to_and_pools_it():
+    grid, dim = 8, 16
+    v = F.normalize(torch.randn(dim, generator=torch.Generator().manual_seed(0)), dim=0)
+    tokens = -v.repeat(grid * grid, 1)
+    inside = [(y, x) for y in range(2, 4) for x in range(4, 7)]  # a 3x2 block, right of centre, near the top
+    for y, x in inside:
+        tokens[y * grid + x] = v
+    ada = AdaPatch(dim, patches=1)
+    with torch.no_grad():
+        ada.queries.copy_(50 * ada.norm(v.unsqueeze(0)))  # a query that looks for v
+    features, boxes = ada(tokens.unsqueeze(0))
+    x0, y0, x1, y1 = boxes[0, 0].tolist()
+    assert (x0 + x1) / 2 == pytest.approx(5.5 / grid, abs=0.02) and (y0 + y1) / 2 == pytest.approx(3 / grid, abs=0.02)
+    assert x1 - x0 > y1 - y0  # wider than tall, as the block is
+    # the box is the block's extent: patches 4-6 across, 2-3 down
+    assert boxes[0, 0].tolist() == pytest.approx([4 / grid, 2 / grid, 7 / grid, 4 / grid], abs=0.02)
+    assert F.cosine_similarity(features[0, 0], v, dim=0) > 0.9  # the window pools the block
+
+
+def test_adamatch_learns_where_its_patches_go_through_the_token_wise_loss():
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(variant="adamatch", adaptive_patches=3, **TINY)).train()
+    img = m.encode_images(torch.randn(5, 3, 32, 32))
+    assert img.tokens.shape == (5, 1 + 3, 32) and img.regions.shape == (5, 3, 4)
+    assert (img.regions[..., :2] <= img.regions[..., 2:]).all() and ((img.regions >= 0) & (img.regions <= 1)).all()
+    out = Objective(m, TrainConfig(plain_weight=0, token_weight=1.0))(torch.randn(5, 3, 32, 32), m.tokenize(TEXTS), None)
+    out["loss_token"].backward()
+    assert m.adapatch.queries.grad.abs().sum() > 0  # positions and sizes are learned
+    assert m.reranker == "late_interaction" and not m.uses_explanations
+
+
+def test_words_are_grouped_from_their_bpe_pieces():
+    m = build_model(ModelConfig(variant="adamatch", **TINY))
+    ids = m.tokenize(["Velmora Rovers lift the cup."])[0]
+    words = word_positions(m.tokenizer, ids, int(ids.argmax()))
+    assert [w for w, _ in words] == ["velmora", "rovers", "lift", "the", "cup", "."]
+    assert [p for _, positions in words for p in positions] == list(range(1, int(ids.argmax())))
+
+
 def test_explanation_token_alignment_contrasts_image_patches_with_explanation_words():
     torch.manual_seed(0)
     m = build_model(ModelConfig(variant="entityclip", **TINY)).train()
@@ -276,7 +324,8 @@ def test_qperturb_indexes_the_gallery_with_its_object_boxes(trained_run):
 @pytest.mark.parametrize("variant, losses, reranker, teacher", [
     # filip also learns from the session's trained entityclip (reinforced training), on the same run
     ("filip", ["loss_token", "loss_reinforce"], "late_interaction", "entityclip"),
-    ("xattn_fusion", ["loss_itm"], "xattn_fusion", "")])
+    ("xattn_fusion", ["loss_itm"], "xattn_fusion", ""),
+    ("adamatch", ["loss_token"], "late_interaction", "")])
 def test_a_reranking_variant_trains_evaluates_and_serves_two_stage_retrieval(trained_run, unseen_sample,
                                                                              variant, losses, reranker, teacher):
     from mlflow.tracking import MlflowClient
@@ -310,6 +359,30 @@ def test_a_reranking_variant_trains_evaluates_and_serves_two_stage_retrieval(tra
     with torch.no_grad():
         fresh = model.pair_scores(model.encode_images(pixels), model.text_features([unseen_sample["text"]]), True)
     assert fresh.item() == pytest.approx(top["rerank_score"], abs=1e-2)
+
+
+@pytest.mark.slow
+def test_adamatch_shows_the_region_each_query_word_matched(trained_run, unseen_sample):
+    """The explanation path needs no training: an untrained adamatch packaged into the run root."""
+    from entityclip.errors import InputError
+    from entityclip.models.checkpoint import save_checkpoint
+    from entityclip.paths import RunPaths
+    from entityclip.pipeline import stage_index, with_variant
+    from entityclip.retrieval import Retriever
+
+    cfg = with_variant(trained_run["cfg"], "adamatch")
+    save_checkpoint(build_model(cfg.model), RunPaths.for_config(cfg).checkpoint("adamatch"))
+    stage_index(cfg)
+    retriever = Retriever.load(config=cfg, variant="adamatch")
+    answer = retriever.word_regions("Velmora Rovers lift the cup", unseen_sample["sample_id"])
+    assert [w["word"] for w in answer["words"]] == ["velmora", "rovers", "lift", "the", "cup"]
+    for w in answer["words"]:
+        x0, y0, x1, y1 = w["box"]
+        assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 and -1 <= w["similarity"] <= 1
+    with pytest.raises(InputError, match="no gallery image"):
+        retriever.word_regions("Velmora Rovers", "e9999-000")
+    with pytest.raises(InputError, match="variant entityclip has no adaptive patches"):
+        Retriever.load(config=trained_run["cfg"], variant="entityclip").word_regions("x", unseen_sample["sample_id"])
 
 
 def _saved_evaluation(cfg) -> dict:

@@ -65,6 +65,7 @@ def test_concurrent_queries_are_all_answered(url, sample):
     ("/search/image", {"image_base64": base64.b64encode(b"plain text").decode()}, 400, "not a recognised image"),
     ("/search/image", {"image_base64": base64.b64encode(b"\x00" * 9_000_000).decode()}, 413, "limit is"),
     ("/score", {"text": "only text"}, 422, "image_base64: Field required"),
+    ("/match/regions", {"text": "Velmora Rovers", "sample_id": "e0000-000"}, 400, "has no adaptive patches"),
 ])
 def test_bad_requests_get_a_clear_4xx(url, path, payload, status, detail):
     response = requests.post(f"{url}{path}", json=payload, timeout=60)

@@ -142,19 +142,24 @@ REGISTRY_ARCH = "ViT-S-32-alt"  # a plain open_clip registry CLIP small enough f
 
 @pytest.fixture(scope="module")
 def registry_weights(tmp_path_factory) -> tuple[dict, dict]:
-    """A random-init registry CLIP saved as open_clip users keep it: a bare state dict (.pt),
-    a training checkpoint with DDP's `module.` prefix (.pt) and safetensors."""
+    """A random-init registry CLIP saved as open_clip users keep it: a bare state dict (.pt, also
+    the form of GeoRSCLIP's released RS5M_*.pt files), a training checkpoint with DDP's `module.`
+    prefix (.pt), safetensors, and a GeoRSCLIP training checkpoint (towers under
+    image_backbone. / text_backbone., which its convert_weight.py maps to open_clip's names)."""
     root = tmp_path_factory.mktemp("pretrained")
     state = build_model(ModelConfig(variant="clip_finetune", backbone=REGISTRY_ARCH)).clip.state_dict()
     files = {"state_dict": root / "open_clip_pytorch_model.bin", "training": root / "epoch_32.pt",
-             "safetensors": root / "open_clip_model.safetensors"}
+             "safetensors": root / "open_clip_model.safetensors", "georsclip_training": root / "epoch_2.pt"}
     torch.save(state, files["state_dict"])
     torch.save({"epoch": 32, "state_dict": {f"module.{k}": v for k, v in state.items()}}, files["training"])
     save_file({k: v.contiguous() for k, v in state.items()}, str(files["safetensors"]))
+    georsclip = {(f"image_backbone.{k.removeprefix('visual.')}" if k.startswith("visual.") else f"text_backbone.{k}"): v
+                 for k, v in state.items()}
+    torch.save({"epoch": 2, "state_dict": georsclip}, files["georsclip_training"])
     return state, {k: str(v) for k, v in files.items()}
 
 
-@pytest.mark.parametrize("form", ["state_dict", "training", "safetensors"])
+@pytest.mark.parametrize("form", ["state_dict", "training", "safetensors", "georsclip_training"])
 def test_pretrained_open_clip_weights_load_into_the_backbone(registry_weights, form):
     state, files = registry_weights
     model = build_model(ModelConfig(variant="entityclip", backbone=REGISTRY_ARCH))

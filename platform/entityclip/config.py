@@ -21,7 +21,7 @@ from entityclip.errors import ConfigError
 
 # The matchers one trainer, index, evaluator and server run (models/entityclip.py).
 Variant = Literal["entityclip", "entityclip_noexpl", "clip_finetune", "clip_zeroshot", "cprd", "qperturb", "filip",
-                  "xattn_fusion"]
+                  "xattn_fusion", "adamatch"]
 
 
 @dataclass
@@ -37,7 +37,7 @@ class DataConfig:
     """The data stage: the synthetic world or a real dataset, and the training shards."""
 
     # synthetic (the bundled generator) or a real dataset format in its published layout
-    source: Literal["synthetic", "n24news", "visualnews", "goodnews"] = "synthetic"
+    source: Literal["synthetic", "n24news", "visualnews", "goodnews", "rs5m"] = "synthetic"
     source_path: str = ""  # the real dataset's root folder (local or s3://)
     skip_missing_images: bool = False  # real datasets: leave out samples whose image is missing
     # Real datasets: object boxes from a detector's COCO-format results (data/detections.py), for
@@ -125,6 +125,8 @@ class ModelConfig:
     perturb_rank: int = 2  # qperturb: object directions kept per image
     # xattn_fusion: token features of the last this many layers of each tower are fused.
     fusion_layers: int = 2
+    # adamatch: patches of adaptive size and position per image (models/adapatch.py)
+    adaptive_patches: int = 8
     # Weights to start from (models/checkpoint.py: load_pretrained), local or s3://: an open_clip or OpenAI-format
     # CLIP checkpoint file (.pt/.bin/.safetensors) for this backbone, or one of our checkpoint
     # folders. Empty = random init; nothing is ever downloaded.

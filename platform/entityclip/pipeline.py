@@ -32,11 +32,15 @@ def stage_data(cfg: PipelineConfig, progress: bool = True) -> dict:
         out = generate(cfg.data, storage.join(paths.root, "data"), progress=progress)
     else:
         from entityclip.data.formats import ingest
+        from entityclip.data.rs5m import ingest_rs5m
         from entityclip.data.samples import samples_table
 
         if not cfg.data.source_path:
             raise ConfigError(f"data.source={cfg.data.source} needs data.source_path (the dataset's folder)")
-        rows, counts = ingest(cfg.data.source, cfg.data.source_path, cfg.data.skip_missing_images)
+        if cfg.data.source == "rs5m":  # images inside tar shards: written out beside the samples
+            rows, counts = ingest_rs5m(cfg.data.source_path, storage.join(paths.root, "data", "images"))
+        else:
+            rows, counts = ingest(cfg.data.source, cfg.data.source_path, cfg.data.skip_missing_images)
         if cfg.data.boxes_path:
             from entityclip.data.detections import attach_boxes, read_detections
 

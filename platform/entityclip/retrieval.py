@@ -30,6 +30,7 @@ from entityclip.explain.cache import ExplanationCache
 from entityclip.explain.engines import engine_of_run, in_process, make_engine, run_explain_config
 from entityclip.index import EmbeddingIndex
 from entityclip.models import EntityCLIP
+from entityclip.models.adapatch import word_matches, word_positions
 from entityclip.paths import RunPaths
 from entityclip.rerank import Reranker
 from entityclip.models.checkpoint import load_model
@@ -209,6 +210,27 @@ class Retriever:
         prob = float(self.model.match_probability(pixels, [text], [explanation])[0])
         return {"similarity": float(np.dot(t, i)), "match_probability": None if np.isnan(prob) else prob,
                 "explanation": explanation, "model": self.info}
+
+    def word_regions(self, text: str, sample_id: str) -> dict:
+        """Which region of gallery image `sample_id` each word of `text` matched (adamatch): per
+        word, the box of its best adaptive patch ([x0, y0, x1, y1], fractions of the image side)
+        and their cosine similarity."""
+        if not self.model.spec.adaptive_patches:
+            raise InputError(f"variant {self.model.model_cfg.variant} has no adaptive patches to explain a match "
+                             "with (adamatch has)")
+        text = self.check_text(text)
+        data, _ = self.gallery_image(sample_id)
+        with torch.no_grad():
+            image = self.model.encode_images(self.image_tensor(data).unsqueeze(0))
+            txt = self.model.text_features([text], [""])  # adamatch reads no explanation
+        words = word_positions(self.model.tokenizer, txt.ids[0], int(txt.eot_index[0]))
+        if not words:
+            return {"sample_id": sample_id, "words": [], "model": self.info}
+        features = torch.stack([txt.tokens[0, positions].mean(dim=0) for _, positions in words])
+        patch, cosine = word_matches(image.tokens[0, 1:], features)
+        return {"sample_id": sample_id, "model": self.info,
+                "words": [{"word": word, "box": [round(v, 4) for v in image.regions[0, p].tolist()],
+                           "similarity": round(float(c), 4)} for (word, _), p, c in zip(words, patch, cosine)]}
 
     def gallery_image(self, sample_id: str) -> tuple[bytes, str]:
         """(bytes, media type) of a gallery image, looked up by its id: only files the index

@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from entityclip import publish, storage
@@ -80,10 +81,28 @@ def load_weights(model: EntityCLIP, weights: str | Path, strict: bool = True) ->
         raise StorageError(f"{weights}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
+# GeoRSCLIP's training checkpoints ({"state_dict": ...}) name its towers by these prefixes; its
+# released files (RS5M_ViT-B-32.pt, ...) are already plain open_clip state dicts.
+GEORSCLIP_PREFIXES = {"image_backbone.": "visual.", "text_backbone.": ""}
+
+
+def georsclip_state_dict(checkpoint) -> dict | None:
+    """A GeoRSCLIP training checkpoint as an open_clip CLIP state dict; None for any other file."""
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not any(k.startswith(tuple(GEORSCLIP_PREFIXES)) for k in state):
+        return None
+    out = {}
+    for key, value in state.items():
+        prefix = next((p for p in GEORSCLIP_PREFIXES if key.startswith(p)), None)
+        out[GEORSCLIP_PREFIXES[prefix] + key[len(prefix):] if prefix else key] = value
+    return out
+
+
 def load_pretrained(model: EntityCLIP, uri: str) -> None:
-    """`model.pretrained`: one of our checkpoint folders (see `init_from`), or an open_clip /
-    OpenAI-format CLIP checkpoint file for the backbone, loaded with open_clip's own loader
-    (third-party key conversion, `module.` prefixes, position-embedding resizing)."""
+    """`model.pretrained`: one of our checkpoint folders (see `init_from`), or a CLIP checkpoint
+    file for the backbone: open_clip / OpenAI format, or GeoRSCLIP's (RS5M), loaded with
+    open_clip's own loader (third-party key conversion, `module.` prefixes, position-embedding
+    resizing)."""
     import open_clip
 
     if storage.exists(storage.join(publish.current(uri), WEIGHTS)):
@@ -98,12 +117,25 @@ def load_pretrained(model: EntityCLIP, uri: str) -> None:
             local.write_bytes(storage.read_bytes(uri))
         try:
             # weights_only: a checkpoint file is data; a pickle that would run code is refused.
+            converted = None if local.suffix == ".safetensors" else _georsclip_file(local)
+            if converted is not None:
+                local = Path(d) / "georsclip-as-open_clip.pt"
+                torch.save(converted, local)
             open_clip.load_checkpoint(model.clip, str(local), strict=True, weights_only=True)
         except (RuntimeError, KeyError, ValueError, AssertionError, EOFError, OSError, pickle.UnpicklingError) as exc:
             # open_clip asserts on misfit shapes; load_state_dict lists every misfit over many
             # lines, the first of which says what is wrong.
             raise StorageError(f"{uri}: not a checkpoint for backbone {model.model_cfg.backbone!r} "
                                f"({str(exc).strip().splitlines()[0][:300]})") from None
+
+
+def _georsclip_file(path: Path) -> dict | None:
+    """The converted state dict when `path` is a GeoRSCLIP training checkpoint; None for any
+    other file (open_clip's loader then reads it, or says why it cannot)."""
+    try:  # mmap: only the keys are read to recognise the format
+        return georsclip_state_dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+    except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError):
+        return None
 
 
 def init_from(model: EntityCLIP, uri: str) -> None:

@@ -19,10 +19,13 @@ Variants:
 - `xattn_fusion`: plain CLIP features for the first stage, plus a cross-modal attention matcher
   over features fused from several layers (arXiv 2406.15306; models/xattn_fusion.py) trained
   with a matching loss and used to re-rank.
+- `adamatch`: filip's token-wise matching with the image tokens replaced by AdaMatch's patches of
+  adaptive size and position (ACL 2024; models/adapatch.py), each with its box, so the match of
+  each word to a region can be shown (Retriever.word_regions).
 
 Re-rankers. Each trainable variant but clip_finetune has one second stage that scores an
 (image, text) pair from token features (`reranker`): the GI-ITM head (`itm`) for the
-EntityCLIP architecture, `late_interaction` for filip, `xattn_fusion` for xattn_fusion.
+EntityCLIP architecture, `late_interaction` for filip and adamatch, `xattn_fusion` for xattn_fusion.
 Retrieval (rerank.py) re-scores the single-vector search's top candidates with it.
 
 Retrieval embeddings. The paper scores with plain CLIP features at inference; here the gated
@@ -42,6 +45,7 @@ from torch import nn
 from entityclip.config import ModelConfig, Variant
 from entityclip.errors import ConfigError
 from entityclip.models import backbone
+from entityclip.models.adapatch import AdaPatch
 from entityclip.models.late_interaction import pair_similarities
 from entityclip.models.mmae import MMAE, Gate
 from entityclip.models.perturbation import patch_mask, perturb_toward_objects
@@ -56,6 +60,7 @@ class VariantSpec:
     losses: tuple[str, ...] = ()  # extra training losses: distill (cprd), token (filip)
     fused_tokens: bool = False  # token features fused over the last layers (xattn_fusion)
     perturb: bool = False  # image embeddings perturbed toward object regions at inference (qperturb)
+    adaptive_patches: bool = False  # image tokens are AdaPatch's adaptive patches (adamatch)
     trainable: bool = True
 
 
@@ -69,6 +74,8 @@ VARIANT_SPECS: dict[str, VariantSpec] = {
     "qperturb": VariantSpec(experts=True, explanations=True, reranker="itm", perturb=True),
     "filip": VariantSpec(experts=False, explanations=False, reranker="late_interaction", losses=("token",)),
     "xattn_fusion": VariantSpec(experts=False, explanations=False, reranker="xattn_fusion", fused_tokens=True),
+    "adamatch": VariantSpec(experts=False, explanations=False, reranker="late_interaction", losses=("token",),
+                            adaptive_patches=True),
 }
 VARIANTS = typing.get_args(Variant)
 
@@ -76,7 +83,10 @@ VARIANTS = typing.get_args(Variant)
 @dataclass
 class ImageFeatures:
     cls: torch.Tensor  # [B, D] plain CLIP image embedding
-    tokens: torch.Tensor  # [B, T, D] (xattn_fusion: fused over layers); token 0 is `cls` otherwise
+    # [B, T, D] (xattn_fusion: fused over layers); token 0 is `cls` otherwise, then the patches
+    # (adamatch: its adaptive patches)
+    tokens: torch.Tensor
+    regions: torch.Tensor | None = None  # adamatch: [B, K, 4] each adaptive patch's box
 
     @classmethod
     def from_tokens(cls, tokens: torch.Tensor) -> "ImageFeatures":
@@ -84,7 +94,8 @@ class ImageFeatures:
         return cls(tokens[:, 0], tokens)
 
     def select(self, index: torch.Tensor) -> "ImageFeatures":
-        return ImageFeatures(*(getattr(self, f.name)[index] for f in fields(self)))
+        values = (getattr(self, f.name) for f in fields(self))
+        return ImageFeatures(*(None if v is None else v[index] for v in values))
 
 
 @dataclass
@@ -126,6 +137,8 @@ class EntityCLIP(nn.Module):
             self.image_fusion, self.text_fusion = LayerFusion(model_cfg.fusion_layers), LayerFusion(model_cfg.fusion_layers)
         if self.spec.reranker == "xattn_fusion":
             self.matcher = CrossAttentionMatcher(dim)
+        if self.spec.adaptive_patches:
+            self.adapatch = AdaPatch(dim, model_cfg.adaptive_patches)
 
     @property
     def trainable(self) -> bool:
@@ -152,6 +165,9 @@ class EntityCLIP(nn.Module):
             layers = backbone.image_layers(self.clip, images, self.model_cfg.fusion_layers)
             return ImageFeatures(layers[-1][0], self.image_fusion([tokens for _, tokens in layers]))
         cls, tokens = backbone.image_tokens(self.clip, images)
+        if self.spec.adaptive_patches:
+            patches, boxes = self.adapatch(tokens[:, 1:])
+            return ImageFeatures(cls, torch.cat([cls.unsqueeze(1), patches], dim=1), boxes)
         return ImageFeatures(cls, tokens)
 
     def encode_texts(self, ids: torch.Tensor, expl_ids: torch.Tensor | None = None) -> TextFeatures:

@@ -87,6 +87,11 @@ class ImageQuery(Query):
     k: StrictInt = 10
 
 
+class RegionQuery(Query):
+    text: StrictStr
+    sample_id: StrictStr
+
+
 class PairQuery(Query):
     text: StrictStr
     image_base64: StrictStr
@@ -250,6 +255,12 @@ class RetrievalServer:
         image = decode_base64(query.image_base64, self.max_image_bytes)
         text = self.retriever.check_text(query.text)
         return self.retriever.score(text, image, await self._explanation(text, query.explanation))
+
+
+    @api.post("/match/regions")
+    def match_regions(self, query: RegionQuery) -> dict:
+        """adamatch: the region of a gallery image each query word matched."""
+        return self.retriever.word_regions(query.text, query.sample_id)
 
 
 def check_servable(cfg: PipelineConfig, variant: str) -> ModelRef | None:
