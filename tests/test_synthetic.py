@@ -132,3 +132,18 @@ def test_the_new_shapes_draw_distinct_masks():
     assert all(0.2 < m.mean() < 0.99 for m in masks.values())
     shapes = list(masks)
     assert all((masks[a] != masks[b]).mean() > 0.05 for i, a in enumerate(shapes) for b in shapes[i + 1:])
+
+
+def test_the_compositional_split_leaves_the_training_order_as_it_was(tmp_path, ray_session):
+    from entityclip.data.shards import read_manifest, write_shards
+
+    def train_order(pairs: int) -> list[str]:
+        root = str(tmp_path / str(pairs))
+        uris = generate(DataConfig(num_entities=8, samples_per_entity=3, image_size=16, compositional_pairs=pairs), root,
+                        progress=False)
+        shards = storage.join(root, "shards")
+        write_shards(uris["samples"], shards, 1024)
+        files = read_manifest(shards)["splits"]["train"]["files"]
+        return [i for f in files for i in storage.read_parquet(storage.join(shards, f)).column("sample_id").to_pylist()]
+
+    assert train_order(0) == train_order(3)

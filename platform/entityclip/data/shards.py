@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from entityclip import storage
 from entityclip.data.images import decode_image
+from entityclip.data.samples import COMPOSITIONAL_SPLIT
 from entityclip.errors import InputError, StorageError
 
 MANIFEST = "manifest.json"
@@ -42,13 +43,17 @@ def write_shards(samples_uri: str, shards_uri: str, rows_per_file: int, seed: in
     """Write the samples table's rows with their image bytes as shards; returns the manifest.
 
     Rows go in a random order: datasets list samples by entity or source, and training reads
-    shards block by block, so a block of neighbours would fill a batch with the same entity."""
+    shards block by block, so a block of neighbours would fill a batch with the same entity.
+    The compositional split's rows are left out of the shuffle and go last: the order of every
+    other split, and so every training run, is what it was before that split existed."""
     import ray
 
     write_id = uuid.uuid4().hex[:12]
     fs, base = storage.arrow_fs(storage.join(shards_uri, write_id))
     samples = storage.read_parquet(samples_uri)
-    samples = samples.take(np.random.default_rng(seed).permutation(samples.num_rows))
+    added = np.flatnonzero(np.asarray(samples.column("split").to_pylist()) == COMPOSITIONAL_SPLIT)
+    others = np.setdiff1d(np.arange(samples.num_rows), added)
+    samples = samples.take(np.concatenate([others[np.random.default_rng(seed).permutation(len(others))], added]))
     (ray.data.from_arrow(samples)
         .map_batches(_with_image_bytes, batch_format="pyarrow", batch_size=rows_per_file)
         .write_parquet(base, filesystem=fs, partition_cols=["split"]))
