@@ -119,3 +119,35 @@ def test_a_compositional_pair_counts_only_its_own_image_as_relevant_though_both_
     cfg = EvalConfig(relevance="entities", splits=["test_compositional"])
     result = summarize(evaluate_index(index, cfg)["test_compositional"], [1])
     assert result["t2i_r1"] == 0.0 and result["i2t_r1"] == 0.0  # entity relevance would count all four
+
+
+def test_a_minimal_pair_query_wins_when_its_own_item_outscores_its_partners():
+    from entityclip.evaluate import partner_rows, summarize
+
+    # Rows 0/1 and 2/3 are minimal pairs. Image 0 prefers its own text, image 1 its partner's;
+    # texts: 0 and 1 tie on their two images (no win), 2 and 3 each prefer their own.
+    images = np.array([[1, 0, 0, 0], [0.9, 0.1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=np.float32)
+    texts = np.array([[1, 0, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=np.float32)
+    ids = ["comp-relation-000-0", "comp-relation-000-1", "comp-binding-000-0", "comp-binding-000-1"]
+    partners = partner_rows(ids)
+    assert partners.tolist() == [1, 0, 3, 2]
+    results = rank_pairs(images, texts, np.eye(4, dtype=bool), ids, partners=partners)
+    assert results.i2t.beats_partner.tolist() == [0.0, 0.0, 1.0, 1.0]  # image 0: its own text ties its partner's
+    assert results.t2i.beats_partner.tolist() == [1.0, 0.0, 1.0, 1.0]
+    summary = summarize(results, [1])
+    assert summary["i2t_pair"] == 50.0 and summary["t2i_pair"] == 75.0
+    back = QueryResults.from_table(results.to_table("test_compositional"))
+    assert back.t2i.beats_partner.tolist() == results.t2i.beats_partner.tolist()
+
+
+def test_only_complete_minimal_pairs_have_partners():
+    from entityclip.data.samples import minimal_pair_partner
+    from entityclip.evaluate import partner_rows
+
+    assert minimal_pair_partner("comp-binding-007-1") == "comp-binding-007-0"
+    assert minimal_pair_partner("e0001-003") is None
+    assert partner_rows(["comp-relation-000-0"]) is None  # its partner is not among the queries
+    assert partner_rows(["e0001-000", "e0002-000"]) is None
+    plain = rank_pairs(np.eye(2), np.eye(2), np.eye(2, dtype=bool), ["a", "b"])
+    assert plain.i2t.beats_partner is None and "i2t_pair" not in summarize(plain, [1])
+    assert QueryResults.from_table(plain.to_table("test_seen")).i2t.beats_partner is None

@@ -9,13 +9,13 @@ compared query by query (stats.py) long after the evaluation ran.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
 
 from entityclip.config import EvalConfig
-from entityclip.data.samples import COMPOSITIONAL_SPLIT
+from entityclip.data.samples import COMPOSITIONAL_SPLIT, minimal_pair_partner
 from entityclip.errors import ConfigError
 from entityclip.index import EmbeddingIndex, rerank_order
 from entityclip.stats import bootstrap_ci
@@ -27,10 +27,13 @@ DIRECTIONS = ("i2t", "t2i")
 @dataclass(frozen=True)
 class RankedQueries:
     """One direction's queries: each one's 1-based rank of its first relevant item (gallery
-    size + 1 when it has none), its number of relevant items and its AP@10 in [0, 1]."""
+    size + 1 when it has none), its number of relevant items and its AP@10 in [0, 1]; for
+    minimal pairs (the compositional split), whether its own item ranked above its pair
+    partner's (1.0 or 0.0: Winoground's text and image scores, where a bag of words gets 50%)."""
     rank: np.ndarray
     relevant: np.ndarray
     ap: np.ndarray
+    beats_partner: np.ndarray | None = None
 
 
 def rank_queries(similarity: np.ndarray, relevant: np.ndarray) -> RankedQueries:
@@ -80,18 +83,28 @@ class QueryResults:
     t2i: RankedQueries
 
     def to_table(self, evaluation: str) -> pa.Table:
+        """One row per sample; `<direction>_beats_partner` is null outside minimal pairs (the
+        table holds every evaluation of a model)."""
         columns = {"evaluation": [evaluation] * len(self.sample_ids), "sample_id": self.sample_ids}
         for direction in DIRECTIONS:
             ranked = getattr(self, direction)
+            beats = ranked.beats_partner
             columns |= {f"{direction}_rank": ranked.rank, f"{direction}_relevant": ranked.relevant,
-                        f"{direction}_ap10": ranked.ap}
+                        f"{direction}_ap10": ranked.ap,
+                        f"{direction}_beats_partner": pa.array(beats if beats is not None else [None] * len(ranked.rank),
+                                                               pa.float64())}
         return pa.table(columns)
 
     @classmethod
     def from_table(cls, table: pa.Table) -> "QueryResults":
-        col = {name: table[name].to_numpy() for name in table.column_names if name not in ("evaluation", "sample_id")}
-        return cls(table["sample_id"].to_pylist(),
-                   *(RankedQueries(col[f"{d}_rank"], col[f"{d}_relevant"], col[f"{d}_ap10"]) for d in DIRECTIONS))
+        col = {name: table[name] for name in table.column_names if name not in ("evaluation", "sample_id")}
+
+        def ranked(d: str) -> RankedQueries:
+            beats = col.get(f"{d}_beats_partner")  # tables written before minimal pairs have none
+            return RankedQueries(col[f"{d}_rank"].to_numpy(), col[f"{d}_relevant"].to_numpy(), col[f"{d}_ap10"].to_numpy(),
+                                 None if beats is None or beats.null_count else beats.to_numpy())
+
+        return cls(table["sample_id"].to_pylist(), *(ranked(d) for d in DIRECTIONS))
 
 
 def sample_scores(results: QueryResults, ks: list[int]) -> dict[str, np.ndarray]:
@@ -104,6 +117,8 @@ def sample_scores(results: QueryResults, ks: list[int]) -> dict[str, np.ndarray]
     scores["rsum"] = sum(scores.values())
     for direction in DIRECTIONS:
         scores[f"{direction}_map{MAP_AT}"] = 100.0 * getattr(results, direction).ap
+        if getattr(results, direction).beats_partner is not None:
+            scores[f"{direction}_pair"] = 100.0 * getattr(results, direction).beats_partner
     return scores
 
 
@@ -147,15 +162,34 @@ def rerank_similarity(similarity: np.ndarray, k: int, rescore) -> np.ndarray:
 
 
 def rank_pairs(image_emb: np.ndarray, text_emb: np.ndarray, relevant: np.ndarray, sample_ids: list[str],
-               rerank_k: int = 0, rescore_texts=None, rescore_images=None) -> QueryResults:
+               rerank_k: int = 0, rescore_texts=None, rescore_images=None,
+               partners: np.ndarray | None = None) -> QueryResults:
     """Both directions for row-aligned pairs, each side the other's gallery. With `rerank_k`,
     each query's top candidates are re-scored: rescore_texts(image_rows, text_rows, similarities)
-    and rescore_images(text_rows, image_rows, similarities), rows local to these arrays."""
+    and rescore_images(text_rows, image_rows, similarities), rows local to these arrays. With
+    `partners` (row i's minimal-pair partner row), each query also says whether its own item
+    ranked above its partner's."""
     sim = image_emb @ text_emb.T
     i2t, t2i = sim, sim.T
     if rerank_k:
         i2t, t2i = rerank_similarity(i2t, rerank_k, rescore_texts), rerank_similarity(t2i, rerank_k, rescore_images)
-    return QueryResults(list(sample_ids), rank_queries(i2t, relevant), rank_queries(t2i, relevant.T))
+    return QueryResults(list(sample_ids), *(
+        replace(rank_queries(s, r), beats_partner=None if partners is None else beats_partner(s, partners))
+        for s, r in ((i2t, relevant), (t2i, relevant.T))))
+
+
+def beats_partner(similarity: np.ndarray, partners: np.ndarray) -> np.ndarray:
+    """[Q] 1.0 where query i's own item (column i) scores above its partner's column, else 0.0
+    (a tie is not a win)."""
+    rows = np.arange(len(partners))
+    return (similarity[rows, rows] > similarity[rows, partners]).astype(np.float64)
+
+
+def partner_rows(sample_ids: list[str]) -> np.ndarray | None:
+    """Each sample's minimal-pair partner row, when every sample has one among them; else None."""
+    row = {sample_id: i for i, sample_id in enumerate(sample_ids)}
+    partners = [row.get(minimal_pair_partner(s) or "") for s in sample_ids]
+    return None if not partners or None in partners else np.array(partners)
 
 
 def evaluate_index(index: EmbeddingIndex, eval_cfg: EvalConfig, reranker=None) -> dict[str, QueryResults]:
@@ -182,5 +216,5 @@ def evaluate_index(index: EmbeddingIndex, eval_cfg: EvalConfig, reranker=None) -
                       "rescore_texts": lambda q, c, s: reranker.score_texts(image_queries, q, text_rows[c], s),
                       "rescore_images": lambda q, c, s: reranker.score_images(text_queries, q, rows[c], s)}
         results[split] = rank_pairs(index.embeddings["images"][rows], index.embeddings["texts"][text_rows],
-                                    relevant, sample_ids, **rerank)
+                                    relevant, sample_ids, **rerank, partners=partner_rows(sample_ids))
     return results

@@ -5,7 +5,8 @@ detector's output). Object-aware variants (qperturb) read them; the others ignor
 
 Splits: train, test_seen, test_unseen, and test_compositional: minimal pairs whose two texts use
 the same words and differ only in composition (who is where, which emblem is large), each text
-relevant to its own image alone (evaluate.py scores it with pair relevance)."""
+relevant to its own image alone (evaluate.py scores it with pair relevance). A minimal pair's
+samples are named comp-<kind>-<pair>-0 and comp-<kind>-<pair>-1."""
 
 from __future__ import annotations
 
@@ -22,3 +23,10 @@ SAMPLES_SCHEMA = pa.schema([
 
 def samples_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA)
+
+
+def minimal_pair_partner(sample_id: str) -> str | None:
+    """The other sample of a compositional minimal pair (comp-<kind>-<pair>-<0|1>); None for
+    any other sample."""
+    stem, _, member = sample_id.rpartition("-")
+    return f"{stem}-{1 - int(member)}" if sample_id.startswith("comp-") and member in ("0", "1") else None
