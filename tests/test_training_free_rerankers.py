@@ -178,6 +178,19 @@ def test_mack_learns_words_only_from_the_train_splits_labelled_boxes():
         Reranker(model, tiny_index(model, train_boxes=False), "mack", k=4)
 
 
+def test_mack_refuses_adaptive_patches_that_are_no_grid_to_pool_boxes_in():
+    model = build_model(ModelConfig(variant="adamatch", **TINY))
+    with pytest.raises(ConfigError, match="variant adamatch keeps adaptive patches instead"):
+        Reranker(model, tiny_index(model), "mack", k=4)
+    assert Reranker(model, tiny_index(model), "hosa", k=4).name == "hosa"
+    from entityclip.config import load_config
+    from entityclip.pipeline import run_pipeline
+
+    cfg = load_config(None, ["evaluate.rerankers=[hosa,mack]", "storage.root=/nonexistent/never-written"])
+    with pytest.raises(ConfigError, match="variant adamatch keeps adaptive patches"):  # before any stage runs
+        run_pipeline(cfg, ["entityclip", "adamatch"], serve_query=False, progress=False)
+
+
 def test_a_model_that_keeps_no_tokens_is_told_how_to_keep_them():
     model = build_model(ModelConfig(variant="clip_finetune", **TINY))
     index = tiny_index(model)

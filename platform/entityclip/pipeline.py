@@ -263,7 +263,11 @@ def run_pipeline(cfg: PipelineConfig, variants: list[str], serve_query: bool = T
     """The whole job; returns a summary (stage timings, recall per variant and seed, a served
     query). `seeds`: train each variant once per training seed (default: `train.seed` alone)."""
     from entityclip.explain.engines import KnowledgeEngine, uses_world_lm
+    from entityclip.rerank import check_runnable
 
+    for variant in variants:  # before any work: a re-ranker a variant cannot run is a config error
+        for name in cfg.evaluate.rerankers:
+            check_runnable(variant, name)
     timer = StageTimer()
     paths = RunPaths.for_config(cfg)
     timer.run("data", stage_data, cfg, progress)

@@ -25,7 +25,7 @@ from entityclip.config import ServeConfig
 from entityclip.errors import ConfigError
 from entityclip.index import EmbeddingIndex
 from entityclip.models import hosa, mack
-from entityclip.models.entityclip import EntityCLIP, ImageFeatures, TextFeatures
+from entityclip.models.entityclip import VARIANT_SPECS, EntityCLIP, ImageFeatures, TextFeatures
 
 # Re-rankers that are part of their variant's definition: `auto` runs them.
 DEFINING = ("late_interaction", "xattn_fusion")
@@ -48,6 +48,13 @@ def choose(model: EntityCLIP, requested: str) -> str | None:
     return requested
 
 
+def check_runnable(variant: str, name: str) -> None:
+    """A ConfigError when training-free re-ranker `name` cannot run on `variant`'s tokens."""
+    if name == "mack" and VARIANT_SPECS[variant].adaptive_patches:
+        raise ConfigError(f"the mack re-ranker pools the image's grid patches inside boxes; variant {variant} "
+                          "keeps adaptive patches instead (hosa can run on them)")
+
+
 class Reranker:
     """A re-ranker over one gallery index."""
 
@@ -60,6 +67,7 @@ class Reranker:
                               "rebuild it with `entityclip index`")
         if k < 1:
             raise ConfigError(f"serve.rerank_k must be at least 1, not {k}")
+        check_runnable(model.model_cfg.variant, name)
         self.model, self.index, self.name, self.k, self.weight = model, index, name, k, weight
         self.prototypes = self._prototypes(mack_refine_steps) if name == "mack" else None
 
