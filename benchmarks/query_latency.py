@@ -19,8 +19,9 @@ from pathlib import Path
 
 from entityclip import Retriever, storage
 from entityclip.config import load_config
+from entityclip.errors import ConfigError
 from entityclip.paths import RunPaths
-from entityclip.rerank import DEFINING
+from entityclip.rerank import DEFINING, check_runnable
 from entityclip.models.checkpoint import load_model
 
 
@@ -36,6 +37,14 @@ def timed(retriever: Retriever, texts: list[str], k: int) -> list[float]:
 def percentiles(ms: list[float]) -> dict:
     ordered = sorted(ms)
     return {"p50_ms": statistics.median(ordered), "p99_ms": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]}
+
+
+def runnable(variant: str, reranker: str) -> bool:
+    try:
+        check_runnable(variant, reranker)
+        return True
+    except ConfigError:
+        return False
 
 
 def main() -> None:
@@ -55,7 +64,7 @@ def main() -> None:
     rows = []
     for variant in variants:
         reranker = load_model(paths.checkpoint(variant)).reranker
-        extra = [r for r in args.rerankers.split(",") if r]
+        extra = [r for r in args.rerankers.split(",") if r and runnable(variant, r)]
         for rerank in ["none", *([reranker] if reranker else []), *extra]:
             retriever = Retriever.load(args.root, variant, rerank=rerank)
             retriever.search_text("warm-up query", args.k)
