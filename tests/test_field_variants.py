@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from entityclip.config import ModelConfig, TrainConfig
 from entityclip.errors import ConfigError
 from entityclip.models import build_model
-from entityclip.models.adapatch import AdaPatch, patch_centres, word_positions
+from entityclip.models.adapatch import AdaPatch, word_positions
 from entityclip.models.late_interaction import pair_similarities, token_similarities
 from entityclip.models.xattn_fusion import LayerFusion
-from entityclip.models.perturbation import object_subspace, patch_mask, perturb_toward_objects
+from entityclip.models.perturbation import object_subspace, patch_centres, patch_mask, perturb_toward_objects
 from entityclip.train.objective import Objective, hardest_negatives, partial_ranking_loss
 
 TINY = dict(image_size=32, patch_size=8, width=32, embed_dim=32, layers=1, heads=2, context_length=32,

@@ -79,7 +79,8 @@ def table(rows: list[dict]) -> str:
     """The recall table (± half the 95% bootstrap interval over test queries); sweep trials also
     show the values they were run with."""
     width = max([34, *(len(r["run"]) for r in rows)])
-    head = f"{'run':<{width}} " + " ".join(f"{m.split('_')[1].split('/')[0][:6]}/{m.split('/')[1]:<7}" for m in METRICS)
+    head = f"{'run':<{width}} " + " ".join(f"{split.removeprefix('test_')[:6]}/{name:<7}"
+                                            for split, name in (m.split("/") for m in METRICS))
     with_params = any(r["params"] for r in rows)
     lines = [head + ("  params" if with_params else "")]
     for r in rows:

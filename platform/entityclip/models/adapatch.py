@@ -24,15 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-def patch_centres(count: int) -> torch.Tensor:
-    """[count, 2] (x, y) centres of a square grid's patches, row-major, as fractions of the side."""
-    grid = math.isqrt(count)
-    if grid * grid != count:
-        raise ValueError(f"AdaPatch needs a square grid of patch tokens, not {count}")
-    centres = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid
-    y, x = torch.meshgrid(centres, centres, indexing="ij")
-    return torch.stack([x.reshape(-1), y.reshape(-1)], dim=1)
-
+from entityclip.models.perturbation import patch_centres
 
 class AdaPatch(nn.Module):
     def __init__(self, dim: int, patches: int):

@@ -11,18 +11,30 @@ keeps the encoder untouched and the gallery indexable. An image without boxes is
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+def patch_centres(count: int) -> torch.Tensor:
+    """[count, 2] (x, y) centres of a square grid's patches, row-major like the encoder's, as
+    fractions of the image side."""
+    grid = math.isqrt(count)
+    if grid * grid != count:
+        raise ValueError(f"patch tokens must form a square grid, not {count}")
+    centres = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid
+    y, x = torch.meshgrid(centres, centres, indexing="ij")
+    return torch.stack([x.reshape(-1), y.reshape(-1)], dim=1)
 
 
 def patch_mask(boxes: list, grid: int) -> torch.Tensor:
     """[grid*grid] bool, row-major like the encoder's patches: True where a patch's centre lies
     in any box ([x0, y0, x1, y1], fractions of the image side)."""
-    centres = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid
-    y, x = torch.meshgrid(centres, centres, indexing="ij")
-    inside = torch.zeros(grid, grid, dtype=torch.bool)
+    x, y = patch_centres(grid * grid).unbind(dim=1)
+    inside = torch.zeros(grid * grid, dtype=torch.bool)
     for x0, y0, x1, y1 in boxes:
         inside |= (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
-    return inside.reshape(-1)
+    return inside
 
 
 def object_subspace(patches: torch.Tensor, rank: int) -> torch.Tensor:
