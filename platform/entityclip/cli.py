@@ -142,13 +142,16 @@ def cmd_serve(args) -> None:
 def cmd_query(args) -> None:
     from entityclip.serving.client import ServeClient
 
+    if args.text is None and args.image is None:
+        raise EntityClipError("give --text, --image, or both (a composed query)")
     client = ServeClient(args.url)
     if args.image:
         try:
             image = Path(args.image).read_bytes()
         except OSError as exc:
             raise EntityClipError(f"cannot read {args.image} ({exc.strerror})") from None
-        _print(client.search_image(image, args.k))
+        _print(client.search_composed(image, args.text, args.k) if args.text is not None
+               else client.search_image(image, args.k))
     else:
         _print(client.search_text(args.text, args.k))
 
@@ -274,9 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("query", cmd_query, "send a query to a running Serve app (the API key, where the app wants one, "
             "from $ENTITYCLIP_API_KEY; a request the app lost to a dying replica is sent again)")
     p.add_argument("--url", default="http://127.0.0.1:8000")
-    group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--text", help="text → image search")
-    group.add_argument("--image", help="image file → text search")
+    p.add_argument("--text", help="text → image search")
+    p.add_argument("--image", help="image file → text search; with --text, a composed query → images "
+                   "(the image changed as the text says)")
     p.add_argument("-k", type=int, default=5)
     p = add("pipeline", cmd_pipeline, "the whole job: data → explain → train → index → evaluate → serve")
     _config_args(p)

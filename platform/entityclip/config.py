@@ -21,7 +21,7 @@ from entityclip.errors import ConfigError
 
 # The matchers one trainer, index, evaluator and server run (models/entityclip.py).
 Variant = Literal["entityclip", "entityclip_noexpl", "clip_finetune", "clip_zeroshot", "cprd", "qperturb", "filip",
-                  "xattn_fusion", "adamatch"]
+                  "xattn_fusion", "adamatch", "vista"]
 
 
 @dataclass
@@ -56,6 +56,10 @@ class DataConfig:
     # same two seen entities swapped left and right; binding: which of them is drawn large), each
     # pair's texts the same words in another order. 0: no compositional split.
     compositional_pairs: int = 24
+    # Synthetic world: composed queries per entity (reference scene, "this emblem, but on
+    # <setting>", target), each in another of the 4 other settings: seen entities' in
+    # train_composed (what vista trains them on), unseen ones' in test_composed. 0: none.
+    composed_per_entity: int = 4
     seed: int = 0  # synthetic world's generator, and the shards' row order
     # Training shards (data/shards.py): samples with their encoded image bytes, written this many
     # rows at a time (one Parquet file per split in each).
@@ -174,6 +178,7 @@ class TrainConfig:
     distill_candidates: int = 6  # cprd: hard negatives ranked per query
     distill_ranked: int = 3  # cprd: places of that ranking learned
     token_weight: float = 1.0  # filip: weight of the token-wise (late interaction) contrastive loss
+    composed_weight: float = 1.0  # vista: weight of the composed-query contrastive loss
     # Reinforced training (MobileCLIP): a variant of this run root, trained and indexed, whose
     # stored embeddings teach the model its image-text similarities (train/reinforce.py); "" = off.
     reinforce_teacher: str = ""
@@ -213,7 +218,8 @@ class EvalConfig:
     # where same-entity scenes differ only in layout); pair: the paper's 1:1 ground truth.
     relevance: Literal["entities", "pair"] = "entities"
     # test splits evaluated (one absent from the data is skipped)
-    splits: list[str] = field(default_factory=lambda: ["test_seen", "test_unseen", "test_compositional"])
+    splits: list[str] = field(default_factory=lambda: ["test_seen", "test_unseen", "test_compositional",
+                                                       "test_composed"])
     # Training-free re-rankers (rerank.py) evaluated besides the model's own, each logged as
     # "<reranker>/<split>" like it (their index needs image tokens: index.image_tokens).
     rerankers: list[Literal["mack", "hosa"]] = field(default_factory=list)

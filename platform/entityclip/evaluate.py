@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from entityclip.config import EvalConfig
-from entityclip.data.samples import COMPOSITIONAL_SPLIT, minimal_pair_partner
+from entityclip.data.samples import COMPOSED_SPLIT, PAIR_RELEVANCE_SPLITS, minimal_pair_partner
 from entityclip.errors import ConfigError
 from entityclip.index import EmbeddingIndex, rerank_order
 from entityclip.stats import bootstrap_ci
@@ -194,7 +194,8 @@ def partner_rows(sample_ids: list[str]) -> np.ndarray | None:
 
 def evaluate_index(index: EmbeddingIndex, eval_cfg: EvalConfig, reranker=None) -> dict[str, QueryResults]:
     """{split: its per-sample results}; images and texts of the split form each other's
-    gallery. With a `Reranker` (rerank.py), of two-stage retrieval."""
+    gallery. With a `Reranker` (rerank.py), of two-stage retrieval, except on test_composed:
+    a re-ranker scores (image, text) pairs, and a composed query is an image and a text."""
     results = {}
     images, texts = index.meta["images"], index.meta["texts"]
     image_ids, image_splits, image_entities = images.column("sample_id"), images.column("split"), images.column("entities")
@@ -204,13 +205,14 @@ def evaluate_index(index: EmbeddingIndex, eval_cfg: EvalConfig, reranker=None) -
         if not rows:
             continue
         text_rows = [text_row[image_ids[i]] for i in rows]
-        # A compositional pair's two images show the same entities: only its own image is relevant.
-        mode = "pair" if split == COMPOSITIONAL_SPLIT else eval_cfg.relevance
+        # A compositional pair's two images show the same entities, and a composed query asks for
+        # one target: only its own image is relevant.
+        mode = "pair" if split in PAIR_RELEVANCE_SPLITS else eval_cfg.relevance
         relevant = relevance_matrix([tuple(image_entities[i]) for i in rows], mode)
         sample_ids = [image_ids[i] for i in rows]
         rows, text_rows = np.array(rows), np.array(text_rows)
         rerank = {}
-        if reranker is not None:
+        if reranker is not None and split != COMPOSED_SPLIT:
             image_queries, text_queries = reranker.image_features(rows), reranker.text_features(text_rows)
             rerank = {"rerank_k": reranker.k,
                       "rescore_texts": lambda q, c, s: reranker.score_texts(image_queries, q, text_rows[c], s),

@@ -1,5 +1,7 @@
 """The embedding index: Ray Data batch-embeds every image and every text(+explanation) with a
-checkpoint, and `EmbeddingIndex` searches them with FAISS (inner product of unit vectors).
+checkpoint, and `EmbeddingIndex` searches them with FAISS (inner product of unit vectors). A
+composed query's text (a sample with a reference image) is embedded with its reference image
+(`EntityCLIP.composed_embedding`): the texts side holds queries as they are asked.
 
 Layout under the index URI, per kind (images, texts): `<kind>.parquet` with sample_id,
 image_uri, text, entities, split and a fixed-size `embedding` column, and `<kind>.faiss`, the
@@ -51,8 +53,14 @@ class Embedder:
             if self.keep_tokens:
                 batch = {**batch, "tokens": features.tokens.numpy().astype(np.float16)}
         else:
-            emb = self.model.embed_texts(list(batch["text"]), list(batch["explanation"]))
-        return {**batch, "embedding": emb.numpy().astype(np.float32)}
+            emb = self.model.embed_texts(list(batch["text"]), list(batch["explanation"])).numpy()
+            composed = [i for i, uri in enumerate(batch["reference_uri"]) if uri]
+            if composed:
+                references = torch.stack([read_image_tensor(batch["reference_uri"][i], self.model.image_size)
+                                          for i in composed])
+                emb[composed] = self.model.embed_composed(references, [batch["text"][i] for i in composed],
+                                                          [batch["explanation"][i] for i in composed]).numpy()
+        return {**batch, "embedding": np.asarray(emb, dtype=np.float32)}
 
 
 @dataclass
@@ -65,7 +73,8 @@ class IndexStats:
 def build_index(checkpoint_uri: str, samples_uri: str, explanations_uri: str, out_uri: str,
                 index_cfg: IndexConfig) -> IndexStats:
     rows = [{"sample_id": p.sample_id, "image_uri": p.image_uri, "text": p.text, "explanation": p.explanation,
-             "entities": list(p.entities), "split": p.split, "boxes": [list(b) for b in p.boxes]}
+             "entities": list(p.entities), "split": p.split, "boxes": [list(b) for b in p.boxes],
+             "reference_uri": p.reference_uri or ""}
             for p in load_pairs(samples_uri, explanations_uri)]
     tables, tokens = {}, None
     for kind in KINDS:

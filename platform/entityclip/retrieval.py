@@ -5,6 +5,7 @@
     r.search_text("Velmora Rovers lift the cup", k=5)
     r.search_image(open("photo.png", "rb").read(), k=5)
     r.score("Velmora Rovers lift the cup", image_bytes)
+    r.search_composed(image_bytes, "this emblem, but on a sandy beach", k=5)
     Retriever.load("runs/default", "entityclip", rerank="itm")  # GI-ITM re-ranks the top 20
 
 Each method returns the plain dict the HTTP API answers with. Bad input raises `InputError`
@@ -198,6 +199,19 @@ class Retriever:
         rerank = (lambda q, c, s: self.reranker.score_texts(features, q, c, s)) if self.reranker else None
         hits = self.index.search(embedding, "texts", k, rerank, self.reranker.k if rerank else 0)
         return {"results": [h.answer() for h in hits[0]], "model": self.info}
+
+    def search_composed(self, image: bytes | Image.Image, text: str, k: int = 10, explanation: str | None = None) -> dict:
+        """Composed query → images: gallery images like `image`, changed as `text` says
+        (`EntityCLIP.composed_embedding`: vista's encoder, or any other variant's sum of its two
+        embeddings). First stage only: a re-ranker scores (image, text) pairs, and a composed
+        query is not one."""
+        text, k = self.check_text(text), self.check_k(k)
+        features, given = self._text_features([text], [self.check_explanation(explanation)])
+        with torch.no_grad():
+            image_features = self.model.encode_images(self.image_tensor(image).unsqueeze(0))
+            embedding = self.model.composed_embedding(image_features, features).numpy()
+        hits = self.index.search(embedding, "images", k)
+        return {"explanation": given[0], "results": [h.answer() for h in hits[0]], "model": self.info}
 
     def score(self, text: str, image: bytes | Image.Image, explanation: str | None = None) -> dict:
         """Similarity of the retrieval embeddings and, where the variant has one, P(match)

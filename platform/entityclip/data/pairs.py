@@ -18,6 +18,7 @@ class Pair:
     entities: tuple[str, ...]
     split: str
     boxes: tuple[tuple[float, ...], ...] = ()  # object regions (data/samples.py)
+    reference_uri: str | None = None  # a composed query's reference image (data/samples.py)
 
 
 def load_pairs(samples_uri: str, explanations_uri: str, splits: list[str] | None = None) -> list[Pair]:
@@ -30,7 +31,8 @@ def load_pairs(samples_uri: str, explanations_uri: str, splits: list[str] | None
         if s["sample_id"] not in explanations:
             raise InputError(f"sample {s['sample_id']} has no explanation in {explanations_uri}; rerun `entityclip explain`")
         pairs.append(Pair(s["sample_id"], s["image_uri"], s["text"], explanations[s["sample_id"]],
-                          tuple(s["entities"]), s["split"], tuple(tuple(b) for b in s.get("boxes") or ())))
+                          tuple(s["entities"]), s["split"], tuple(tuple(b) for b in s.get("boxes") or ()),
+                          s.get("reference_uri")))
     return pairs
 
 

@@ -2,22 +2,35 @@
 boxes[]: the image's object regions as [x0, y0, x1, y1] fractions of its width and height
 (the synthetic world draws them; other sources may leave them empty, or take them from a
 detector's output). Object-aware variants (qperturb) read them; the others ignore them.
+reference_uri: for a composed query only (null elsewhere), the image that its text modifies;
+the sample's own image is the query's target.
 
 Splits: train, test_seen, test_unseen, and test_compositional: minimal pairs whose two texts use
 the same words and differ only in composition (who is where, which emblem is large), each text
 relevant to its own image alone (evaluate.py scores it with pair relevance). A minimal pair's
-samples are named comp-<kind>-<pair>-0 and comp-<kind>-<pair>-1."""
+samples are named comp-<kind>-<pair>-0 and comp-<kind>-<pair>-1.
+
+Composed queries (VISTA-style): train_composed and test_composed rows are (reference image,
+text saying what changes, target image) triplets. Only composed-query variants (vista) train on
+train_composed; test_composed is scored with the target as the one relevant image."""
 
 from __future__ import annotations
 
 import pyarrow as pa
 
 COMPOSITIONAL_SPLIT = "test_compositional"
+TRAIN_COMPOSED_SPLIT = "train_composed"
+COMPOSED_SPLIT = "test_composed"
+# Splits added after the first three: generated from their own random streams and kept out of
+# the shards' shuffle, so that every older split, and every training run, stays as it was.
+ADDED_SPLITS = (COMPOSITIONAL_SPLIT, TRAIN_COMPOSED_SPLIT, COMPOSED_SPLIT)
+# Splits where each query's own item is its one relevant item.
+PAIR_RELEVANCE_SPLITS = (COMPOSITIONAL_SPLIT, COMPOSED_SPLIT)
 
 SAMPLES_SCHEMA = pa.schema([
     ("sample_id", pa.string()), ("image_uri", pa.string()), ("text", pa.string()),
     ("entities", pa.list_(pa.string())), ("split", pa.string()), ("source", pa.string()),
-    ("boxes", pa.list_(pa.list_(pa.float32(), 4))),
+    ("boxes", pa.list_(pa.list_(pa.float32(), 4))), ("reference_uri", pa.string()),
 ])
 
 

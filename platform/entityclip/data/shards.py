@@ -4,7 +4,8 @@ The data stage writes them with Ray Data (each image read from storage once and 
 decode, so a corrupt image stops the data stage naming its sample); training streams them back
 as a Ray Data dataset, so no process ever holds the whole set. Layout under `data/shards`:
 
-    <write-id>/split=<split>/*.parquet   sample_id, image_uri, text, entities, source, image (bytes)
+    <write-id>/split=<split>/*.parquet   sample_id, image_uri, text, entities, source, image (bytes),
+                                         reference_image (bytes; composed queries only, else null)
     manifest.json                        the current write-id, and per split its files and rows
 
 The manifest is written last and names its files (relative to the shards folder, so a run root
@@ -21,22 +22,28 @@ import pyarrow as pa
 
 from entityclip import storage
 from entityclip.data.images import decode_image
-from entityclip.data.samples import COMPOSITIONAL_SPLIT
+from entityclip.data.samples import ADDED_SPLITS
 from entityclip.errors import InputError, StorageError
 
 MANIFEST = "manifest.json"
 
 
+def _checked_bytes(sample_id: str, uri: str) -> bytes:
+    data = storage.read_bytes(uri)
+    try:
+        decode_image(data)
+    except InputError as exc:
+        raise InputError(f"sample {sample_id}: {uri}: {exc}") from None
+    return data
+
+
 def _with_image_bytes(batch: pa.Table) -> pa.Table:
-    images = []
-    for sample_id, uri in zip(batch["sample_id"].to_pylist(), batch["image_uri"].to_pylist()):
-        data = storage.read_bytes(uri)
-        try:
-            decode_image(data)
-        except InputError as exc:
-            raise InputError(f"sample {sample_id}: {uri}: {exc}") from None
-        images.append(data)
-    return batch.append_column("image", pa.array(images, pa.binary()))
+    ids = batch["sample_id"].to_pylist()
+    images = [_checked_bytes(i, uri) for i, uri in zip(ids, batch["image_uri"].to_pylist())]
+    references = batch["reference_uri"].to_pylist() if "reference_uri" in batch.column_names else [None] * len(ids)
+    batch = batch.append_column("image", pa.array(images, pa.binary()))
+    return batch.append_column("reference_image", pa.array(
+        [None if uri is None else _checked_bytes(i, uri) for i, uri in zip(ids, references)], pa.binary()))
 
 
 def write_shards(samples_uri: str, shards_uri: str, rows_per_file: int, seed: int = 0) -> dict:
@@ -44,14 +51,15 @@ def write_shards(samples_uri: str, shards_uri: str, rows_per_file: int, seed: in
 
     Rows go in a random order: datasets list samples by entity or source, and training reads
     shards block by block, so a block of neighbours would fill a batch with the same entity.
-    The compositional split's rows are left out of the shuffle and go last: the order of every
-    other split, and so every training run, is what it was before that split existed."""
+    The rows of splits added later (samples.ADDED_SPLITS) are left out of the shuffle and go
+    last: the order of every other split, and so every training run, is what it was before
+    those splits existed."""
     import ray
 
     write_id = uuid.uuid4().hex[:12]
     fs, base = storage.arrow_fs(storage.join(shards_uri, write_id))
     samples = storage.read_parquet(samples_uri)
-    added = np.flatnonzero(np.asarray(samples.column("split").to_pylist()) == COMPOSITIONAL_SPLIT)
+    added = np.flatnonzero(np.isin(np.asarray(samples.column("split").to_pylist()), ADDED_SPLITS))
     others = np.setdiff1d(np.arange(samples.num_rows), added)
     samples = samples.take(np.concatenate([others[np.random.default_rng(seed).permutation(len(others))], added]))
     (ray.data.from_arrow(samples)

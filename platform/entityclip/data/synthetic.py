@@ -20,7 +20,7 @@ from tqdm import tqdm
 from entityclip import storage
 from entityclip.config import DataConfig
 from entityclip.data.images import encode_png
-from entityclip.data.samples import COMPOSITIONAL_SPLIT, samples_table
+from entityclip.data.samples import COMPOSED_SPLIT, COMPOSITIONAL_SPLIT, TRAIN_COMPOSED_SPLIT, samples_table
 
 COLOURS = {
     "red": (220, 40, 40), "blue": (40, 70, 220), "green": (40, 170, 60), "yellow": (235, 210, 40),
@@ -240,6 +240,41 @@ def compositional_scenes(seen: list[Entity], pairs: int, rng: random.Random) -> 
     return out
 
 
+COMPOSED_TEXT = "this emblem, but on {setting}."
+
+
+def composed_rows(world: list[Entity], unseen: set[str], rows: list[dict], per_entity: int, size: int, root: str,
+                  rng: random.Random) -> list[dict]:
+    """VISTA-style composed queries, up to `per_entity` per entity, each in another setting: the
+    reference is one of the entity's own scenes (a train sample for a seen entity, a test_unseen
+    one for an unseen entity), the text names only the new setting ("this emblem, but on a sandy
+    beach."), and the target image is the entity's emblem alone in that setting. Seen entities'
+    triplets form train_composed; unseen ones' test_composed, where the entity's look can only
+    come from the reference image. Texts name no entity (`entities` is empty), so a text alone
+    finds the setting, an image alone the entity, and only the two together the target."""
+    references: dict[str, list[str]] = {}
+    for row in rows:
+        if row["split"] in ("train", "test_unseen"):
+            references.setdefault(row["sample_id"].rsplit("-", 1)[0], []).append(row["image_uri"])
+    out = []
+    for entity in world:
+        if entity.entity_id not in references:
+            continue
+        split = COMPOSED_SPLIT if entity.entity_id in unseen else TRAIN_COMPOSED_SPLIT
+        others = [s for s in SETTINGS if s != entity.setting]
+        for setting in rng.sample(others, min(per_entity, len(others))):
+            side = rng.uniform(0.45, 0.7)
+            placement = (rng.uniform(0, 1 - side), rng.uniform(0, 1 - side), side)
+            image, boxes = draw_layout([entity], [placement], setting, size, rng.getrandbits(32))
+            sample_id = f"composed-{entity.entity_id}-{list(SETTINGS).index(setting)}"
+            image_uri = storage.join(root, "images", f"{sample_id}.png")
+            storage.write_bytes(image_uri, encode_png(image))
+            out.append({"sample_id": sample_id, "image_uri": image_uri, "text": COMPOSED_TEXT.format(setting=setting),
+                        "entities": [], "split": split, "source": "synthetic", "boxes": boxes,
+                        "reference_uri": rng.choice(references[entity.entity_id])})
+    return out
+
+
 def _other(seen: list[Entity], own: int | None, rng: random.Random) -> Entity:
     """A seen entity other than the one at position `own`, drawn as `rng.choice` of the list
     without it would draw (same random numbers, so worlds stay as they were), in O(1)."""
@@ -297,6 +332,9 @@ def generate(data_cfg: DataConfig, root: str, progress: bool = True) -> dict[str
             rows.append({"sample_id": sample_id, "image_uri": image_uri, "text": scene.text,
                          "entities": [e.name for e in scene.entities], "split": COMPOSITIONAL_SPLIT,
                          "source": "synthetic", "boxes": boxes})
+    if data_cfg.composed_per_entity:  # its own random stream too
+        rows += composed_rows(world, unseen, rows, data_cfg.composed_per_entity, data_cfg.image_size, root,
+                              random.Random(f"{data_cfg.seed}-composed"))
     entities_uri = storage.join(root, "entities.parquet")
     samples_uri = storage.join(root, "samples.parquet")
     storage.write_parquet(entities_uri, pa.Table.from_pylist([asdict(e) for e in world]))

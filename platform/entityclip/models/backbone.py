@@ -147,6 +147,35 @@ def text_layers(clip: open_clip.CLIP, ids: torch.Tensor, n: int) -> list[tuple[t
     return out
 
 
+def text_width(clip: nn.Module) -> int:
+    return text_tower(clip).transformer.width
+
+
+def image_token_count(clip: nn.Module) -> int:
+    """How many tokens `image_tokens` gives per image (the pooled one and the patches): ViT towers only."""
+    if isinstance(clip.visual, TimmModel):
+        raise ConfigError("this variant reads the image tower's patch tokens in fixed positions: it needs a ViT image "
+                          "tower, not a timm one")
+    return 1 + clip.visual.grid_size[0] * clip.visual.grid_size[1]
+
+
+def prefixed_text_embedding(clip: nn.Module, prefix: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The text tower's pooled output [B, D] at EOT over `prefix` [B, P, width] (inputs already
+    in the tower's width, their positions added by the caller) followed by the words of `ids`.
+    Every word reads the whole prefix and, in a causal tower, the words before it; the prefix
+    reads only itself, as a prefix language model's does."""
+    text = text_tower(clip)
+    p, length = prefix.shape[1], ids.shape[1]
+    x = torch.cat([prefix, text.token_embedding(ids) + text.positional_embedding[:length]], dim=1)
+    mask = torch.zeros(p + length, p + length, dtype=x.dtype, device=x.device)
+    mask[:p, p:] = float("-inf")
+    if text.attn_mask is not None:  # causal among the words
+        mask[p:, p:] = text.attn_mask[:length, :length]
+    x = text.ln_final(text.transformer(x, attn_mask=mask))
+    pooled = x[torch.arange(ids.shape[0], device=ids.device), p + ids.argmax(dim=-1)]
+    return pooled @ text.text_projection if not isinstance(text.text_projection, nn.Linear) else text.text_projection(pooled)
+
+
 def text_padding(ids: torch.Tensor) -> torch.Tensor:
     """[B, L] True at the positions after each row's EOT token (the highest id)."""
     positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)

@@ -22,6 +22,16 @@ Variants:
 - `adamatch`: filip's token-wise matching with the image tokens replaced by AdaMatch's patches of
   adaptive size and position (ACL 2024; models/adapatch.py), each with its box, so the match of
   each word to a region can be shown (Retriever.word_regions).
+- `vista`: plain CLIP features, and a composed-query encoder after VISTA (ACL 2024): the text
+  tower reads the image tower's tokens, projected to its width, before the words, so a query
+  can be an image plus a text saying what changes ("this emblem, but on a sandy beach").
+  Trained on train_composed's triplets besides the plain pairs. VISTA also embeds candidate
+  images through the text encoder; here candidates keep the image tower's embedding, so the
+  gallery index is any dual encoder's and only the query side is new.
+
+Composed queries. Every variant embeds one (`composed_embedding`): vista with its encoder, the
+others as the sum of their image and text embeddings (the late-fusion baseline of composed
+image retrieval).
 
 Re-rankers. Each trainable variant but clip_finetune has one second stage that scores an
 (image, text) pair from token features (`reranker`): the GI-ITM head (`itm`) for the
@@ -61,6 +71,7 @@ class VariantSpec:
     fused_tokens: bool = False  # token features fused over the last layers (xattn_fusion)
     perturb: bool = False  # image embeddings perturbed toward object regions at inference (qperturb)
     adaptive_patches: bool = False  # image tokens are AdaPatch's adaptive patches (adamatch)
+    composed: bool = False  # the text tower reads image tokens before the words (vista)
     trainable: bool = True
 
 
@@ -76,6 +87,7 @@ VARIANT_SPECS: dict[str, VariantSpec] = {
     "xattn_fusion": VariantSpec(experts=False, explanations=False, reranker="xattn_fusion", fused_tokens=True),
     "adamatch": VariantSpec(experts=False, explanations=False, reranker="late_interaction", losses=("token",),
                             adaptive_patches=True),
+    "vista": VariantSpec(experts=False, explanations=False, losses=("composed",), composed=True),
 }
 VARIANTS = typing.get_args(Variant)
 
@@ -139,6 +151,10 @@ class EntityCLIP(nn.Module):
             self.matcher = CrossAttentionMatcher(dim)
         if self.spec.adaptive_patches:
             self.adapatch = AdaPatch(dim, model_cfg.adaptive_patches)
+        if self.spec.composed:  # image tokens into the text tower's width, with their own positions
+            width = backbone.text_width(self.clip)
+            self.image_prefix = nn.Linear(dim, width)
+            self.prefix_position = nn.Parameter(0.01 * torch.randn(backbone.image_token_count(self.clip), width))
 
     @property
     def trainable(self) -> bool:
@@ -212,6 +228,16 @@ class EntityCLIP(nn.Module):
         ], dim=1)
         return backbone.normalize(self.text_gate(txt.eot, candidates))
 
+    def composed_embedding(self, img: ImageFeatures, txt: TextFeatures) -> torch.Tensor:
+        """Unit-norm embedding of a composed query (a reference image and a text saying what
+        changes), searched against the gallery's image embeddings: vista's text tower over the
+        image tokens then the words; for every other variant, the normalized sum of its image
+        and text embeddings."""
+        if not self.spec.composed:
+            return backbone.normalize(self.image_embedding(img) + self.text_embedding(txt))
+        prefix = self.image_prefix(img.tokens) + self.prefix_position
+        return backbone.normalize(backbone.prefixed_text_embedding(self.clip, prefix, txt.ids))
+
     def match_logits(self, img: ImageFeatures, txt: TextFeatures) -> torch.Tensor:
         """[B, 2] match logits (class 1 = match) of aligned pairs from the variant's matching
         head: GI-ITM, or xattn_fusion's cross-modal attention matcher."""
@@ -257,6 +283,10 @@ class EntityCLIP(nn.Module):
     @torch.no_grad()
     def embed_texts(self, texts: list[str], explanations: list[str] | None = None) -> torch.Tensor:
         return self.text_embedding(self.text_features(texts, explanations))
+
+    @torch.no_grad()
+    def embed_composed(self, images: torch.Tensor, texts: list[str], explanations: list[str] | None = None) -> torch.Tensor:
+        return self.composed_embedding(self.encode_images(images), self.text_features(texts, explanations))
 
     @torch.no_grad()
     def match_probability(self, images: torch.Tensor, texts: list[str], explanations: list[str]) -> torch.Tensor:

@@ -92,6 +92,13 @@ class RegionQuery(Query):
     sample_id: StrictStr
 
 
+class ComposedQuery(Query):
+    image_base64: StrictStr
+    text: StrictStr
+    k: StrictInt = 10
+    explanation: StrictStr | None = None
+
+
 class PairQuery(Query):
     text: StrictStr
     image_base64: StrictStr
@@ -250,12 +257,19 @@ class RetrievalServer:
     def search_image(self, query: ImageQuery) -> dict:
         return self.retriever.search_image(decode_base64(query.image_base64, self.max_image_bytes), query.k)
 
+    @api.post("/search/composed")
+    async def search_composed(self, query: ComposedQuery) -> dict:
+        """An image and a text saying what changes → images."""
+        image = decode_base64(query.image_base64, self.max_image_bytes)
+        text, k = self.retriever.check_text(query.text), self.retriever.check_k(query.k)
+        explanation = self.retriever.check_explanation(query.explanation)
+        return self.retriever.search_composed(image, text, k, await self._explanation(text, explanation))
+
     @api.post("/score")
     async def score(self, query: PairQuery) -> dict:
         image = decode_base64(query.image_base64, self.max_image_bytes)
         text = self.retriever.check_text(query.text)
         return self.retriever.score(text, image, await self._explanation(text, query.explanation))
-
 
     @api.post("/match/regions")
     def match_regions(self, query: RegionQuery) -> dict:

@@ -83,6 +83,11 @@ class ServeClient:
     def search_image(self, image: bytes, k: int = 10) -> dict:
         return self.request("POST", "/search/image", {"image_base64": base64.b64encode(image).decode(), "k": k})
 
+    def search_composed(self, image: bytes, text: str, k: int = 10, explanation: str | None = None) -> dict:
+        payload = {"image_base64": base64.b64encode(image).decode(), "text": text, "k": k}
+        return self.request("POST", "/search/composed",
+                            payload | ({"explanation": explanation} if explanation is not None else {}))
+
     def score(self, text: str, image: bytes, explanation: str | None = None) -> dict:
         payload = {"text": text, "image_base64": base64.b64encode(image).decode()}
         return self.request("POST", "/score", payload | ({"explanation": explanation} if explanation is not None else {}))

@@ -6,6 +6,8 @@ text both as written and with its entity names masked) by Ray Data tasks beside 
 share with `get_dataset_shard("train").iter_torch_batches(collate_fn=MaskNames(p))`, which
 picks the masked text for a fresh random share p of the rows every epoch (the augmentation).
 Only a few batches are in flight per worker, so its memory does not grow with the dataset.
+A composed-query variant (vista) also reads train_composed, whose rows carry the reference
+image they modify.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from entityclip import storage
 from entityclip.config import ModelConfig, TrainConfig
 from entityclip.data.images import decode_image, to_tensor
 from entityclip.data.pairs import mask_names
+from entityclip.data.samples import TRAIN_COMPOSED_SPLIT
 from entityclip.data.shards import read_split
 from entityclip.errors import InputError
 from entityclip.models.backbone import input_sizes
@@ -59,20 +62,27 @@ def entity_group(sample_id: str, entities) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
 
 
+def _pixels(sample_id: str, data: bytes, image_size: int) -> np.ndarray:
+    try:
+        return to_tensor(decode_image(data), image_size).numpy()
+    except InputError as exc:
+        raise InputError(f"sample {sample_id}: {exc}") from None
+
+
 def preprocess(batch: dict[str, np.ndarray], image_size: int, context_length: int, masking: bool,
                with_explanations: bool, groups: bool = False) -> dict[str, np.ndarray]:
     """Encoded rows -> model inputs: image [B,3,S,S] float32; text_ids, masked_text_ids (with
     `masking`) and explanation_ids (with `with_explanations`), each [B,L] int64; with `groups`,
     each row's entity group [B] int64; teacher embeddings, where the rows carry them, as [B,D]
-    float32."""
-    images = []
-    for sample_id, data in zip(batch["sample_id"], batch["image"]):
-        try:
-            images.append(to_tensor(decode_image(data), image_size).numpy())
-        except InputError as exc:
-            raise InputError(f"sample {sample_id}: {exc}") from None
+    float32; where they carry reference images, `reference` [B,3,S,S] (zeros in plain rows)
+    and `composed` [B] bool."""
+    images = np.stack([_pixels(i, data, image_size) for i, data in zip(batch["sample_id"], batch["image"])])
     tokenize = _tokenizer(context_length)
-    out = {"image": np.stack(images), "text_ids": tokenize(list(batch["text"])).numpy()}
+    out = {"image": images, "text_ids": tokenize(list(batch["text"])).numpy()}
+    if "reference_image" in batch:
+        out["composed"] = np.array([data is not None for data in batch["reference_image"]])
+        out["reference"] = np.stack([np.zeros_like(images[0]) if data is None else _pixels(i, data, image_size)
+                                     for i, data in zip(batch["sample_id"], batch["reference_image"])])
     if masking:
         out["masked_text_ids"] = tokenize([mask_names(t, tuple(e)) for t, e in zip(batch["text"], batch["entities"])]).numpy()
     if with_explanations:
@@ -102,11 +112,15 @@ class MaskNames:
 
 
 def training_dataset(shards_uri: str, explanations_uri: str, model: ModelConfig, train: TrainConfig,
-                     with_explanations: bool, teacher_uri: str | None = None):
+                     with_explanations: bool, teacher_uri: str | None = None, with_composed: bool = False):
     """The train split as a model-ready Ray Data dataset, its blocks in a new random order each
     epoch, drawn from `train.seed` (lazy: it runs as workers read it, from the cache on). With
-    `teacher_uri`, each row also carries its teacher embeddings (train/reinforce.py)."""
-    ds = read_split(shards_uri, SPLIT).select_columns(["sample_id", "image", "text", "entities"])
+    `teacher_uri`, each row also carries its teacher embeddings (train/reinforce.py); with
+    `with_composed`, train_composed's rows follow, with their reference images."""
+    columns = ["sample_id", "image", "text", "entities"] + (["reference_image"] if with_composed else [])
+    ds = read_split(shards_uri, SPLIT).select_columns(columns)
+    if with_composed:
+        ds = ds.union(read_split(shards_uri, TRAIN_COMPOSED_SPLIT).select_columns(columns))
     if with_explanations:
         ds = ds.map_batches(attach_explanations, fn_kwargs={"explanations_uri": explanations_uri},
                             batch_format="pyarrow")

@@ -169,7 +169,8 @@ def optimizer_step(worker: Worker, batches, timings: dict[str, float]) -> dict[s
         with sync:
             with autocast(tc.precision, worker.device):
                 losses = worker.objective(batch["image"], batch["text_ids"], batch.get("explanation_ids"),
-                                          batch.get("teacher_image"), batch.get("teacher_text"), batch.get("group"))
+                                          batch.get("teacher_image"), batch.get("teacher_text"), batch.get("group"),
+                                          batch.get("reference"), batch.get("composed"))
             worker.scaler.scale(losses["loss"] / tc.grad_accum_steps).backward()
         timings["compute_s"] += time.perf_counter() - tick
     tick = time.perf_counter()

@@ -27,6 +27,12 @@ late-interaction similarities, each direction with its own), and xattn_fusion ad
 loss of its cross-modal attention matcher (hard negatives as for GI-ITM). Both keep the plain
 contrastive loss, since their first stage searches with the plain features.
 
+The vista variant adds a composed-query loss: on train_composed's rows (a reference image, a
+text saying what changes, the target image) the same InfoNCE between the composed query's
+embedding and the target's image embedding, its negatives the batch's other composed rows' targets and queries. Its
+plain contrastive loss covers the plain pairs only: a composed row's text ("this emblem, but on
+a sandy beach.") does not describe its image alone.
+
 With `train.reinforce_teacher`, any variant also learns a trained teacher's similarities over
 the global batch from stored embeddings (MobileCLIP's reinforced training, train/reinforce.py).
 
@@ -74,20 +80,29 @@ def positive_targets(groups: torch.Tensor | None, n: int, offset: int, device) -
 
 
 def symmetric_cross_entropy(image_to_text: torch.Tensor, text_to_image: torch.Tensor, offset: int,
-                            groups: torch.Tensor | None = None) -> torch.Tensor:
+                            groups: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """InfoNCE both ways over [b, N] logit matrices whose row i is this worker's pair i and whose
-    columns are the global batch; positives as `positive_targets` says."""
+    columns are the global batch; positives as `positive_targets` says. With `rows` ([b] bool),
+    only the batch's rows where it holds take part, as queries and as candidates (a worker
+    with none of them adds a zero loss)."""
     target = positive_targets(groups, image_to_text.shape[0], offset, image_to_text.device)
-    return (F.cross_entropy(image_to_text, target) + F.cross_entropy(text_to_image, target)) / 2
+    if rows is None:
+        return (F.cross_entropy(image_to_text, target) + F.cross_entropy(text_to_image, target)) / 2
+    # A large negative logit, not -inf: soft targets are 0 there, and 0 x -inf is NaN.
+    outside = ~(gather_with_grad(rows.float())[0] > 0.5)
+    per_row = sum(F.cross_entropy(logits.masked_fill(outside, -1e4), target, reduction="none")
+                  for logits in (image_to_text, text_to_image))
+    return (per_row * rows).sum() / (2 * rows.sum().clamp(min=1))
 
 
 def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
-                     groups: torch.Tensor | None = None) -> torch.Tensor:
-    """Symmetric InfoNCE over unit-norm features, this worker's pairs against the global batch."""
+                     groups: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE over unit-norm features, this worker's pairs against the global batch
+    (with `rows`, its rows where that [b] mask holds, against the global batch's)."""
     img, txt = img.float(), txt.float()  # the softmax over the batch wants fp32 under autocast
     all_img, offset = gather_with_grad(img)
     all_txt, _ = gather_with_grad(txt)
-    return symmetric_cross_entropy(scale * img @ all_txt.T, scale * txt @ all_img.T, offset, groups)
+    return symmetric_cross_entropy(scale * img @ all_txt.T, scale * txt @ all_img.T, offset, groups, rows)
 
 
 def token_contrastive_loss(img_tokens: torch.Tensor, txt_tokens: torch.Tensor, txt_padding: torch.Tensor,
@@ -153,15 +168,22 @@ class Objective(nn.Module):
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor, expl_ids: torch.Tensor | None,
                 teacher_image: torch.Tensor | None = None, teacher_text: torch.Tensor | None = None,
-                groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                groups: torch.Tensor | None = None, references: torch.Tensor | None = None,
+                composed: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """`groups`: [b] int64, rows of equal value are each other's positives (train.positives);
-        None: each row's positive is its own pair."""
+        None: each row's positive is its own pair. `composed` ([b] bool) marks composed-query
+        rows, whose `references` [b, 3, S, S] hold their reference images (vista)."""
         m = self.model
         img, txt = m.encode_images(images), m.encode_texts(ids, expl_ids)
         scale = m.logit_scale
         cls_img, cls_txt = F.normalize(img.cls, dim=-1), F.normalize(txt.eot, dim=-1)
-        out = {"loss_plain": contrastive_loss(cls_img, cls_txt, scale, groups)}
+        plain_rows = None if composed is None else ~composed
+        out = {"loss_plain": contrastive_loss(cls_img, cls_txt, scale, groups, plain_rows)}
         loss = self.train_cfg.plain_weight * out["loss_plain"]
+        if "composed" in m.spec.losses and composed is not None:
+            query = m.composed_embedding(m.encode_images(references), txt)
+            out["loss_composed"] = contrastive_loss(cls_img, query, scale, rows=composed)
+            loss = loss + self.train_cfg.composed_weight * out["loss_composed"]
         if m.uses_experts:
             image_emb, text_emb = m.image_embedding(img), m.text_embedding(txt)
             out["loss_gated"] = contrastive_loss(image_emb, text_emb, scale, groups)

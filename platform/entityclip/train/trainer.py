@@ -17,8 +17,10 @@ from tqdm import tqdm
 
 from entityclip import storage
 from entityclip.config import PipelineConfig, flatten, to_dict
+from entityclip.data.samples import TRAIN_COMPOSED_SPLIT
 from entityclip.errors import ConfigError, TrackingError, TrainingInterrupted, find_user_error
 from entityclip.models import build_model
+from entityclip.models.entityclip import VariantSpec
 from entityclip.paths import RunPaths, model_key
 from entityclip.runtime import init_ray
 from entityclip.models.checkpoint import META, WEIGHTS, load_pretrained, publish_checkpoint, save_checkpoint
@@ -94,7 +96,7 @@ def ray_storage(root: str, local_dir: Path) -> tuple[str, object]:
 
 
 def _fit(cfg: PipelineConfig, tracker: Tracker, run_id: str, training_paths: TrainingPaths, ray_dir: Path, run_name: str,
-         with_explanations: bool, progress: bool, out: Path) -> dict:
+         spec: VariantSpec, progress: bool, out: Path) -> dict:
     """Run DDP training and copy the final model checkpoint into the folder `out`; returns the
     final metrics (loss, timings, worker facts)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
@@ -108,9 +110,11 @@ def _fit(cfg: PipelineConfig, tracker: Tracker, run_id: str, training_paths: Tra
     tc = cfg.train
     rows = split_rows(training_paths.shards, "train")
     check_train_config(cfg, rows)
+    if spec.composed:
+        rows += split_rows(training_paths.shards, TRAIN_COMPOSED_SPLIT)
     tick = time.perf_counter()
-    dataset = training_dataset(training_paths.shards, training_paths.explanations, cfg.model, tc, with_explanations,
-                               training_paths.teacher)
+    dataset = training_dataset(training_paths.shards, training_paths.explanations, cfg.model, tc, spec.explanations,
+                               training_paths.teacher, spec.composed)
     dataset_s = time.perf_counter() - tick
     storage_path, storage_fs = ray_storage(training_paths.root, ray_dir)
     kill_at = os.environ.get(KILL_WORKER_ENV)
@@ -187,7 +191,7 @@ def run_training(cfg: PipelineConfig, training_paths: TrainingPaths, tracker: Tr
             local = Path(d)
             if model.trainable:
                 init_ray()  # after _begin: a resume that cannot go ahead says so without starting Ray
-                final = _fit(cfg, tracker, run_id, training_paths, ray_dir, run_name, model.uses_explanations, progress, local)
+                final = _fit(cfg, tracker, run_id, training_paths, ray_dir, run_name, model.spec, progress, local)
                 train_loss = final.get("train_loss")
                 tracker.log_metrics(run_id, {"train/worker_peak_rss_mb": final["worker_peak_rss_mb"]})
                 tracker.set_tags(run_id, {"worker_nodes": ",".join(final["worker_nodes"])})
