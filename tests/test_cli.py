@@ -45,6 +45,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     (["index", "--root", "/nonexistent/run"], "run `entityclip train` first"),
     (["pipeline", "--variants", "gpt5"], "unknown variant"),
     (["query", "--url", "http://127.0.0.1:9", "--text", "x"], "cannot reach"),
+    (["query", "--url", "http://127.0.0.1:9"], "give --text, --image, or both"),
 ])
 def test_user_errors_are_one_clear_line(args, message):
     result = run_cli(*args)

@@ -121,6 +121,39 @@ def test_a_compositional_pair_counts_only_its_own_image_as_relevant_though_both_
     assert result["t2i_r1"] == 0.0 and result["i2t_r1"] == 0.0  # entity relevance would count all four
 
 
+def test_composed_queries_are_scored_by_their_own_target_and_never_re_ranked():
+    import pyarrow as pa
+
+    from entityclip import vector_index
+    from entityclip.config import EvalConfig, IndexConfig
+    from entityclip.evaluate import evaluate_index
+    from entityclip.index import EmbeddingIndex
+
+    class ReverseEverything:  # a re-ranker that would turn every ranking upside down
+        k = 3
+
+        def image_features(self, rows):
+            return rows
+
+        text_features = image_features
+
+        def score_texts(self, queries, rows, columns, similarities):
+            return -np.asarray(similarities)
+
+        score_images = score_texts
+
+    images = np.eye(3, dtype=np.float32)
+    meta = {"sample_id": ["c0", "c1", "c2"], "image_uri": [""] * 3, "text": ["t"] * 3, "entities": [[], [], []],
+            "split": ["test_composed"] * 3}
+    tables = {kind: pa.table({**meta, "embedding": pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1)), 3)})
+              for kind in ("images", "texts")}
+    index = EmbeddingIndex(tables, {kind: vector_index.build_faiss(images, IndexConfig()) for kind in tables})
+    cfg = EvalConfig(splits=["test_composed"])
+    plain, reranked = (evaluate_index(index, cfg, r)["test_composed"] for r in (None, ReverseEverything()))
+    assert plain.t2i.rank.tolist() == reranked.t2i.rank.tolist() == [1, 1, 1]
+    assert plain.t2i.relevant.tolist() == [1, 1, 1]  # no entities: only the query's own target counts
+
+
 def test_a_minimal_pair_query_wins_when_its_own_item_outscores_its_partners():
     from entityclip.evaluate import partner_rows, summarize
 

@@ -267,6 +267,71 @@ def test_fusing_more_layers_than_the_backbone_has_is_a_config_error():
         build_model(ModelConfig(variant="xattn_fusion", **TINY, fusion_layers=3))
 
 
+# --- vista: composed queries -------------------------------------------------------------------
+
+def test_the_text_tower_without_a_prefix_gives_its_own_text_embedding():
+    from entityclip.models import backbone
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(variant="vista", **TINY)).eval()
+    ids = model.tokenize(TEXTS[:3])
+    with torch.no_grad():
+        own, _, _ = backbone.text_tokens(model.clip, ids)
+        prefixed = backbone.prefixed_text_embedding(model.clip, torch.zeros(3, 0, backbone.text_width(model.clip)), ids)
+    assert torch.allclose(prefixed, own, atol=1e-5)
+
+
+def test_a_vista_query_reads_both_its_image_and_its_text():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(variant="vista", **TINY)).eval()
+    images = torch.randn(2, 3, 32, 32)
+    query = model.embed_composed(images, ["this emblem, but on a sandy beach."] * 2)
+    other_text = model.embed_composed(images, ["this emblem, but on a snowy slope."] * 2)
+    assert not torch.allclose(query[0], query[1], atol=1e-4)  # other image, same text
+    assert not torch.allclose(query, other_text, atol=1e-4)  # same image, other text
+    assert torch.allclose(query.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+def test_every_other_variant_composes_a_query_as_the_sum_of_its_two_embeddings():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(variant="entityclip", **TINY)).eval()
+    images = torch.randn(2, 3, 32, 32)
+    composed = model.embed_composed(images, TEXTS[:2], EXPLS[:2])
+    expected = F.normalize(model.embed_images(images) + model.embed_texts(TEXTS[:2], EXPLS[:2]), dim=-1)
+    assert torch.allclose(composed, expected, atol=1e-5)
+
+
+def test_a_masked_contrastive_loss_is_the_loss_over_its_rows_alone():
+    from entityclip.train.objective import contrastive_loss
+
+    torch.manual_seed(0)
+    img, txt = F.normalize(torch.randn(6, 8), dim=-1), F.normalize(torch.randn(6, 8), dim=-1)
+    rows = torch.tensor([True, False, True, True, False, True])
+    scale = torch.tensor(10.0)
+    assert contrastive_loss(img, txt, scale, rows=rows).item() == pytest.approx(
+        contrastive_loss(img[rows], txt[rows], scale).item(), rel=1e-5)
+    groups = torch.tensor([0, 0, 1, 1, 2, 2])  # soft targets: zero where masked, never NaN
+    assert contrastive_loss(img, txt, scale, groups, rows).item() == pytest.approx(
+        contrastive_loss(img[rows], txt[rows], scale, groups[rows]).item(), rel=1e-5)
+    assert contrastive_loss(img, txt, scale, rows=torch.zeros(6, dtype=torch.bool)).item() == 0.0
+
+
+def test_vista_learns_composed_queries_through_the_image_tokens_it_reads():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(variant="vista", **TINY))
+    objective = Objective(model, TrainConfig())
+    images, references = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    ids = model.tokenize(["a", "b", "this emblem, but on a sandy beach.", "this emblem, but on a snowy slope."])
+    composed = torch.tensor([False, False, True, True])
+    losses = objective(images, ids, None, references=references, composed=composed)
+    assert losses["loss_composed"] > 0
+    losses["loss"].backward()
+    assert model.image_prefix.weight.grad.abs().sum() > 0 and model.prefix_position.grad.abs().sum() > 0
+    # Its plain loss covers the plain pairs only.
+    plain = Objective(model, TrainConfig())(images[:2], ids[:2], None)["loss_plain"]
+    assert losses["loss_plain"].item() == pytest.approx(plain.item(), rel=1e-5)
+
+
 # --- end to end: the same trainer, index and evaluator ------------------------------------------
 
 def _index_and_evaluate(cfg, run_id=None):
@@ -359,6 +424,37 @@ def test_a_reranking_variant_trains_evaluates_and_serves_two_stage_retrieval(tra
     with torch.no_grad():
         fresh = model.pair_scores(model.encode_images(pixels), model.text_features([unseen_sample["text"]]), True)
     assert fresh.item() == pytest.approx(top["rerank_score"], abs=1e-2)
+
+
+@pytest.mark.slow
+def test_vista_trains_on_composed_triplets_and_searches_with_the_composed_query(trained_run):
+    from mlflow.tracking import MlflowClient
+
+    from entityclip import storage
+    from entityclip.data.images import load_image_tensor
+    from entityclip.pipeline import stage_train, with_variant
+    from entityclip.retrieval import Retriever
+
+    cfg = with_variant(trained_run["cfg"], "vista")
+    cfg = replace(cfg, train=replace(cfg.train, epochs=1, num_workers=1))  # the path, not the recall
+    result = stage_train(cfg, progress=False)
+    assert MlflowClient(cfg.tracking.uri).get_run(result.run_id).data.metrics["train/loss_composed"] > 0
+    index = _index_and_evaluate(cfg, result.run_id)
+    assert _saved_evaluation(cfg)["test_composed"]["n"] == 8  # 2 unseen entities x 4 settings
+
+    # The texts side holds each composed query as it is asked: its reference image and its text.
+    texts = index.meta["texts"]
+    row = next(i for i in range(len(texts)) if texts[i]["split"] == "test_composed")
+    query = texts[row]
+    retriever = Retriever.load(config=cfg, variant="vista")
+    reference = storage.read_bytes(query["reference_uri"])
+    pixels = load_image_tensor(reference, retriever.model.image_size).unsqueeze(0)
+    expected = retriever.model.embed_composed(pixels, [query["text"]]).numpy()[0]
+    assert np.allclose(index.embeddings["texts"][row], expected, atol=1e-5)
+    # Searching with it ranks the gallery's images by that embedding.
+    answer = retriever.search_composed(reference, query["text"], k=5)
+    order = np.argsort(-(index.embeddings["images"] @ expected), kind="stable")[:5]
+    assert [h["sample_id"] for h in answer["results"]] == [index.meta["images"][int(j)]["sample_id"] for j in order]
 
 
 @pytest.mark.slow

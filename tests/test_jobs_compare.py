@@ -24,7 +24,7 @@ def test_a_stage_submitted_as_a_ray_job_runs_on_the_cluster(ray_session, tmp_pat
                   f"{sys.executable} jobs/explain.py --config configs/tiny.yaml --root {root} --no-progress")
     out = submit_job(ray_session.dashboard_address, entrypoint, str(REPO), timeout_s=300)
     assert out["status"] == "SUCCEEDED"
-    assert storage.read_parquet(str(root / "explanations.parquet")).num_rows == 56
+    assert storage.read_parquet(str(root / "explanations.parquet")).num_rows == 88  # 8 entities x 6, 8 compositional, 32 composed
     # The job used the cluster's own credentials: the submitter's were not copied into the job's
     # metadata, which the Jobs API and the dashboard show to anyone who can read them.
     from ray.job_submission import JobSubmissionClient

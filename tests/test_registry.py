@@ -159,5 +159,5 @@ def test_loading_a_version_leaves_no_temporary_folder(trained_run, mlflow_server
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     retriever = load_retriever(Tracker(mlflow_server), trained_run["model"], trained_run["cfg"].serve, explain=False)
-    assert len(retriever.index) == 56
+    assert len(retriever.index) == 88
     assert list(scratch.iterdir()) == []

@@ -75,11 +75,31 @@ def test_an_uploaded_image_lists_the_texts_the_api_ranks_for_it(page, url, sampl
     assert len(shown) == 12 and all(hit["sample_id"] in line for hit, line in zip(api, shown))
 
 
+def test_an_image_and_what_changes_show_the_images_the_api_ranks_for_the_composed_query(page, url, sample, tmp_path):
+    import base64
+
+    import requests
+
+    image = tmp_path / "reference.png"
+    image.write_bytes(storage.read_bytes(sample["image_uri"]))
+    text = "this emblem, but on a snowy slope."
+    page.goto(f"{url}/")
+    page.set_input_files("#composed-image", str(image))
+    page.fill("#composed-text", text)
+    page.click("#composed-go")
+    page.wait_for_selector(".hit img")
+    shown = page.locator(".hit .id").all_text_contents()
+    api = requests.post(f"{url}/search/composed", json={"image_base64": base64.b64encode(image.read_bytes()).decode(),
+                                                        "text": text, "k": 12}, timeout=60).json()["results"]
+    assert shown == [f"{hit['sample_id']} ({hit['split']})" for hit in api] and len(shown) == 12
+
+
 @pytest.mark.parametrize("action, message", [
     (lambda p, tmp: p.click("#text-go"), "type a sentence"),
     (lambda p, tmp: (p.fill("#text", "x" * 1500), p.click("#text-go")), "the limit is 1000"),
     (lambda p, tmp: ((tmp / "notes.png").write_text("not an image"), p.set_input_files("#image", str(tmp / "notes.png")),
                      p.click("#image-go")), "not a recognised image"),
+    (lambda p, tmp: (p.fill("#composed-text", "on a beach"), p.click("#composed-go")), "choose the image to start from"),
 ])
 def test_errors_show_as_one_line_on_the_page(page, url, tmp_path, action, message):
     page.goto(f"{url}/")

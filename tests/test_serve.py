@@ -22,7 +22,8 @@ def sample(unseen_sample):
 
 def test_health_reports_the_index_and_the_model(url):
     body = requests.get(f"{url}/healthz", timeout=30).json()
-    assert body["status"] == "ok" and body["index_size"] == 56  # 8 entities x 6, and 2 minimal pairs of 2 kinds
+    # 8 entities x 6, 2 minimal pairs of 2 kinds, and 4 composed queries per entity
+    assert body["status"] == "ok" and body["index_size"] == 88
     assert body["model"]["variant"] == "entityclip"
 
 
@@ -34,6 +35,18 @@ def test_http_answers_are_the_in_process_retrievers_answers(url, sample, trained
     assert body == json.loads(json.dumps(retriever.search_text(sample["text"], 5)))
     body = requests.post(f"{url}/search/image", json={"image_base64": sample["image_base64"], "k": 56}, timeout=60).json()
     assert sample["sample_id"] in [hit["sample_id"] for hit in body["results"]]
+
+
+def test_a_composed_query_over_http_is_the_in_process_retrievers_answer(url, sample, trained_run):
+    from entityclip import Retriever
+
+    retriever = Retriever.load(str(trained_run["root"]), config=trained_run["cfg"])
+    text = "this emblem, but on a sandy beach."
+    body = requests.post(f"{url}/search/composed", json={"image_base64": sample["image_base64"], "text": text, "k": 5},
+                         timeout=60).json()
+    image = storage.read_bytes(sample["image_uri"])
+    assert body == json.loads(json.dumps(retriever.search_composed(image, text, 5)))
+    assert len(body["results"]) == 5 and body["explanation"]  # entityclip explains the text it composes
 
 
 def test_pair_scoring_returns_similarity_and_match_probability(url, sample):
@@ -65,6 +78,10 @@ def test_concurrent_queries_are_all_answered(url, sample):
     ("/search/image", {"image_base64": base64.b64encode(b"plain text").decode()}, 400, "not a recognised image"),
     ("/search/image", {"image_base64": base64.b64encode(b"\x00" * 9_000_000).decode()}, 413, "limit is"),
     ("/score", {"text": "only text"}, 422, "image_base64: Field required"),
+    ("/search/composed", {"text": "this emblem, but on a sandy beach."}, 422, "image_base64: Field required"),
+    ("/search/composed", {"image_base64": "aGVsbG8=", "text": " "}, 400, "text is empty"),
+    ("/search/composed", {"image_base64": base64.b64encode(b"plain text").decode(), "text": "on a beach"}, 400,
+     "not a recognised image"),
     ("/match/regions", {"text": "Velmora Rovers", "sample_id": "e0000-000"}, 400, "has no adaptive patches"),
 ])
 def test_bad_requests_get_a_clear_4xx(url, path, payload, status, detail):
@@ -78,7 +95,8 @@ def fuzz_requests(rng: random.Random) -> list[tuple[str, str, bytes]]:
     good = json.dumps({"text": "Velmora Rovers lift the cup", "image_base64": "aGVsbG8=", "k": 3})
     cases = []
     for _ in range(90):
-        cases.append(("POST", rng.choice(["/search/text", "/search/image", "/score"]), rng.randbytes(rng.randint(1, 400))))
+        cases.append(("POST", rng.choice(["/search/text", "/search/image", "/score", "/search/composed"]),
+                      rng.randbytes(rng.randint(1, 400))))
     for value in [None, 1, 1.5, True, [], {}, "x", -1, 10**12]:
         for field in ["text", "k", "image_base64", "explanation"]:
             cases.append(("POST", rng.choice(["/search/text", "/search/image", "/score"]),

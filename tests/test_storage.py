@@ -107,7 +107,7 @@ def test_stages_run_with_the_storage_root_on_s3(s3_bucket, ray_session, trained_
     cfg = tiny_config(root)
     stage_data(cfg, progress=False)
     stats = stage_explain(cfg, progress=False)  # Ray Data actors read and write S3
-    assert storage.read_parquet(f"{root}/explanations.parquet").num_rows == stats.samples == 56
+    assert storage.read_parquet(f"{root}/explanations.parquet").num_rows == stats.samples == 88
     assert not storage.list_uris(f"{root}/explanations.parts")
 
     # The session's trained checkpoint, published to S3, is loaded from there by the index actors.

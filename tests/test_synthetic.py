@@ -20,14 +20,16 @@ def dataset(tmp_path_factory):
 
 def test_samples_follow_the_table_contract(dataset):
     s = dataset["samples"][0]
-    assert set(s) == {"sample_id", "image_uri", "text", "entities", "split", "source", "boxes"}
-    assert len(dataset["samples"]) == 40 + 2 * 3 * 2  # 8 x 5, and 3 minimal pairs of each of 2 kinds
-    assert len({s["sample_id"] for s in dataset["samples"]}) == 52
+    assert set(s) == {"sample_id", "image_uri", "text", "entities", "split", "source", "boxes", "reference_uri"}
+    # 8 x 5, 3 minimal pairs of each of 2 kinds, and 4 composed queries per entity
+    assert len(dataset["samples"]) == 40 + 2 * 3 * 2 + 8 * 4
+    assert len({s["sample_id"] for s in dataset["samples"]}) == 84
 
 
 def test_each_entity_comes_with_the_box_its_emblem_was_drawn_in(dataset):
     for s in dataset["samples"]:
-        assert len(s["boxes"]) == len(s["entities"])
+        # A composed query's text names no entity; its target image shows one emblem.
+        assert len(s["boxes"]) == (1 if s["reference_uri"] else len(s["entities"]))
         for x0, y0, x1, y1 in s["boxes"]:
             assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
     # The emblems are drawn where the boxes say: pixels far from the scene's background colour
@@ -49,7 +51,8 @@ def test_unseen_entities_never_appear_in_training(dataset):
     unseen = {s["entities"][0] for s in dataset["samples"] if s["split"] == "test_unseen"}
     train = {e for s in dataset["samples"] if s["split"] == "train" for e in s["entities"]}
     assert unseen and not unseen & train
-    assert {s["split"] for s in dataset["samples"]} == {"train", "test_seen", "test_unseen", "test_compositional"}
+    assert {s["split"] for s in dataset["samples"]} == {"train", "test_seen", "test_unseen", "test_compositional",
+                                                        "train_composed", "test_composed"}
 
 
 def test_texts_name_entities_but_never_their_looks(dataset):
@@ -85,15 +88,39 @@ def test_a_compositional_pair_says_the_same_words_of_the_same_seen_entities_in_a
                 assert box[large][2] - box[large][0] > box[small][2] - box[small][0]
 
 
-def test_the_compositional_split_leaves_every_other_split_as_it_was(tmp_path):
-    def other_splits(pairs: int) -> list[tuple]:
-        root = str(tmp_path / str(pairs))
-        rows = storage.read_parquet(generate(DataConfig(num_entities=8, samples_per_entity=3, image_size=32,
-                                                        compositional_pairs=pairs), root, progress=False)["samples"])
-        return [(r["sample_id"], r["text"], r["entities"], r["boxes"], storage.read_bytes(r["image_uri"]))
-                for r in rows.to_pylist() if r["split"] != "test_compositional"]
+def test_a_composed_query_changes_only_the_setting_of_an_entity_its_reference_image_shows(dataset):
+    entity = {e["name"]: e for e in dataset["entities"]}
+    by_id = {e["entity_id"]: e for e in dataset["entities"]}
+    samples = {s["image_uri"]: s for s in dataset["samples"]}
+    composed = [s for s in dataset["samples"] if s["reference_uri"]]
+    assert {s["split"] for s in composed} == {"train_composed", "test_composed"}
+    seen_settings: dict[str, list[str]] = {}
+    for s in composed:
+        target = by_id[s["sample_id"].split("-")[1]]
+        setting = re.fullmatch(r"this emblem, but on (.+)\.", s["text"]).group(1)
+        assert s["entities"] == [] and setting in SETTINGS and setting != target["setting"]
+        seen_settings.setdefault(target["entity_id"], []).append(setting)
+        # The reference is one of the entity's own scenes, from the split its training allows.
+        reference = samples[s["reference_uri"]]
+        assert entity[reference["entities"][0]] == target
+        assert reference["split"] == ("test_unseen" if s["split"] == "test_composed" else "train")
+        # The target is drawn in the setting the text names.
+        pixels = np.asarray(decode_image(storage.read_bytes(s["image_uri"])).convert("RGB"), dtype=np.float32)
+        assert np.abs(pixels[0, 0] - SETTINGS[setting]).max() < 60 or np.abs(pixels[-1, -1] - SETTINGS[setting]).max() < 60
+    assert all(len(set(v)) == len(v) == 4 for v in seen_settings.values())  # 4 queries: the 4 other settings
 
-    assert other_splits(0) == other_splits(4)
+
+@pytest.mark.parametrize("added", [{"compositional_pairs": 4}, {"composed_per_entity": 4}])
+def test_an_added_split_leaves_every_other_split_as_it_was(tmp_path, added):
+    def other_splits(extra: dict) -> list[tuple]:
+        root = str(tmp_path / str(len(extra)))
+        cfg = DataConfig(**{"num_entities": 8, "samples_per_entity": 3, "image_size": 32, "compositional_pairs": 0,
+                            "composed_per_entity": 0, **extra})
+        rows = storage.read_parquet(generate(cfg, root, progress=False)["samples"])
+        return [(r["sample_id"], r["text"], r["entities"], r["boxes"], storage.read_bytes(r["image_uri"]))
+                for r in rows.to_pylist() if r["split"] in ("train", "test_seen", "test_unseen")]
+
+    assert other_splits({}) == other_splits(added)
 
 
 def test_images_decode_at_the_configured_size(dataset):
@@ -134,13 +161,13 @@ def test_the_new_shapes_draw_distinct_masks():
     assert all((masks[a] != masks[b]).mean() > 0.05 for i, a in enumerate(shapes) for b in shapes[i + 1:])
 
 
-def test_the_compositional_split_leaves_the_training_order_as_it_was(tmp_path, ray_session):
+def test_the_added_splits_leave_the_training_order_as_it_was(tmp_path, ray_session):
     from entityclip.data.shards import read_manifest, write_shards
 
-    def train_order(pairs: int) -> list[str]:
-        root = str(tmp_path / str(pairs))
-        uris = generate(DataConfig(num_entities=8, samples_per_entity=3, image_size=16, compositional_pairs=pairs), root,
-                        progress=False)
+    def train_order(added: int) -> list[str]:
+        root = str(tmp_path / str(added))
+        uris = generate(DataConfig(num_entities=8, samples_per_entity=3, image_size=16, compositional_pairs=added,
+                                   composed_per_entity=added), root, progress=False)
         shards = storage.join(root, "shards")
         write_shards(uris["samples"], shards, 1024)
         files = read_manifest(shards)["splits"]["train"]["files"]

@@ -69,14 +69,18 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat(dist_fn.all_gather(x)), dist.get_rank() * x.shape[0]
 
 
-def positive_targets(groups: torch.Tensor | None, n: int, offset: int, device) -> torch.Tensor:
+def positive_targets(groups: torch.Tensor | None, n: int, offset: int, device,
+                     columns: torch.Tensor | None = None) -> torch.Tensor:
     """Targets over the global batch for this worker's rows: without `groups`, row i's positive
     is its own pair (column offset + i); with them, every column of the row's group shares the
-    probability evenly (rows showing the same entities are not each other's negatives)."""
+    probability evenly (rows showing the same entities are not each other's negatives), among
+    the `columns` ([N] bool) that take part, where given."""
     if groups is None:
         return torch.arange(n, device=device) + offset
     same = (groups[:, None] == gather_with_grad(groups)[0][None, :]).float()
-    return same / same.sum(dim=1, keepdim=True)
+    if columns is not None:
+        same = same * columns.float()
+    return same / same.sum(dim=1, keepdim=True).clamp(min=1)
 
 
 def symmetric_cross_entropy(image_to_text: torch.Tensor, text_to_image: torch.Tensor, offset: int,
@@ -85,11 +89,13 @@ def symmetric_cross_entropy(image_to_text: torch.Tensor, text_to_image: torch.Te
     columns are the global batch; positives as `positive_targets` says. With `rows` ([b] bool),
     only the batch's rows where it holds take part, as queries and as candidates (a worker
     with none of them adds a zero loss)."""
-    target = positive_targets(groups, image_to_text.shape[0], offset, image_to_text.device)
     if rows is None:
+        target = positive_targets(groups, image_to_text.shape[0], offset, image_to_text.device)
         return (F.cross_entropy(image_to_text, target) + F.cross_entropy(text_to_image, target)) / 2
+    inside = gather_with_grad(rows.float())[0] > 0.5
+    target = positive_targets(groups, image_to_text.shape[0], offset, image_to_text.device, inside)
     # A large negative logit, not -inf: soft targets are 0 there, and 0 x -inf is NaN.
-    outside = ~(gather_with_grad(rows.float())[0] > 0.5)
+    outside = ~inside
     per_row = sum(F.cross_entropy(logits.masked_fill(outside, -1e4), target, reduction="none")
                   for logits in (image_to_text, text_to_image))
     return (per_row * rows).sum() / (2 * rows.sum().clamp(min=1))
