@@ -1,5 +1,7 @@
 """In-process query latency of each trained variant of a run root, with and without its
-re-ranker: what one `Retriever.search_text` call costs, side by side.
+re-ranker: what one `Retriever.search_text` call costs, side by side; and, for the first stage,
+what one composed query (`Retriever.search_composed`: a test_composed reference image and its
+text) costs, its few distinct texts explained once beforehand.
 
 Each configuration answers the same unseen-entity texts once each, so every query is explained
 afresh (no cache hits), then the same texts again with explanations cached, which leaves the
@@ -25,11 +27,11 @@ from entityclip.rerank import DEFINING, check_runnable
 from entityclip.models.checkpoint import load_model
 
 
-def timed(retriever: Retriever, texts: list[str], k: int) -> list[float]:
+def timed(search, queries: list[tuple]) -> list[float]:
     out = []
-    for text in texts:
+    for query in queries:
         start = time.perf_counter()
-        retriever.search_text(text, k)
+        search(*query)
         out.append(1000 * (time.perf_counter() - start))
     return out
 
@@ -60,7 +62,9 @@ def main() -> None:
     paths = RunPaths.for_config(load_config(None, [f"storage.root={args.root}"]))
     variants = args.variants.split(",") if args.variants else sorted(storage.list_children(storage.join(paths.root, "index")))
     samples = storage.read_parquet(paths.samples).to_pylist()
-    texts = [s["text"] for s in samples if s["split"] == "test_unseen"][:args.queries]
+    texts = [(s["text"], args.k) for s in samples if s["split"] == "test_unseen"][:args.queries]
+    composed = [(storage.read_bytes(s["reference_uri"]), s["text"], args.k)
+                for s in samples if s["split"] == "test_composed"][:args.queries]
     rows = []
     for variant in variants:
         reranker = load_model(paths.checkpoint(variant)).reranker
@@ -68,20 +72,26 @@ def main() -> None:
         for rerank in ["none", *([reranker] if reranker else []), *extra]:
             retriever = Retriever.load(args.root, variant, rerank=rerank)
             retriever.search_text("warm-up query", args.k)
-            fresh, cached = timed(retriever, texts, args.k), timed(retriever, texts, args.k)
+            fresh, cached = timed(retriever.search_text, texts), timed(retriever.search_text, texts)
             name = variant if rerank == "none" else f"{variant} +{rerank}"
             served = rerank == (reranker if reranker in DEFINING else "none")  # what serve.rerank=auto runs
             rows.append({"config": name, "served_by_default": served,
                          "explained": percentiles(fresh), "cached": percentiles(cached)})
+            if rerank == "none" and composed:  # composed queries are never re-ranked
+                timed(retriever.search_composed, composed)  # explains their texts
+                rows[-1]["composed"] = percentiles(timed(retriever.search_composed, composed))
             print(f"{name}: {rows[-1]['explained']['p50_ms']:.1f} ms", flush=True)
 
     print(f"\nRetriever.search_text, k={args.k}, {len(texts)} unseen-entity texts, in-process, one thread")
-    head = f"{'configuration':<30} {'explained p50':>13} {'p99':>8} | {'cached p50':>10} {'p99':>8}"
+    head = (f"{'configuration':<30} {'explained p50':>13} {'p99':>8} | {'cached p50':>10} {'p99':>8} | "
+            f"{'composed p50':>12} {'p99':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
         e, c = r["explained"], r["cached"]
-        print(f"{r['config']:<30} {e['p50_ms']:>13.1f} {e['p99_ms']:>8.1f} | {c['p50_ms']:>10.2f} {c['p99_ms']:>8.2f}")
+        m = (f"{r['composed']['p50_ms']:>12.2f} {r['composed']['p99_ms']:>8.2f}" if "composed" in r
+             else f"{'-':>12} {'-':>8}")
+        print(f"{r['config']:<30} {e['p50_ms']:>13.1f} {e['p99_ms']:>8.1f} | {c['p50_ms']:>10.2f} {c['p99_ms']:>8.2f} | {m}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from entityclip.config import ModelConfig, TrainConfig
 from entityclip.errors import ConfigError
 from entityclip.models import build_model
-from entityclip.models.adapatch import AdaPatch, word_positions
+from entityclip.models.adapatch import AdaPatch
+from entityclip.models.backbone import word_positions
 from entityclip.models.late_interaction import pair_similarities, token_similarities
 from entityclip.models.xattn_fusion import LayerFusion
 from entityclip.models.perturbation import object_subspace, patch_centres, patch_mask, perturb_toward_objects
@@ -455,6 +456,25 @@ def test_vista_trains_on_composed_triplets_and_searches_with_the_composed_query(
     answer = retriever.search_composed(reference, query["text"], k=5)
     order = np.argsort(-(index.embeddings["images"] @ expected), kind="stable")[:5]
     assert [h["sample_id"] for h in answer["results"]] == [index.meta["images"][int(j)]["sample_id"] for j in order]
+
+
+@pytest.mark.slow
+def test_cora_trains_its_scene_graphs_and_is_scored_on_the_compositional_split(trained_run, unseen_sample):
+    from mlflow.tracking import MlflowClient
+
+    from entityclip.pipeline import stage_train, with_variant
+    from entityclip.retrieval import Retriever
+
+    cfg = with_variant(trained_run["cfg"], "cora")
+    cfg = replace(cfg, train=replace(cfg.train, epochs=1, num_workers=1))  # the path, not the recall
+    result = stage_train(cfg, progress=False)
+    logged = MlflowClient(cfg.tracking.uri).get_run(result.run_id).data.metrics
+    assert logged["train/loss_caption"] > 0 and logged["train/loss_objects"] > 0  # boxes reached the workers
+    _index_and_evaluate(cfg, result.run_id)
+    compositional = _saved_evaluation(cfg)["test_compositional"]
+    assert 0 <= compositional["t2i_pair"] <= 100 and compositional["n"] == 8
+    answer = Retriever.load(config=cfg, variant="cora").search_text(unseen_sample["text"], k=3)
+    assert len(answer["results"]) == 3 and answer["model"]["variant"] == "cora"
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from entityclip.errors import ConfigError
 
 # The matchers one trainer, index, evaluator and server run (models/entityclip.py).
 Variant = Literal["entityclip", "entityclip_noexpl", "clip_finetune", "clip_zeroshot", "cprd", "qperturb", "filip",
-                  "xattn_fusion", "adamatch", "vista"]
+                  "xattn_fusion", "adamatch", "vista", "cora"]
 
 
 @dataclass
@@ -131,6 +131,8 @@ class ModelConfig:
     fusion_layers: int = 2
     # adamatch: patches of adaptive size and position per image (models/adapatch.py)
     adaptive_patches: int = 8
+    graph_layers: int = 2  # cora: graph attention layers over the caption's scene graph (models/cora.py)
+    graph_nodes: int = 8  # cora: scene-graph nodes kept per caption (objects first, then attributes, relations)
     # Weights to start from (models/checkpoint.py: load_pretrained), local or s3://: an open_clip or OpenAI-format
     # CLIP checkpoint file (.pt/.bin/.safetensors) for this backbone, or one of our checkpoint
     # folders. Empty = random init; nothing is ever downloaded.
@@ -179,6 +181,8 @@ class TrainConfig:
     distill_ranked: int = 3  # cprd: places of that ranking learned
     token_weight: float = 1.0  # filip: weight of the token-wise (late interaction) contrastive loss
     composed_weight: float = 1.0  # vista: weight of the composed-query contrastive loss
+    caption_weight: float = 1.0  # cora: images vs the scene-graph caption embedding (whole-caption loss)
+    object_weight: float = 1.0  # cora: object nodes vs their entities' image regions (object-level loss)
     # Reinforced training (MobileCLIP): a variant of this run root, trained and indexed, whose
     # stored embeddings teach the model its image-text similarities (train/reinforce.py); "" = off.
     reinforce_teacher: str = ""

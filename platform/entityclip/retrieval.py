@@ -31,7 +31,8 @@ from entityclip.explain.cache import ExplanationCache
 from entityclip.explain.engines import engine_of_run, in_process, make_engine, run_explain_config
 from entityclip.index import EmbeddingIndex
 from entityclip.models import EntityCLIP
-from entityclip.models.adapatch import word_matches, word_positions
+from entityclip.models.adapatch import word_matches
+from entityclip.models.backbone import word_positions
 from entityclip.paths import RunPaths
 from entityclip.rerank import Reranker
 from entityclip.models.checkpoint import load_model

@@ -55,19 +55,3 @@ def word_matches(patches: torch.Tensor, words: torch.Tensor) -> tuple[torch.Tens
     sim = F.normalize(words.float(), dim=-1) @ F.normalize(patches.float(), dim=-1).T
     best = sim.max(dim=1)
     return best.indices, best.values
-
-
-def word_positions(tokenizer, ids: torch.Tensor, eot: int) -> list[tuple[str, list[int]]]:
-    """The words of one tokenized text with the positions of their BPE pieces, between the start
-    token and end-of-text `eot` (open_clip's BPE marks a word's last piece with "</w>")."""
-    words, pieces, positions = [], [], []
-    for position in range(1, eot):
-        piece = tokenizer.decoder[int(ids[position])]
-        pieces.append(piece.removesuffix("</w>"))
-        positions.append(position)
-        if piece.endswith("</w>"):
-            words.append(("".join(pieces), positions))
-            pieces, positions = [], []
-    if pieces:
-        words.append(("".join(pieces), positions))
-    return words

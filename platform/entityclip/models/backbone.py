@@ -83,6 +83,22 @@ def build_tokenizer(clip: open_clip.CLIP) -> SimpleTokenizer:
     return SimpleTokenizer(context_length=clip.context_length)
 
 
+def word_positions(tokenizer, ids: torch.Tensor, eot: int) -> list[tuple[str, list[int]]]:
+    """The words of one tokenized text with the positions of their BPE pieces, between the start
+    token and end-of-text `eot` (open_clip's BPE marks a word's last piece with "</w>")."""
+    words, pieces, positions = [], [], []
+    for position in range(1, eot):
+        piece = tokenizer.decoder[int(ids[position])]
+        pieces.append(piece.removesuffix("</w>"))
+        positions.append(position)
+        if piece.endswith("</w>"):
+            words.append(("".join(pieces), positions))
+            pieces, positions = [], []
+    if pieces:
+        words.append(("".join(pieces), positions))
+    return words
+
+
 def image_size(clip: open_clip.CLIP) -> int:
     size = clip.visual.image_size
     return size[0] if isinstance(size, (tuple, list)) else size

@@ -29,6 +29,12 @@ Variants:
   images through the text encoder; here candidates keep the image tower's embedding, so the
   gallery index is any dual encoder's and only the query side is new.
 
+- `cora`: plain CLIP image features; the caption's scene graph (objects, attributes, relations,
+  parsed by rules: data/scene_graph.py) embedded by a graph attention network over the text
+  tower's tokens, its object nodes added to the caption's EOT embedding (CORA, CVPR 2024;
+  models/cora.py), trained with a whole-caption and an object-level contrastive loss. CORA pools
+  the image with GPO; here the image keeps CLIP's pooled token.
+
 Composed queries. Every variant embeds one (`composed_embedding`): vista with its encoder, the
 others as the sum of their image and text embeddings (the late-fusion baseline of composed
 image retrieval).
@@ -56,6 +62,7 @@ from entityclip.config import ModelConfig, Variant
 from entityclip.errors import ConfigError
 from entityclip.models import backbone
 from entityclip.models.adapatch import AdaPatch
+from entityclip.models.cora import SceneGraphEncoder, SceneGraphs, object_mean, scene_graph_arrays
 from entityclip.models.late_interaction import pair_similarities
 from entityclip.models.mmae import MMAE, Gate
 from entityclip.models.perturbation import patch_mask, perturb_toward_objects
@@ -72,6 +79,7 @@ class VariantSpec:
     perturb: bool = False  # image embeddings perturbed toward object regions at inference (qperturb)
     adaptive_patches: bool = False  # image tokens are AdaPatch's adaptive patches (adamatch)
     composed: bool = False  # the text tower reads image tokens before the words (vista)
+    scene_graph: bool = False  # the caption's scene graph through a graph attention network (cora)
     trainable: bool = True
 
 
@@ -88,6 +96,7 @@ VARIANT_SPECS: dict[str, VariantSpec] = {
     "adamatch": VariantSpec(experts=False, explanations=False, reranker="late_interaction", losses=("token",),
                             adaptive_patches=True),
     "vista": VariantSpec(experts=False, explanations=False, losses=("composed",), composed=True),
+    "cora": VariantSpec(experts=False, explanations=False, losses=("caption", "objects"), scene_graph=True),
 }
 VARIANTS = typing.get_args(Variant)
 
@@ -120,9 +129,13 @@ class TextFeatures:
     expl_tokens: torch.Tensor  # [B, L, D] explanation tokens (the text's own for the ablation)
     expl_padding: torch.Tensor  # [B, L]
     ids: torch.Tensor  # [B, L] the text's token ids (training-free re-rankers read its words)
+    graphs: SceneGraphs | None = None  # cora: each text's scene graph
+    nodes: torch.Tensor | None = None  # cora: [B, N, D] its nodes after the graph attention layers
 
     def select(self, index: torch.Tensor) -> "TextFeatures":
-        return TextFeatures(*(getattr(self, f.name)[index] for f in fields(self)))
+        values = (getattr(self, f.name) for f in fields(self))
+        return TextFeatures(*(None if v is None else v.select(index) if isinstance(v, SceneGraphs) else v[index]
+                              for v in values))
 
 
 class EntityCLIP(nn.Module):
@@ -151,6 +164,8 @@ class EntityCLIP(nn.Module):
             self.matcher = CrossAttentionMatcher(dim)
         if self.spec.adaptive_patches:
             self.adapatch = AdaPatch(dim, model_cfg.adaptive_patches)
+        if self.spec.scene_graph:
+            self.graph_encoder = SceneGraphEncoder(dim, model_cfg.graph_layers)
         if self.spec.composed:  # image tokens into the text tower's width, with their own positions
             width = backbone.text_width(self.clip)
             self.image_prefix = nn.Linear(dim, width)
@@ -186,7 +201,8 @@ class EntityCLIP(nn.Module):
             return ImageFeatures(cls, torch.cat([cls.unsqueeze(1), patches], dim=1), boxes)
         return ImageFeatures(cls, tokens)
 
-    def encode_texts(self, ids: torch.Tensor, expl_ids: torch.Tensor | None = None) -> TextFeatures:
+    def encode_texts(self, ids: torch.Tensor, expl_ids: torch.Tensor | None = None,
+                     graphs: SceneGraphs | None = None) -> TextFeatures:
         if self.spec.fused_tokens:
             layers = backbone.text_layers(self.clip, ids, self.model_cfg.fusion_layers)
             eot, tokens = layers[-1][0], self.text_fusion([t for _, t in layers])
@@ -199,7 +215,13 @@ class EntityCLIP(nn.Module):
             expl_eot, expl_tokens, expl_padding = backbone.text_tokens(self.clip, expl_ids)
         else:
             expl_eot, expl_tokens, expl_padding = eot, tokens, padding
-        return TextFeatures(eot, tokens, padding, ids.argmax(dim=-1), expl_eot, expl_tokens, expl_padding, ids)
+        nodes = None
+        if self.spec.scene_graph:
+            if graphs is None:
+                raise ValueError("the cora variant needs each text's scene graph (models/cora.py: scene_graph_arrays)")
+            nodes = self.graph_encoder(tokens, graphs)
+        return TextFeatures(eot, tokens, padding, ids.argmax(dim=-1), expl_eot, expl_tokens, expl_padding, ids,
+                            graphs, nodes)
 
     def image_embedding(self, img: ImageFeatures, boxes: list | None = None) -> torch.Tensor:
         """Unit-norm retrieval embedding: gated over [CLS, vision experts] or plain CLS. The
@@ -217,7 +239,9 @@ class EntityCLIP(nn.Module):
 
     def text_embedding(self, txt: TextFeatures) -> torch.Tensor:
         """Unit-norm retrieval embedding: gated over [EOT, explanation EOT, text experts,
-        explanation experts]."""
+        explanation experts]; cora's: EOT plus the mean of its scene graph's object nodes."""
+        if self.spec.scene_graph:
+            return backbone.normalize(txt.eot + object_mean(txt.nodes, txt.graphs.objects))
         if not self.uses_experts:
             return backbone.normalize(txt.eot)
         candidates = torch.cat([
@@ -278,7 +302,10 @@ class EntityCLIP(nn.Module):
     @torch.no_grad()
     def text_features(self, texts: list[str], explanations: list[str] | None = None) -> TextFeatures:
         expl_ids = self.tokenize(explanations) if self.uses_explanations else None
-        return self.encode_texts(self.tokenize(texts), expl_ids)
+        ids = self.tokenize(texts)
+        graphs = SceneGraphs.from_arrays(scene_graph_arrays(self.tokenizer, list(texts), ids, self.model_cfg.graph_nodes),
+                                         ids.device) if self.spec.scene_graph else None
+        return self.encode_texts(ids, expl_ids, graphs)
 
     @torch.no_grad()
     def embed_texts(self, texts: list[str], explanations: list[str] | None = None) -> torch.Tensor:

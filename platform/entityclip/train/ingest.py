@@ -7,7 +7,8 @@ share with `get_dataset_shard("train").iter_torch_batches(collate_fn=MaskNames(p
 picks the masked text for a fresh random share p of the rows every epoch (the augmentation).
 Only a few batches are in flight per worker, so its memory does not grow with the dataset.
 A composed-query variant (vista) also reads train_composed, whose rows carry the reference
-image they modify.
+image they modify; a scene-graph variant (cora) gets each text's scene graph, with the boxes
+of the entities it names.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from entityclip.data.samples import TRAIN_COMPOSED_SPLIT
 from entityclip.data.shards import read_split
 from entityclip.errors import InputError
 from entityclip.models.backbone import input_sizes
+from entityclip.models.cora import scene_graph_arrays
+from entityclip.models.entityclip import VariantSpec
 from entityclip.train.reinforce import TEACHER_COLUMNS, attach_teacher
 
 SPLIT = "train"
@@ -70,12 +73,13 @@ def _pixels(sample_id: str, data: bytes, image_size: int) -> np.ndarray:
 
 
 def preprocess(batch: dict[str, np.ndarray], image_size: int, context_length: int, masking: bool,
-               with_explanations: bool, groups: bool = False) -> dict[str, np.ndarray]:
+               with_explanations: bool, groups: bool = False, scene_graph_nodes: int = 0) -> dict[str, np.ndarray]:
     """Encoded rows -> model inputs: image [B,3,S,S] float32; text_ids, masked_text_ids (with
     `masking`) and explanation_ids (with `with_explanations`), each [B,L] int64; with `groups`,
     each row's entity group [B] int64; teacher embeddings, where the rows carry them, as [B,D]
     float32; where they carry reference images, `reference` [B,3,S,S] (zeros in plain rows)
-    and `composed` [B] bool."""
+    and `composed` [B] bool; with `scene_graph_nodes`, the texts' scene graphs of that many
+    nodes (`graph_*`, models/cora.py)."""
     images = np.stack([_pixels(i, data, image_size) for i, data in zip(batch["sample_id"], batch["image"])])
     tokenize = _tokenizer(context_length)
     out = {"image": images, "text_ids": tokenize(list(batch["text"])).numpy()}
@@ -83,6 +87,10 @@ def preprocess(batch: dict[str, np.ndarray], image_size: int, context_length: in
         out["composed"] = np.array([data is not None for data in batch["reference_image"]])
         out["reference"] = np.stack([np.zeros_like(images[0]) if data is None else _pixels(i, data, image_size)
                                      for i, data in zip(batch["sample_id"], batch["reference_image"])])
+    if scene_graph_nodes:
+        boxes = [[list(box) for box in row] for row in batch["boxes"]]
+        out |= scene_graph_arrays(tokenize, list(batch["text"]), out["text_ids"], scene_graph_nodes,
+                                  [list(e) for e in batch["entities"]], boxes)
     if masking:
         out["masked_text_ids"] = tokenize([mask_names(t, tuple(e)) for t, e in zip(batch["text"], batch["entities"])]).numpy()
     if with_explanations:
@@ -112,14 +120,17 @@ class MaskNames:
 
 
 def training_dataset(shards_uri: str, explanations_uri: str, model: ModelConfig, train: TrainConfig,
-                     with_explanations: bool, teacher_uri: str | None = None, with_composed: bool = False):
-    """The train split as a model-ready Ray Data dataset, its blocks in a new random order each
-    epoch, drawn from `train.seed` (lazy: it runs as workers read it, from the cache on). With
-    `teacher_uri`, each row also carries its teacher embeddings (train/reinforce.py); with
-    `with_composed`, train_composed's rows follow, with their reference images."""
-    columns = ["sample_id", "image", "text", "entities"] + (["reference_image"] if with_composed else [])
+                     spec: VariantSpec, teacher_uri: str | None = None):
+    """The train split as `spec`'s variant reads it, as a model-ready Ray Data dataset, its
+    blocks in a new random order each epoch, drawn from `train.seed` (lazy: it runs as workers
+    read it, from the cache on). With `teacher_uri`, each row also carries its teacher
+    embeddings (train/reinforce.py); for a composed-query variant, train_composed's rows follow,
+    with their reference images."""
+    with_explanations = spec.explanations
+    columns = ["sample_id", "image", "text", "entities"] + (["reference_image"] if spec.composed else []) \
+        + (["boxes"] if spec.scene_graph else [])
     ds = read_split(shards_uri, SPLIT).select_columns(columns)
-    if with_composed:
+    if spec.composed:
         ds = ds.union(read_split(shards_uri, TRAIN_COMPOSED_SPLIT).select_columns(columns))
     if with_explanations:
         ds = ds.map_batches(attach_explanations, fn_kwargs={"explanations_uri": explanations_uri},
@@ -134,7 +145,7 @@ def training_dataset(shards_uri: str, explanations_uri: str, model: ModelConfig,
         "image_size": image_size, "context_length": context_length,
         # Masking only helps a model that can fall back on the explanation.
         "masking": with_explanations and train.name_mask_prob > 0, "with_explanations": with_explanations,
-        "groups": train.positives == "entities"})
+        "groups": train.positives == "entities", "scene_graph_nodes": model.graph_nodes if spec.scene_graph else 0})
     if train.cache == "decoded":
         ds = ds.materialize()
     from ray.data import RandomSeedConfig

@@ -32,6 +32,7 @@ from entityclip.config import PipelineConfig, from_dict
 from entityclip.errors import StorageError
 from entityclip.models import EntityCLIP, build_model
 from entityclip.models.checkpoint import load_pretrained, save_checkpoint
+from entityclip.models.cora import SceneGraphs
 from entityclip.train.ingest import MaskNames
 from entityclip.train.objective import Objective
 from entityclip.train.precision import autocast, grad_scaler
@@ -170,7 +171,8 @@ def optimizer_step(worker: Worker, batches, timings: dict[str, float]) -> dict[s
             with autocast(tc.precision, worker.device):
                 losses = worker.objective(batch["image"], batch["text_ids"], batch.get("explanation_ids"),
                                           batch.get("teacher_image"), batch.get("teacher_text"), batch.get("group"),
-                                          batch.get("reference"), batch.get("composed"))
+                                          batch.get("reference"), batch.get("composed"),
+                                          SceneGraphs.from_arrays(batch) if "graph_nodes" in batch else None)
             worker.scaler.scale(losses["loss"] / tc.grad_accum_steps).backward()
         timings["compute_s"] += time.perf_counter() - tick
     tick = time.perf_counter()

@@ -33,6 +33,10 @@ embedding and the target's image embedding, its negatives the batch's other comp
 plain contrastive loss covers the plain pairs only: a composed row's text ("this emblem, but on
 a sandy beach.") does not describe its image alone.
 
+The cora variant adds CORA's two losses: the whole-caption one, images against the caption's
+scene-graph embedding (its retrieval embedding), and the object-level one, each object node of
+the graph against the image region of the entity it names (models/cora.py).
+
 With `train.reinforce_teacher`, any variant also learns a trained teacher's similarities over
 the global batch from stored embeddings (MobileCLIP's reinforced training, train/reinforce.py).
 
@@ -56,6 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from entityclip.config import TrainConfig
+from entityclip.models.cora import SceneGraphs, object_region_loss
 from entityclip.models.entityclip import EntityCLIP
 from entityclip.models.late_interaction import token_similarities
 from entityclip.train.reinforce import similarity_distillation_loss
@@ -175,17 +180,24 @@ class Objective(nn.Module):
     def forward(self, images: torch.Tensor, ids: torch.Tensor, expl_ids: torch.Tensor | None,
                 teacher_image: torch.Tensor | None = None, teacher_text: torch.Tensor | None = None,
                 groups: torch.Tensor | None = None, references: torch.Tensor | None = None,
-                composed: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                composed: torch.Tensor | None = None, graphs: SceneGraphs | None = None) -> dict[str, torch.Tensor]:
         """`groups`: [b] int64, rows of equal value are each other's positives (train.positives);
         None: each row's positive is its own pair. `composed` ([b] bool) marks composed-query
-        rows, whose `references` [b, 3, S, S] hold their reference images (vista)."""
+        rows, whose `references` [b, 3, S, S] hold their reference images (vista). `graphs`: the
+        texts' scene graphs (cora)."""
         m = self.model
-        img, txt = m.encode_images(images), m.encode_texts(ids, expl_ids)
+        img, txt = m.encode_images(images), m.encode_texts(ids, expl_ids, graphs)
         scale = m.logit_scale
         cls_img, cls_txt = F.normalize(img.cls, dim=-1), F.normalize(txt.eot, dim=-1)
         plain_rows = None if composed is None else ~composed
         out = {"loss_plain": contrastive_loss(cls_img, cls_txt, scale, groups, plain_rows)}
         loss = self.train_cfg.plain_weight * out["loss_plain"]
+        if "caption" in m.spec.losses:
+            out["loss_caption"] = contrastive_loss(cls_img, m.text_embedding(txt), scale, groups)
+            loss = loss + self.train_cfg.caption_weight * out["loss_caption"]
+        if "objects" in m.spec.losses:
+            out["loss_objects"] = object_region_loss(txt.nodes, graphs, img.tokens[:, 1:], scale)
+            loss = loss + self.train_cfg.object_weight * out["loss_objects"]
         if "composed" in m.spec.losses and composed is not None:
             query = m.composed_embedding(m.encode_images(references), txt)
             out["loss_composed"] = contrastive_loss(cls_img, query, scale, rows=composed)

@@ -113,8 +113,8 @@ def _fit(cfg: PipelineConfig, tracker: Tracker, run_id: str, training_paths: Tra
     if spec.composed:
         rows += split_rows(training_paths.shards, TRAIN_COMPOSED_SPLIT)
     tick = time.perf_counter()
-    dataset = training_dataset(training_paths.shards, training_paths.explanations, cfg.model, tc, spec.explanations,
-                               training_paths.teacher, spec.composed)
+    dataset = training_dataset(training_paths.shards, training_paths.explanations, cfg.model, tc, spec,
+                               training_paths.teacher)
     dataset_s = time.perf_counter() - tick
     storage_path, storage_fs = ray_storage(training_paths.root, ray_dir)
     kill_at = os.environ.get(KILL_WORKER_ENV)
