@@ -30,7 +30,8 @@ from tests.conftest import TINY, tiny_config
 
 @pytest.fixture()
 def data(tmp_path):
-    uris = generate(DataConfig(num_entities=6, samples_per_entity=4, image_size=16, compositional_pairs=0), str(tmp_path / "data"), progress=False)
+    uris = generate(DataConfig(num_entities=6, samples_per_entity=4, image_size=16, compositional_pairs=0,
+                               composed_per_entity=0), str(tmp_path / "data"), progress=False)
     return {**uris, "out": str(tmp_path / "explanations.parquet")}
 
 
@@ -141,7 +142,8 @@ def world_root(tmp_path_factory) -> Path:
     if not LLM_VENV_PYTHON.exists():
         pytest.fail(f"{LLM_VENV_PYTHON} is missing: run scripts/setup")
     root = tmp_path_factory.mktemp("world")
-    generate(DataConfig(num_entities=6, samples_per_entity=4, image_size=16, compositional_pairs=0), str(root / "data"), progress=False)
+    generate(DataConfig(num_entities=6, samples_per_entity=4, image_size=16, compositional_pairs=0,
+                        composed_per_entity=0), str(root / "data"), progress=False)
     facts = stage_lm(tiny_config(root, "explain.world_lm_steps=20"))
     assert facts["steps"] == 20 and 0.0 <= facts["exact_answers"] <= 1.0
     return root

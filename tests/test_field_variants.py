@@ -380,7 +380,8 @@ def test_qperturb_indexes_the_gallery_with_its_object_boxes(trained_run):
     save_checkpoint(qperturb, paths.checkpoint("qperturb"))
     index = _index_and_evaluate(cfg)
     images = index.meta["images"]
-    assert all(len(m["boxes"]) == len(m["entities"]) for m in images)  # the synthetic world's boxes reached it
+    # the synthetic world's boxes reached it (a composed query's target: one emblem, no name)
+    assert all(len(m["boxes"]) == (1 if m["reference_uri"] else len(m["entities"])) for m in images)
     plain = EmbeddingIndex.load(paths.index("entityclip"))  # the same weights without the perturbation
     assert not np.allclose(index.embeddings["images"], plain.embeddings["images"], atol=1e-4)
     assert np.allclose(index.embeddings["texts"], plain.embeddings["texts"], atol=1e-5)
@@ -443,15 +444,17 @@ def test_vista_trains_on_composed_triplets_and_searches_with_the_composed_query(
     index = _index_and_evaluate(cfg, result.run_id)
     assert _saved_evaluation(cfg)["test_composed"]["n"] == 8  # 2 unseen entities x 4 settings
 
-    # The texts side holds each composed query as it is asked: its reference image and its text.
-    texts = index.meta["texts"]
-    row = next(i for i in range(len(texts)) if texts[i]["split"] == "test_composed")
-    query = texts[row]
+    # The index keeps each composed query as it is asked (its reference image and its text),
+    # apart from the texts that image search returns.
+    assert not any(m["reference_uri"] for m in index.meta["texts"])
+    queries = index.meta["composed"]
+    row = next(i for i in range(len(queries)) if queries[i]["split"] == "test_composed")
+    query = queries[row]
     retriever = Retriever.load(config=cfg, variant="vista")
     reference = storage.read_bytes(query["reference_uri"])
     pixels = load_image_tensor(reference, retriever.model.image_size).unsqueeze(0)
     expected = retriever.model.embed_composed(pixels, [query["text"]]).numpy()[0]
-    assert np.allclose(index.embeddings["texts"][row], expected, atol=1e-5)
+    assert np.allclose(index.embeddings["composed"][row], expected, atol=1e-5)
     # Searching with it ranks the gallery's images by that embedding.
     answer = retriever.search_composed(reference, query["text"], k=5)
     order = np.argsort(-(index.embeddings["images"] @ expected), kind="stable")[:5]
@@ -554,7 +557,9 @@ def test_a_teacher_run_is_stored_beside_the_training_shards_and_cannot_teach_its
     out = str(tmp_path / "teacher-entityclip.parquet")
     rows = write_teacher_embeddings(paths.index("entityclip"), paths.checkpoint("entityclip"), out)
     stored = storage.read_parquet(out)
-    assert rows == stored.num_rows == storage.read_parquet(paths.samples).num_rows
+    samples = storage.read_parquet(paths.samples).to_pylist()
+    # every sample with a caption (composed queries' targets have none to learn from)
+    assert rows == stored.num_rows == sum(not s["reference_uri"] for s in samples)
     assert teacher_scale(out) == pytest.approx(load_model(paths.checkpoint("entityclip")).logit_scale.item())
     index = storage.read_parquet(storage.join(publish.current(paths.index("entityclip")), "texts.parquet")).to_pylist()
     text_of = {r["sample_id"]: r["embedding"] for r in index}

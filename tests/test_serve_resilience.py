@@ -133,7 +133,9 @@ def test_a_killed_replica_loses_at_most_a_few_requests_around_the_kill(trained_r
         os.kill(victim.pid, signal.SIGKILL)
         time.sleep(8)
     assert sum(load.statuses.values()) > before + 50, "the load stalled after the kill"
-    assert len(load.failed_at) <= clients // 2, load.statuses
+    # Each closed-loop client has one request in flight at most: the kill can cost each one that
+    # request, however HAProxy had spread them over the two replicas (5 of 8 seen once).
+    assert len(load.failed_at) <= clients, load.statuses
     assert all(abs(t - killed_at) < 1.0 for t in load.failed_at), (killed_at, load.failed_at)
     # The platform's own client sends again what the dead replica never answered: none lost.
     assert set(shipped.statuses) == {"200"} and shipped.statuses["200"] > 50, shipped.statuses

@@ -174,3 +174,19 @@ def test_the_added_splits_leave_the_training_order_as_it_was(tmp_path, ray_sessi
         return [i for f in files for i in storage.read_parquet(storage.join(shards, f)).column("sample_id").to_pylist()]
 
     assert train_order(0) == train_order(3)
+
+
+def test_compositional_training_pairs_join_the_train_split_with_other_entity_pairs_than_the_test(tmp_path):
+    cfg = DataConfig(num_entities=12, samples_per_entity=3, image_size=16, compositional_pairs=3,
+                     compositional_train_pairs=4, composed_per_entity=0)
+    rows = storage.read_parquet(generate(cfg, str(tmp_path), progress=False)["samples"]).to_pylist()
+    train = [r for r in rows if r["sample_id"].startswith("comptrain-")]
+    assert len(train) == 2 * 4 * 2 and {r["split"] for r in train} == {"train"}
+    test_pairs = {frozenset(r["entities"]) for r in rows if r["split"] == "test_compositional"}
+    assert not {frozenset(r["entities"]) for r in train} & test_pairs
+    unseen = {e for r in rows if r["split"] == "test_unseen" for e in r["entities"]}
+    assert not {e for r in train for e in r["entities"]} & unseen
+    # The default adds none: the world is what it was.
+    default = DataConfig(num_entities=12, samples_per_entity=3, image_size=16, compositional_pairs=3, composed_per_entity=0)
+    plain = storage.read_parquet(generate(default, str(tmp_path / "plain"), progress=False)["samples"]).to_pylist()
+    assert [r["sample_id"] for r in plain] == [r["sample_id"] for r in rows if not r["sample_id"].startswith("comptrain-")]

@@ -56,6 +56,11 @@ class DataConfig:
     # same two seen entities swapped left and right; binding: which of them is drawn large), each
     # pair's texts the same words in another order. 0: no compositional split.
     compositional_pairs: int = 24
+    # Synthetic world: minimal pairs of each kind added to the train split (of other entity pairs
+    # than test_compositional's), so that a model can learn who is where and which is large;
+    # 0: none, and nothing in training says it. With them, train.positives: pair keeps a pair's
+    # two scenes (the same entities) each other's negatives.
+    compositional_train_pairs: int = 0
     # Synthetic world: composed queries per entity (reference scene, "this emblem, but on
     # <setting>", target), each in another of the 4 other settings: seen entities' in
     # train_composed (what vista trains them on), unseen ones' in test_composed. 0: none.

@@ -17,7 +17,7 @@ import pyarrow as pa
 from entityclip.config import EvalConfig
 from entityclip.data.samples import COMPOSED_SPLIT, PAIR_RELEVANCE_SPLITS, minimal_pair_partner
 from entityclip.errors import ConfigError
-from entityclip.index import EmbeddingIndex, rerank_order
+from entityclip.index import COMPOSED, EmbeddingIndex, rerank_order
 from entityclip.stats import bootstrap_ci
 
 MAP_AT = 10  # mAP@10: with several relevant items per query it varies less than R@1
@@ -194,17 +194,20 @@ def partner_rows(sample_ids: list[str]) -> np.ndarray | None:
 
 def evaluate_index(index: EmbeddingIndex, eval_cfg: EvalConfig, reranker=None) -> dict[str, QueryResults]:
     """{split: its per-sample results}; images and texts of the split form each other's
-    gallery. With a `Reranker` (rerank.py), of two-stage retrieval, except on test_composed:
-    a re-ranker scores (image, text) pairs, and a composed query is an image and a text."""
-    results = {}
-    images, texts = index.meta["images"], index.meta["texts"]
+    gallery (test_composed's texts: its stored composed queries). With a `Reranker`
+    (rerank.py), of two-stage retrieval, test_composed left out: a re-ranker scores (image,
+    text) pairs, and a composed query is not one."""
+    results, text_row = {}, {}  # text_row: per kind, sample id -> row
+    images = index.meta["images"]
     image_ids, image_splits, image_entities = images.column("sample_id"), images.column("split"), images.column("entities")
-    text_row = {sample_id: i for i, sample_id in enumerate(texts.column("sample_id"))}
     for split in eval_cfg.splits:
         rows = [i for i, s in enumerate(image_splits) if s == split]
-        if not rows:
+        kind = COMPOSED if split == COMPOSED_SPLIT else "texts"
+        if not rows or (kind == COMPOSED and (reranker is not None or COMPOSED not in index.meta)):
             continue
-        text_rows = [text_row[image_ids[i]] for i in rows]
+        if kind not in text_row:
+            text_row[kind] = {sample_id: i for i, sample_id in enumerate(index.meta[kind].column("sample_id"))}
+        text_rows = [text_row[kind][image_ids[i]] for i in rows]
         # A compositional pair's two images show the same entities, and a composed query asks for
         # one target: only its own image is relevant.
         mode = "pair" if split in PAIR_RELEVANCE_SPLITS else eval_cfg.relevance
@@ -212,11 +215,11 @@ def evaluate_index(index: EmbeddingIndex, eval_cfg: EvalConfig, reranker=None) -
         sample_ids = [image_ids[i] for i in rows]
         rows, text_rows = np.array(rows), np.array(text_rows)
         rerank = {}
-        if reranker is not None and split != COMPOSED_SPLIT:
+        if reranker is not None:
             image_queries, text_queries = reranker.image_features(rows), reranker.text_features(text_rows)
             rerank = {"rerank_k": reranker.k,
                       "rescore_texts": lambda q, c, s: reranker.score_texts(image_queries, q, text_rows[c], s),
                       "rescore_images": lambda q, c, s: reranker.score_images(text_queries, q, rows[c], s)}
-        results[split] = rank_pairs(index.embeddings["images"][rows], index.embeddings["texts"][text_rows],
+        results[split] = rank_pairs(index.embeddings["images"][rows], index.embeddings[kind][text_rows],
                                     relevant, sample_ids, **rerank, partners=partner_rows(sample_ids))
     return results

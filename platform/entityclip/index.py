@@ -1,9 +1,11 @@
 """The embedding index: Ray Data batch-embeds every image and every text(+explanation) with a
 checkpoint, and `EmbeddingIndex` searches them with FAISS (inner product of unit vectors). A
-composed query's text (a sample with a reference image) is embedded with its reference image
-(`EntityCLIP.composed_embedding`): the texts side holds queries as they are asked.
+composed query (a sample with a reference image) is not a text of the gallery: its embedding,
+its reference image and text together (`EntityCLIP.composed_embedding`), goes in a third kind,
+`composed`, which the evaluator reads and no search returns.
 
-Layout under the index URI, per kind (images, texts): `<kind>.parquet` with sample_id,
+Layout under the index URI, per kind (images, texts, composed where the data has composed
+queries): `<kind>.parquet` with sample_id,
 image_uri, text, entities, split and a fixed-size `embedding` column, and `<kind>.faiss`, the
 serialized FAISS index over the same rows (structure from `index.kind`, vector_index.py). An
 index is published atomically as one version folder (publish.py): these files sit in it.
@@ -30,7 +32,8 @@ from entityclip.data.pairs import load_pairs
 from entityclip.errors import InputError
 from entityclip.models.checkpoint import load_model
 
-KINDS = ("images", "texts")
+KINDS = ("images", "texts")  # what searches return
+COMPOSED = "composed"  # stored composed queries, for evaluation
 TOKENS = "images.tokens.npy"
 HIT_COLUMNS = ("sample_id", "image_uri", "text", "split")
 
@@ -52,15 +55,12 @@ class Embedder:
                 emb = self.model.image_embedding(features, list(batch["boxes"]))
             if self.keep_tokens:
                 batch = {**batch, "tokens": features.tokens.numpy().astype(np.float16)}
+        elif self.kind == COMPOSED:
+            references = torch.stack([read_image_tensor(u, self.model.image_size) for u in batch["reference_uri"]])
+            emb = self.model.embed_composed(references, list(batch["text"]), list(batch["explanation"]))
         else:
-            emb = self.model.embed_texts(list(batch["text"]), list(batch["explanation"])).numpy()
-            composed = [i for i, uri in enumerate(batch["reference_uri"]) if uri]
-            if composed:
-                references = torch.stack([read_image_tensor(batch["reference_uri"][i], self.model.image_size)
-                                          for i in composed])
-                emb[composed] = self.model.embed_composed(references, [batch["text"][i] for i in composed],
-                                                          [batch["explanation"][i] for i in composed]).numpy()
-        return {**batch, "embedding": np.asarray(emb, dtype=np.float32)}
+            emb = self.model.embed_texts(list(batch["text"]), list(batch["explanation"]))
+        return {**batch, "embedding": emb.numpy().astype(np.float32)}
 
 
 @dataclass
@@ -76,9 +76,13 @@ def build_index(checkpoint_uri: str, samples_uri: str, explanations_uri: str, ou
              "entities": list(p.entities), "split": p.split, "boxes": [list(b) for b in p.boxes],
              "reference_uri": p.reference_uri or ""}
             for p in load_pairs(samples_uri, explanations_uri)]
+    rows_of = {"images": rows, "texts": [r for r in rows if not r["reference_uri"]],
+               COMPOSED: [r for r in rows if r["reference_uri"]]}
     tables, tokens = {}, None
-    for kind in KINDS:
-        ds = ray.data.from_items(rows).map_batches(
+    for kind in (*KINDS, COMPOSED):
+        if kind == COMPOSED and not rows_of[kind]:
+            continue
+        ds = ray.data.from_items(rows_of[kind]).map_batches(
             Embedder, fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "kind": kind,
                                              "keep_tokens": index_cfg.image_tokens},
             batch_size=index_cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=index_cfg.num_actors),
@@ -169,10 +173,11 @@ class EmbeddingIndex:
     @classmethod
     def load(cls, uri: str) -> "EmbeddingIndex":
         uri = publish.current(uri)
-        tables = {k: storage.read_parquet(storage.join(uri, f"{k}.parquet")) for k in KINDS}
+        kinds = [*KINDS, *([COMPOSED] if storage.exists(storage.join(uri, f"{COMPOSED}.parquet")) else [])]
+        tables = {k: storage.read_parquet(storage.join(uri, f"{k}.parquet")) for k in kinds}
         tokens_uri = storage.join(uri, TOKENS)
         tokens = np.load(io.BytesIO(storage.read_bytes(tokens_uri))) if storage.exists(tokens_uri) else None
-        return cls(tables, {k: vector_index.load(storage.join(uri, f"{k}.faiss")) for k in KINDS}, tokens)
+        return cls(tables, {k: vector_index.load(storage.join(uri, f"{k}.faiss")) for k in kinds}, tokens)
 
     def __len__(self) -> int:
         return len(self.meta["images"])

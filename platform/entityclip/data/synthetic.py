@@ -215,15 +215,21 @@ class CompositionalScene:
     seed: int  # background noise, shared by the pair
 
 
-def compositional_scenes(seen: list[Entity], pairs: int, rng: random.Random) -> list[CompositionalScene]:
+def compositional_scenes(seen: list[Entity], pairs: int, rng: random.Random,
+                         exclude: frozenset = frozenset()) -> list[CompositionalScene]:
     """Minimal pairs of scenes, `pairs` of each kind, of two seen entities A and B:
     - relation: A on the left and B on the right, or the other way round;
     - binding: A's emblem large and B's small, or the other way round;
-    each pair's two texts the same words in another order, its two images the same background."""
+    each pair's two texts the same words in another order, its two images the same background.
+    A and B are never a pair of entity ids in `exclude`."""
+    if pairs and len(exclude) >= len(seen) * (len(seen) - 1) // 2:
+        raise ValueError(f"every pair of the {len(seen)} seen entities is excluded")
     out = []
     for kind in ("relation", "binding"):
         for i in range(pairs):
             a, b = rng.sample(seen, 2)
+            while frozenset((a.entity_id, b.entity_id)) in exclude:
+                a, b = rng.sample(seen, 2)
             city, seed, top = rng.choice(CITIES), rng.getrandbits(32), rng.uniform(0.1, 0.4)
             if kind == "relation":
                 left, right = (0.05, top, 0.4), (0.55, top, 0.4)
@@ -321,17 +327,22 @@ def generate(data_cfg: DataConfig, root: str, progress: bool = True) -> dict[str
             })
             bar.update()
     bar.close()
-    # Its own random stream: every other split stays as it was without it.
-    if data_cfg.compositional_pairs and len(seen) >= 2:
-        compositional_rng = random.Random(f"{data_cfg.seed}-compositional")
-        for scene in compositional_scenes(seen, data_cfg.compositional_pairs, compositional_rng):
-            sample_id = f"comp-{scene.name}"
+    # Their own random streams: every other split stays as it was without them.
+    test_scenes = compositional_scenes(seen, data_cfg.compositional_pairs, random.Random(f"{data_cfg.seed}-compositional")) \
+        if data_cfg.compositional_pairs and len(seen) >= 2 else []
+    train_scenes = compositional_scenes(seen, data_cfg.compositional_train_pairs,
+                                        random.Random(f"{data_cfg.seed}-compositional-train"),
+                                        exclude=frozenset(frozenset(e.entity_id for e in s.entities) for s in test_scenes)) \
+        if data_cfg.compositional_train_pairs and len(seen) >= 2 else []
+    for prefix, split, scenes in (("comp", COMPOSITIONAL_SPLIT, test_scenes), ("comptrain", "train", train_scenes)):
+        for scene in scenes:
+            sample_id = f"{prefix}-{scene.name}"
             image_uri = storage.join(root, "images", f"{sample_id}.png")
             image, boxes = draw_layout(scene.entities, scene.placements, scene.setting, data_cfg.image_size, scene.seed)
             storage.write_bytes(image_uri, encode_png(image))
             rows.append({"sample_id": sample_id, "image_uri": image_uri, "text": scene.text,
-                         "entities": [e.name for e in scene.entities], "split": COMPOSITIONAL_SPLIT,
-                         "source": "synthetic", "boxes": boxes})
+                         "entities": [e.name for e in scene.entities], "split": split, "source": "synthetic",
+                         "boxes": boxes})
     if data_cfg.composed_per_entity:  # its own random stream too
         rows += composed_rows(world, unseen, rows, data_cfg.composed_per_entity, data_cfg.image_size, root,
                               random.Random(f"{data_cfg.seed}-composed"))

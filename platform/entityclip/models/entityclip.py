@@ -28,7 +28,6 @@ Variants:
   Trained on train_composed's triplets besides the plain pairs. VISTA also embeds candidate
   images through the text encoder; here candidates keep the image tower's embedding, so the
   gallery index is any dual encoder's and only the query side is new.
-
 - `cora`: plain CLIP image features; the caption's scene graph (objects, attributes, relations,
   parsed by rules: data/scene_graph.py) embedded by a graph attention network over the text
   tower's tokens, its object nodes added to the caption's EOT embedding (CORA, CVPR 2024;
@@ -39,7 +38,7 @@ Composed queries. Every variant embeds one (`composed_embedding`): vista with it
 others as the sum of their image and text embeddings (the late-fusion baseline of composed
 image retrieval).
 
-Re-rankers. Each trainable variant but clip_finetune has one second stage that scores an
+Re-rankers. Each trainable variant but clip_finetune, vista and cora has one second stage that scores an
 (image, text) pair from token features (`reranker`): the GI-ITM head (`itm`) for the
 EntityCLIP architecture, `late_interaction` for filip and adamatch, `xattn_fusion` for xattn_fusion.
 Retrieval (rerank.py) re-scores the single-vector search's top candidates with it.

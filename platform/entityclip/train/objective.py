@@ -29,9 +29,9 @@ contrastive loss, since their first stage searches with the plain features.
 
 The vista variant adds a composed-query loss: on train_composed's rows (a reference image, a
 text saying what changes, the target image) the same InfoNCE between the composed query's
-embedding and the target's image embedding, its negatives the batch's other composed rows' targets and queries. Its
-plain contrastive loss covers the plain pairs only: a composed row's text ("this emblem, but on
-a sandy beach.") does not describe its image alone.
+embedding and the target's image embedding, the batch's other composed rows being the
+negatives. Its plain contrastive loss covers the plain pairs only: a composed row's text ("this
+emblem, but on a sandy beach.") does not describe its image alone.
 
 The cora variant adds CORA's two losses: the whole-caption one, images against the caption's
 scene-graph embedding (its retrieval embedding), and the object-level one, each object node of
@@ -100,8 +100,7 @@ def symmetric_cross_entropy(image_to_text: torch.Tensor, text_to_image: torch.Te
     inside = gather_with_grad(rows.float())[0] > 0.5
     target = positive_targets(groups, image_to_text.shape[0], offset, image_to_text.device, inside)
     # A large negative logit, not -inf: soft targets are 0 there, and 0 x -inf is NaN.
-    outside = ~inside
-    per_row = sum(F.cross_entropy(logits.masked_fill(outside, -1e4), target, reduction="none")
+    per_row = sum(F.cross_entropy(logits.masked_fill(~inside, -1e4), target, reduction="none")
                   for logits in (image_to_text, text_to_image))
     return (per_row * rows).sum() / (2 * rows.sum().clamp(min=1))
 

@@ -35,7 +35,8 @@ def teacher_uri(shards_uri: str, teacher: str) -> str:
 
 
 def write_teacher_embeddings(index_uri: str, checkpoint_uri: str, out_uri: str) -> int:
-    """Join the teacher's gallery index tables by sample_id into `out_uri`; returns the rows."""
+    """Join the teacher's gallery index tables by sample_id into `out_uri` (the samples with
+    both an image and a text embedding); returns the rows."""
     from entityclip.models.checkpoint import load_model
 
     index = publish.current(index_uri)
@@ -44,7 +45,9 @@ def write_teacher_embeddings(index_uri: str, checkpoint_uri: str, out_uri: str) 
     images = storage.read_parquet(storage.join(index, "images.parquet")).select(["sample_id", "embedding"])
     texts = storage.read_parquet(storage.join(index, "texts.parquet")).select(["sample_id", "embedding"])
     text_row = {sample_id: i for i, sample_id in enumerate(texts["sample_id"].to_pylist())}
-    order = pa.array([text_row[sample_id] for sample_id in images["sample_id"].to_pylist()])
+    # Samples with a text of the gallery: a composed query's target has none (index.py).
+    images = images.filter(pa.array([sample_id in text_row for sample_id in images["sample_id"].to_pylist()]))
+    order = pa.array([text_row[sample_id] for sample_id in images["sample_id"].to_pylist()], pa.int64())
     table = pa.table({"sample_id": images["sample_id"], "image_embedding": images["embedding"],
                       "text_embedding": texts["embedding"].take(order)})
     scale = load_model(checkpoint_uri).logit_scale.item()
