@@ -121,6 +121,11 @@ def test_the_documented_dump_loads_back_identically_and_shows_each_fields_docs(t
     assert "rerankers: []  # any of: mack, hosa" in text  # a list of choices names them too
 
 
+def test_the_shipped_default_config_is_the_defaults_with_their_docs():
+    assert (REPO / "configs" / "default.yaml").read_text() == dump_config(load_config(), docs=True), \
+        "regenerate it: .venv/bin/entityclip config > configs/default.yaml"
+
+
 def test_the_configuration_reference_page_is_current():
     assert (REPO / "docs" / "configuration.md").read_text() == config_reference(), \
         "regenerate it: .venv/bin/entityclip config --reference > docs/configuration.md"
