@@ -16,6 +16,8 @@ train_composed; test_composed is scored with the target as the one relevant imag
 
 from __future__ import annotations
 
+import hashlib
+
 import pyarrow as pa
 
 COMPOSITIONAL_SPLIT = "test_compositional"
@@ -43,3 +45,8 @@ def minimal_pair_partner(sample_id: str) -> str | None:
     any other sample."""
     stem, _, member = sample_id.rpartition("-")
     return f"{stem}-{1 - int(member)}" if sample_id.startswith("comp-") and member in ("0", "1") else None
+
+
+def stable_id(key: str) -> int:
+    """A 63-bit hash of `key`, the same in every process and run (Python's hash() is salted)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1

@@ -19,7 +19,6 @@ in `EntityCLIP.text_features` for everything else.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, fields
 
@@ -29,9 +28,10 @@ import torch.nn.functional as F
 from open_clip.tokenizer import basic_clean, whitespace_clean
 from torch import nn
 
+from entityclip.data.samples import stable_id
 from entityclip.data.scene_graph import parse_scene_graph
 from entityclip.models.backbone import word_positions
-from entityclip.models.perturbation import patch_centres
+from entityclip.models.perturbation import box_masks, patch_centres
 
 NO_EDGE, SELF, MODIFIES, HEAD, RELATED, CO_MENTION = -1, 0, 1, 2, 3, 4
 EDGE_TYPES = 5
@@ -61,10 +61,6 @@ def caption_words(tokenizer, text: str) -> list[str]:
     return tokenizer.pat.findall(whitespace_clean(basic_clean(text)))
 
 
-def _name_id(name: str) -> int:
-    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little") >> 1
-
-
 def scene_graph_arrays(tokenizer, texts: list[str], ids: np.ndarray | torch.Tensor, max_nodes: int,
                        entities: list | None = None, boxes: list | None = None) -> dict[str, np.ndarray]:
     """`SceneGraphs` fields (as `graph_<field>` numpy arrays) of tokenized `texts` ([B, L] ids).
@@ -90,7 +86,7 @@ def scene_graph_arrays(tokenizer, texts: list[str], ids: np.ndarray | torch.Tens
             nodes.append(graph.objects[k])
             name = graph.object_name(words, k)
             out["graph_objects"][row, k] = True
-            out["graph_object_ids"][row, k] = _name_id(name)
+            out["graph_object_ids"][row, k] = stable_id(name)
             if name in box_of:
                 out["graph_boxes"][row, k], out["graph_has_box"][row, k] = box_of[name], True
         for word, k in graph.attributes:
@@ -166,10 +162,8 @@ def object_mean(nodes: torch.Tensor, objects: torch.Tensor) -> torch.Tensor:
 def region_features(patches: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """[O, D] the mean of the patch tokens [O, P, D] whose centres lie in each box [O, 4]
     (fractions of the side); a box too small to hold a centre takes the patch nearest its own."""
-    centres = patch_centres(patches.shape[1]).to(patches.device)  # [P, 2]
-    x, y = centres[:, 0], centres[:, 1]
-    x0, y0, x1, y1 = (boxes[:, k:k + 1] for k in range(4))
-    inside = (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)  # [O, P]
+    inside = box_masks(boxes, patches.shape[1])  # [O, P]
+    centres = patch_centres(patches.shape[1]).to(patches.device)
     box_centre = torch.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], dim=1)
     nearest = torch.cdist(box_centre, centres).argmin(dim=1)
     inside[torch.arange(len(boxes), device=boxes.device), nearest] |= ~inside.any(dim=1)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from entityclip.models.perturbation import patch_mask
+from entityclip.models.perturbation import box_masks, box_tensor
 
 WORD = re.compile(r"[a-z0-9]+")
 
@@ -59,8 +59,8 @@ class WordPrototypes:
 def region_features(patches: torch.Tensor, boxes: list) -> torch.Tensor:
     """[n, D]: per box, the mean of the patch tokens [P, D] whose centres lie in it; a box that
     covers no patch centre is skipped."""
-    grid = round(patches.shape[0] ** 0.5)
-    out = [patches[mask].mean(dim=0) for mask in (patch_mask([box], grid) for box in boxes) if mask.any()]
+    masks = box_masks(box_tensor(boxes), patches.shape[0])
+    out = [patches[mask].mean(dim=0) for mask in masks if mask.any()]
     return torch.stack(out) if out else patches.new_zeros((0, patches.shape[1]))
 
 

@@ -27,14 +27,22 @@ def patch_centres(count: int) -> torch.Tensor:
     return torch.stack([x.reshape(-1), y.reshape(-1)], dim=1)
 
 
-def patch_mask(boxes: list, grid: int) -> torch.Tensor:
-    """[grid*grid] bool, row-major like the encoder's patches: True where a patch's centre lies
-    in any box ([x0, y0, x1, y1], fractions of the image side)."""
-    x, y = patch_centres(grid * grid).unbind(dim=1)
-    inside = torch.zeros(grid * grid, dtype=torch.bool)
-    for x0, y0, x1, y1 in boxes:
-        inside |= (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
-    return inside
+def box_masks(boxes: torch.Tensor, count: int) -> torch.Tensor:
+    """[n, count] bool, row-major like the encoder's patches: True where a patch's centre lies in
+    each of the boxes [n, 4] ([x0, y0, x1, y1], fractions of the image side)."""
+    x, y = patch_centres(count).to(boxes.device).unbind(dim=1)
+    x0, y0, x1, y1 = (boxes[:, k:k + 1] for k in range(4))
+    return (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
+
+
+def box_tensor(boxes) -> torch.Tensor:
+    """[n, 4] float32 from any sequence of 4-number boxes (lists, or a Ray Data batch's arrays)."""
+    return torch.tensor([[float(v) for v in box] for box in boxes], dtype=torch.float32).reshape(-1, 4)
+
+
+def patch_mask(boxes, grid: int) -> torch.Tensor:
+    """[grid*grid] bool: True where a patch's centre lies in any of the boxes."""
+    return box_masks(box_tensor(boxes), grid * grid).any(dim=0)
 
 
 def object_subspace(patches: torch.Tensor, rank: int) -> torch.Tensor:

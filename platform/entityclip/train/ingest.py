@@ -14,7 +14,6 @@ of the entities it names.
 from __future__ import annotations
 
 import functools
-import hashlib
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +23,7 @@ from entityclip import storage
 from entityclip.config import ModelConfig, TrainConfig
 from entityclip.data.images import decode_image, to_tensor
 from entityclip.data.pairs import mask_names
-from entityclip.data.samples import TRAIN_COMPOSED_SPLIT
+from entityclip.data.samples import TRAIN_COMPOSED_SPLIT, stable_id
 from entityclip.data.shards import read_split
 from entityclip.errors import InputError
 from entityclip.models.backbone import input_sizes
@@ -61,8 +60,7 @@ def _tokenizer(context_length: int):
 def entity_group(sample_id: str, entities) -> int:
     """A row's positives group (train.positives=entities): a stable 63-bit hash of its entity set,
     or of its sample id when it names no entity (it is then its own group)."""
-    key = "\x1f".join(sorted(entities)) if len(entities) else "\x1e" + sample_id
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
+    return stable_id("\x1f".join(sorted(entities)) if len(entities) else "\x1e" + sample_id)
 
 
 def _pixels(sample_id: str, data: bytes, image_size: int) -> np.ndarray:
