@@ -190,3 +190,20 @@ def test_compositional_training_pairs_join_the_train_split_with_other_entity_pai
     default = DataConfig(num_entities=12, samples_per_entity=3, image_size=16, compositional_pairs=3, composed_per_entity=0)
     plain = storage.read_parquet(generate(default, str(tmp_path / "plain"), progress=False)["samples"]).to_pylist()
     assert [r["sample_id"] for r in plain] == [r["sample_id"] for r in rows if not r["sample_id"].startswith("comptrain-")]
+
+
+def test_shards_hold_at_most_shard_rows_each_so_no_writer_holds_more(tmp_path, ray_session):
+    """Ray's Parquet writer keeps all of a write task's rows in memory: each task gets one shard's
+    rows, so a data-stage worker holds one shard however large the dataset (docs/scale.md)."""
+    from entityclip.data.shards import read_manifest, write_shards
+
+    root = str(tmp_path)
+    uris = generate(DataConfig(num_entities=8, samples_per_entity=4, image_size=16, compositional_pairs=0,
+                               composed_per_entity=0), root, progress=False)
+    shards = storage.join(root, "shards")
+    manifest = write_shards(uris["samples"], shards, 5)
+    files = [f for split in read_manifest(shards)["splits"].values() for f in split["files"]]
+    rows = [storage.read_parquet(storage.join(shards, f)).column("sample_id").to_pylist() for f in files]
+    assert max(len(r) for r in rows) <= 5
+    assert sorted(i for r in rows for i in r) == sorted(storage.read_parquet(uris["samples"]).column("sample_id").to_pylist())
+    assert sum(split["rows"] for split in manifest["splits"].values()) == 32

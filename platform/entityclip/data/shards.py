@@ -62,7 +62,10 @@ def write_shards(samples_uri: str, shards_uri: str, rows_per_file: int, seed: in
     added = np.flatnonzero(np.isin(np.asarray(samples.column("split").to_pylist()), ADDED_SPLITS))
     others = np.setdiff1d(np.arange(samples.num_rows), added)
     samples = samples.take(np.concatenate([others[np.random.default_rng(seed).permutation(len(others))], added]))
-    (ray.data.from_arrow(samples)
+    # One input block per shard: Ray's Parquet writer holds all of a write task's blocks at once,
+    # so a single block of every row would hold every image in one worker.
+    blocks = [samples.slice(start, rows_per_file) for start in range(0, samples.num_rows, rows_per_file)]
+    (ray.data.from_arrow(blocks)
         .map_batches(_with_image_bytes, batch_format="pyarrow", batch_size=rows_per_file)
         .write_parquet(base, filesystem=fs, partition_cols=["split"]))
     splits: dict[str, dict] = {}
