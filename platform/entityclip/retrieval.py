@@ -107,6 +107,8 @@ class Retriever:
             if explain and model.uses_explanations else None
         gallery = EmbeddingIndex.load(index) if index else None
         reranker = Reranker.for_model(model, gallery, cfg.serve)
+        # What the page may offer: it reads capabilities, never variant names.
+        info = {**info, "word_regions": model.spec.adaptive_patches}
         return cls(model, gallery, explainer, Limits.from_config(cfg.serve), info, reranker)
 
     @property
