@@ -188,8 +188,11 @@ def vllm_runtime_env(explain_cfg: ExplainConfig) -> dict:
     env = {"py_executable": python} if python else {}
     if not explain_cfg.num_gpus_per_actor:
         # KV cache in GiB (vLLM's CPU default checks for more memory than a small machine has);
-        # the engine core in the actor's own process, not a spawned one.
-        env["env_vars"] = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+        # the engine core in the actor's own process, not a spawned one; no oneDNN primitive
+        # cache, which keeps a kernel per batch shape (up to 1,024) and grew the engine by
+        # 860 MB over 52k prompts with no measured speed-up (docs/scale.md).
+        env["env_vars"] = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                           "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}
     return env
 
 
