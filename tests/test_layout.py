@@ -44,3 +44,41 @@ def modules_setup_checks() -> list[str]:
 @pytest.mark.parametrize("module", modules_setup_checks())
 def test_modules_scripts_setup_imports_exist(module):
     assert importlib.util.find_spec(module) is not None, f"scripts/setup imports {module}, which does not exist"
+
+
+def module_level_imports() -> dict[str, set[str]]:
+    """entityclip module -> the entityclip modules it imports at module level (imports inside
+    functions are deferred on purpose and run after both modules are loaded). A submodule's
+    import of its own package is not an edge: Python loads a package before its submodules."""
+    root = Path(__file__).parents[1] / "platform"
+    paths = {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in (root / "entityclip").rglob("*.py")}
+    graph = {}
+    for name, path in paths.items():
+        targets = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in paths else node.module
+                            for a in node.names}
+        graph[name] = {t for t in targets if t in paths and t != name and not name.startswith(t + ".")}
+    return graph
+
+
+def test_no_module_imports_itself_back_through_others():
+    graph = module_level_imports()
+    assert "entityclip.pipeline" in graph and graph["entityclip.serving.app"]  # the walk found the package
+    state: dict[str, str] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(graph[module]):
+            assert state.get(target) != "open", f"import cycle: {' -> '.join(path + [target])}"
+            if target not in state:
+                visit(target, path + [target])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
