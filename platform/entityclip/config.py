@@ -89,17 +89,16 @@ class ExplainConfig:
     num_gpus_per_actor: float = 0.0  # GPUs each engine actor reserves (0: CPU)
     # vLLM: the interpreter its engine actors run (empty: .venv-llm/bin/python, which
     # ./scripts/setup makes, where it exists; "cluster": Ray's own, e.g. a GPU image with vllm
-    # installed; or a path), the weights' dtype, eager mode (CUDA graphs / torch.compile cost
-    # ~40 s of start-up on CPU) and the longest prompt + answer in tokens.
+    # installed; or a path)
     python: str = ""
     dtype: str = "bfloat16"  # vLLM: the weights' dtype
-    enforce_eager: bool = True  # vLLM: no CUDA graphs / torch.compile
+    enforce_eager: bool = True  # vLLM: no CUDA graphs / torch.compile (they cost ~40 s of start-up on CPU)
     max_model_len: int = 1024  # vLLM: longest prompt + answer, in tokens
     tensor_parallel_size: int = 1  # GPUs per vLLM engine
-    # vLLM's scheduler: sequences and tokens per step (0: vLLM's default for the device). On CPU
-    # 512 / 16384 gave 8-9% more tokens/s than vLLM's defaults (benchmarks/explain_throughput.py).
-    max_num_seqs: int = 512  # vLLM: sequences per scheduler step
-    max_num_batched_tokens: int = 16384  # vLLM: tokens per scheduler step
+    # vLLM: sequences per scheduler step (0: vLLM's default for the device). On CPU 512, with
+    # 16384 tokens, gave 8-9% more tokens/s than vLLM's defaults (benchmarks/explain_throughput.py).
+    max_num_seqs: int = 512
+    max_num_batched_tokens: int = 16384  # vLLM: tokens per scheduler step (0: vLLM's default)
     # KV-cache block in tokens (0: vLLM's default, 128 on CPU). Prefix caching reuses whole
     # blocks only: at 32 every prompt's first block, inside the shared instruction, is computed once.
     block_size: int = 32
