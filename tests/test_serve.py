@@ -25,6 +25,7 @@ def test_health_reports_the_index_and_the_model(url):
     # 8 entities x 6, 2 minimal pairs of 2 kinds, and 4 composed queries per entity
     assert body["status"] == "ok" and body["index_size"] == 88
     assert body["model"]["variant"] == "entityclip"
+    assert body["model"]["word_regions"] is False  # no adaptive patches: the page offers no regions button
 
 
 def test_http_answers_are_the_in_process_retrievers_answers(url, sample, trained_run):
