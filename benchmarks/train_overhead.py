@@ -11,8 +11,10 @@ splits Ray Train's cost into what data parallelism costs on these cores and what
 The peer decodes every epoch, as a torch Dataset over image files does; the Ray Train side
 caches decoded rows in Ray's object store by default (`train.cache`, compare with
 `--set train.cache=encoded`).
+A last run, the floor, is Ray Train alone: the same worker group around a train function that
+returns at once. No Ray Train run on the machine can start and end in less.
 
-    .venv/bin/python benchmarks/train_overhead.py [--root runs/default] [--epochs 60] [--no-ddp] [--json]
+    .venv/bin/python benchmarks/train_overhead.py [--root runs/default] [--epochs 60] [--no-ddp] [--runs plain,ddp,ray,floor] [--json]
 """
 
 from __future__ import annotations
@@ -163,6 +165,35 @@ def ray_train(cfg, paths: RunPaths) -> dict:
                                  "dataset_s", "fit_s", "fit_started", "train_fn_entered", "loop_started")}}
 
 
+def _enter_and_return(config: dict) -> None:
+    """The floor's train function: rank 0 notes when it ran, and every worker returns."""
+    import ray.train
+
+    if ray.train.get_context().get_world_rank() == 0:
+        Path(config["stamp"]).write_text(repr(time.time()))
+
+
+def ray_train_floor(cfg) -> dict:
+    """Ray Train itself: the product's worker group (workers, resources, placement, process group)
+    around a train function that returns at once; no data, model, MLflow or checkpoint. What any
+    Ray Train run pays on this machine before and after its own work."""
+    from ray.train import RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from entityclip.runtime import init_ray
+    from entityclip.train.trainer import worker_group
+
+    init_ray()
+    with tempfile.TemporaryDirectory() as d:
+        trainer = TorchTrainer(_enter_and_return, train_loop_config={"stamp": f"{d}/entered"},
+                               run_config=RunConfig(name="floor", storage_path=d), **worker_group(cfg.train))
+        start = time.time()
+        trainer.fit()
+        end = time.time()
+        entered = float(Path(f"{d}/entered").read_text())
+    return {"wall_s": end - start, "to_train_fn_s": entered - start, "after_s": end - entered}
+
+
 def steady_epoch(epoch_seconds: list[float]) -> float:
     """The median epoch after the first (which warms caches and, in Ray Train, the data pipeline)."""
     later = epoch_seconds[1:] or epoch_seconds
@@ -176,7 +207,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--no-ddp", action="store_true", help="leave out the native torch DDP row")
-    parser.add_argument("--runs", default="plain,ddp,ray", help="which of plain, ddp, ray to run (the first is the ratio's base)")
+    parser.add_argument("--runs", default="plain,ddp,ray,floor",
+                        help="which of plain, ddp, ray to run (the first is the ratio's base), and floor: Ray Train "
+                             "around a train function that returns at once")
     parser.add_argument("--ray-caches", default="", help="Ray Train once per train.cache listed (default: the config's)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
     args = parser.parse_args()
@@ -195,14 +228,34 @@ def main() -> None:
         for cache in args.ray_caches.split(",") if args.ray_caches else [cfg.train.cache]:
             ray_cfg = replace(cfg, train=replace(cfg.train, cache=cache))
             runs[f"Ray Train ({cfg.train.num_workers} workers, cache={cache})"] = lambda c=ray_cfg: ray_train(c, paths)
-    results, processes = {}, {}
+    results, processes, floor = {}, {}, None
     with ProcessMemory() as memory:
         for name, run in runs.items():
             memory.take()
             results[name] = run()
             processes[name] = memory.take()
+        if "floor" in wanted:
+            memory.take()
+            floor = ray_train_floor(cfg)
+            processes[FLOOR] = memory.take()
+    if results:
+        print_table(cfg, args.epochs, results)
+    if floor:
+        report_floor(floor)
+    print("\nWhere the CPU went during each run (CPU seconds by process kind; peak MB without shared memory):")
+    for name, interval in processes.items():
+        print(f"  {name}: " + ", ".join(f"{kind} {seconds:.1f} s / {interval.memory_mb.get(kind, 0):.0f} MB"
+                                          for kind, seconds in sorted(interval.cpu_s.items(), key=lambda x: -x[1]) if seconds >= 0.1))
+    if args.json:
+        print(json.dumps({name: {**r, "cpu_s": processes[name].cpu_s, "memory_mb": processes[name].memory_mb}
+                          for name, r in {**results, **({FLOOR: floor} if floor else {})}.items()}, indent=2))
+
+
+def print_table(cfg, epochs: int, results: dict) -> None:
+    """The runs side by side (the first is the ratios' base), then where each Ray Train run's
+    fixed seconds went."""
     base = next(iter(results.values()))["wall_s"]
-    print(f"{cfg.model.variant}, {args.epochs} epochs, global batch {cfg.train.batch_size * cfg.train.num_workers}, "
+    print(f"{cfg.model.variant}, {epochs} epochs, global batch {cfg.train.batch_size * cfg.train.num_workers}, "
           f"{cfg.train.precision}, {torch.get_num_threads()} CPU threads available")
     header = ("", "wall s", "ratio", "samples/s", "start-up+end s", "steady epoch s", "epoch vs DDP", "data wait s",
               "compute s", "allreduce s*", "checkpoint s", "final loss")
@@ -223,13 +276,14 @@ def main() -> None:
     for name, ray_result in results.items():
         if name.startswith("Ray Train"):
             report_fixed(name, ray_result)
-    print("\nWhere the CPU went during each run (CPU seconds by process kind; peak MB without shared memory):")
-    for name, interval in processes.items():
-        print(f"  {name}: " + ", ".join(f"{kind} {seconds:.1f} s / {interval.memory_mb.get(kind, 0):.0f} MB"
-                                          for kind, seconds in sorted(interval.cpu_s.items(), key=lambda x: -x[1]) if seconds >= 0.1))
-    if args.json:
-        print(json.dumps({name: {**r, "cpu_s": processes[name].cpu_s, "memory_mb": processes[name].memory_mb}
-                          for name, r in results.items()}, indent=2))
+
+
+FLOOR = "Ray Train floor (train function returns at once)"
+
+
+def report_floor(r: dict) -> None:
+    print(f"{FLOOR}: {r['wall_s']:.1f} s in fit: {r['to_train_fn_s']:.1f} until rank 0's train function ran, "
+          f"{r['after_s']:.1f} after it returned. No Ray Train run here can start and end in less.")
 
 
 def report_fixed(name: str, r: dict) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from entityclip import storage
-from entityclip.config import PipelineConfig, flatten, to_dict
+from entityclip.config import PipelineConfig, TrainConfig, flatten, to_dict
 from entityclip.data.samples import TRAIN_COMPOSED_SPLIT
 from entityclip.errors import ConfigError, TrackingError, TrainingInterrupted, find_user_error
 from entityclip.models import build_model
@@ -95,12 +95,24 @@ def ray_storage(root: str, local_dir: Path) -> tuple[str, object]:
     return str(local_dir.resolve()), None
 
 
+def worker_group(tc: TrainConfig) -> dict:
+    """TorchTrainer's scaling and torch settings for `tc`: the DDP workers, their resources and
+    placement, and the process group's backend."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig
+
+    return {"scaling_config": ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                            resources_per_worker=dict(tc.resources_per_worker),
+                                            placement_strategy=tc.placement_strategy),
+            "torch_config": TorchConfig(backend="nccl" if tc.use_gpu else "gloo")}
+
+
 def _fit(cfg: PipelineConfig, tracker: Tracker, run_id: str, training_paths: TrainingPaths, ray_dir: Path, run_name: str,
          spec: VariantSpec, progress: bool, out: Path) -> dict:
     """Run DDP training and copy the final model checkpoint into the folder `out`; returns the
     final metrics (loss, timings, worker facts)."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, TrainingFailedError
+    from ray.train.torch import TorchTrainer
 
     from entityclip.data.shards import split_rows
     from entityclip.train.ingest import training_dataset
@@ -124,10 +136,7 @@ def _fit(cfg: PipelineConfig, tracker: Tracker, run_id: str, training_paths: Tra
                            "kill_at_epoch": int(kill_at) if kill_at else None,
                            "teacher_scale": teacher_scale(training_paths.teacher) if training_paths.teacher else None,
                            "kill_marker": storage.join(training_paths.training, f"{run_name}.worker-killed")},
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                     resources_per_worker=dict(tc.resources_per_worker),
-                                     placement_strategy=tc.placement_strategy),
-        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
+        **worker_group(tc),
         datasets={"train": dataset},
         dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
