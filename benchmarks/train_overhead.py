@@ -165,6 +165,9 @@ def ray_train(cfg, paths: RunPaths) -> dict:
                                  "dataset_s", "fit_s", "fit_started", "train_fn_entered", "loop_started")}}
 
 
+FLOOR = "Ray Train floor (train function returns at once)"
+
+
 def _enter_and_return(config: dict) -> None:
     """The floor's train function: rank 0 notes when it ran, and every worker returns."""
     import ray.train
@@ -276,9 +279,6 @@ def print_table(cfg, epochs: int, results: dict) -> None:
     for name, ray_result in results.items():
         if name.startswith("Ray Train"):
             report_fixed(name, ray_result)
-
-
-FLOOR = "Ray Train floor (train function returns at once)"
 
 
 def report_floor(r: dict) -> None:
