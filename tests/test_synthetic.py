@@ -161,21 +161,21 @@ def test_the_new_shapes_draw_distinct_masks():
     assert all((masks[a] != masks[b]).mean() > 0.05 for i, a in enumerate(shapes) for b in shapes[i + 1:])
 
 
-def shard_files(root: str, data_cfg: DataConfig, rows_per_file: int) -> tuple[dict, dict[str, list[list[str]]]]:
-    """Generate a world under `root` and write its shards: (the manifest, per split the sample
-    ids of each shard file in order)."""
+def shard_files(root: str, data_cfg: DataConfig, rows_per_file: int) -> tuple[str, dict, dict[str, list[list[str]]]]:
+    """Generate a world under `root` and write its shards: (the samples' URI, the manifest, per
+    split the sample ids of each shard file in order)."""
     from entityclip.data.shards import write_shards
 
     samples = generate(data_cfg, root, progress=False)["samples"]
     shards = storage.join(root, "shards")
     manifest = write_shards(samples, shards, rows_per_file)
-    return manifest, {split: [storage.read_parquet(storage.join(shards, f)).column("sample_id").to_pylist()
+    return samples, manifest, {split: [storage.read_parquet(storage.join(shards, f)).column("sample_id").to_pylist()
                               for f in entry["files"]] for split, entry in manifest["splits"].items()}
 
 
 def test_the_added_splits_leave_the_training_order_as_it_was(tmp_path, ray_session):
     def train_order(added: int) -> list[str]:
-        _, files = shard_files(str(tmp_path / str(added)), DataConfig(
+        _, _, files = shard_files(str(tmp_path / str(added)), DataConfig(
             num_entities=8, samples_per_entity=3, image_size=16, compositional_pairs=added, composed_per_entity=added), 1024)
         return [i for ids in files["train"] for i in ids]
 
@@ -201,10 +201,9 @@ def test_compositional_training_pairs_join_the_train_split_with_other_entity_pai
 def test_shards_hold_at_most_shard_rows_each_so_no_writer_holds_more(tmp_path, ray_session):
     """Ray's Parquet writer keeps all of a write task's rows in memory: each task gets one shard's
     rows, so a data-stage worker holds one shard however large the dataset (docs/scale.md)."""
-    manifest, files = shard_files(str(tmp_path), DataConfig(num_entities=8, samples_per_entity=4, image_size=16,
-                                                            compositional_pairs=0, composed_per_entity=0), 5)
+    samples, manifest, files = shard_files(str(tmp_path), DataConfig(
+        num_entities=8, samples_per_entity=4, image_size=16, compositional_pairs=0, composed_per_entity=0), 5)
     rows = [ids for split in files.values() for ids in split]
     assert max(len(r) for r in rows) <= 5
-    assert sorted(i for r in rows for i in r) == sorted(
-        storage.read_parquet(storage.join(str(tmp_path), "samples.parquet")).column("sample_id").to_pylist())
+    assert sorted(i for r in rows for i in r) == sorted(storage.read_parquet(samples).column("sample_id").to_pylist())
     assert sum(split["rows"] for split in manifest["splits"].values()) == 32
